@@ -1,0 +1,25 @@
+# The README's two commands are `make demo` and `make test`; everything else is here for developers.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export TCP_NODELAY := 1
+
+.PHONY: bootstrap test demo serve train-demo bench
+
+bootstrap:
+	@scripts/bootstrap
+
+test: bootstrap
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(PY) -m pacs_landmarks.demo
+
+serve: bootstrap
+	$(PY) -m pacs_landmarks.plugin.serve
+
+train-demo: bootstrap
+	scripts/train-demo
+
+bench: bootstrap
+	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -1,0 +1,39 @@
+"""Shared fixtures: real DICOM tools, temporary phantoms, the validator."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run scripts/bootstrap (it installs dcmtk and dicom3tools)")
+    return path
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Run dicom3tools' dciodvfy on one file; return (errors, warnings) lines."""
+    proc = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [ln for ln in lines if ln.startswith("Error")]
+    warnings = [ln for ln in lines if ln.startswith("Warning")]
+    return errors, warnings
+
+
+@pytest.fixture
+def validate_dicom():
+    """``validate_dicom(path, allow=())``: assert dciodvfy reports no error (except ones matching ``allow``)."""
+
+    def check(path: Path, allow: tuple[str, ...] = ()) -> list[str]:
+        errors, warnings = dciodvfy(path)
+        errors = [e for e in errors if not any(a in e for a in allow)]
+        assert not errors, f"dciodvfy errors in {path}:\n" + "\n".join(errors)
+        return warnings
+
+    return check
