@@ -1,0 +1,180 @@
+"""The coarse-to-fine cascade: a global stage on the whole head, then local stages on crops in mm.
+
+Stage 1 reads one box centred on the head (e.g. 64^3 at 4 mm) and finds every landmark at once.  Each later
+stage reads one crop per landmark centred on the previous stage's estimate (e.g. 24^3 at 1.25 mm, then at
+0.6 mm) through one network shared by all landmarks, so all crops of a stage are a single batch.  Points come
+from a soft-argmax over the LPS positions of the box, so they are sub-voxel and in patient mm throughout.
+
+Confidence per landmark combines how concentrated each local stage's probability map is (spread in voxels)
+with how well consecutive stages agree, and is cut down when the volume does not look like a head (too
+little bone in the stage-1 box).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pacs_landmarks.inference.networks import build_network
+from pacs_landmarks.inference.sampling import VolumeSampler, box_offsets, box_points, normalise_hu, soft_argmax
+
+BONE_HU = 250.0
+# A skull holds several hundred ml of bone; below this little bone there is no head to find landmarks on.
+MIN_HEAD_BONE_ML = 150.0
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    name: str
+    kind: str  # "global" or "local"
+    size: int  # box edge in voxels
+    spacing_mm: float
+    width: int  # base channel count of the network
+
+    @property
+    def extent_mm(self) -> float:
+        return self.size * self.spacing_mm
+
+
+DEFAULT_STAGES = (
+    StageConfig("global", "global", 64, 4.0, 16),
+    StageConfig("local", "local", 24, 1.25, 8),
+    StageConfig("fine", "local", 24, 0.6, 8),
+)
+
+
+def stages_from_json(items: list[dict]) -> tuple[StageConfig, ...]:
+    return tuple(StageConfig(**item) for item in items)
+
+
+def stages_to_json(stages: tuple[StageConfig, ...]) -> list[dict]:
+    return [asdict(s) for s in stages]
+
+
+class Cascade(nn.Module):
+    """The networks of all stages, in order."""
+
+    def __init__(self, stages: tuple[StageConfig, ...], n_landmarks: int):
+        super().__init__()
+        if len(stages) < 2 or stages[0].kind != "global" or any(s.kind != "local" for s in stages[1:]):
+            raise ValueError("a cascade is one global stage followed by local stages")
+        self.stages = tuple(stages)
+        self.n_landmarks = n_landmarks
+        self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width) for s in stages)
+
+
+def coordinate_channels(size: int, device=None) -> torch.Tensor:
+    """(3, size, size, size): position within the box, -1..1 along (d, h, w)."""
+    offs = box_offsets(size, 2.0 / max(size - 1, 1), device)
+    return offs.permute(3, 0, 1, 2)
+
+
+def global_input(hu: torch.Tensor) -> torch.Tensor:
+    """Stage-1 network input (N, 4, S, S, S) from sampled HU (N, S, S, S)."""
+    n, s = hu.shape[0], hu.shape[1]
+    coords = coordinate_channels(s, hu.device).expand(n, 3, s, s, s)
+    return torch.cat([normalise_hu(hu)[:, None], coords], 1)
+
+
+def local_input(hu: torch.Tensor) -> torch.Tensor:
+    return normalise_hu(hu)[:, None]
+
+
+def pick_channels(logits: torch.Tensor, landmark_idx: torch.Tensor) -> torch.Tensor:
+    """(N, L, D, H, W) logits and (N,) landmark indices -> (N, D, H, W): each crop's own landmark map."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), landmark_idx]
+
+
+def head_centre(sampler: VolumeSampler, spacing_mm: float) -> tuple[np.ndarray, float]:
+    """Where to put the stage-1 box, and the volume of bone (ml) in the scan.
+
+    The centre is the centroid of bone (of soft tissue if there is little bone, of the volume if neither):
+    a head CT's bone is mostly skull, so this sits near the middle of the head even when the field of view
+    also shows the neck or the head rest.
+    """
+    vol, inv = sampler._level(spacing_mm)
+    aff = np.linalg.inv(inv.cpu().numpy().astype(np.float64))
+    arr = vol[0, 0].float()
+    voxel_ml = abs(np.linalg.det(aff[:3, :3])) / 1000.0
+    bone = arr > BONE_HU
+    bone_ml = float(bone.sum()) * voxel_ml
+    mask = bone if bone_ml > 20.0 else arr > -300.0
+    if int(mask.sum()) == 0:
+        idx = (np.array(arr.shape, dtype=np.float64) - 1) / 2.0
+    else:
+        idx = torch.nonzero(mask).double().mean(0).cpu().numpy()
+    return idx @ aff[:3, :3].T + aff[:3, 3], bone_ml
+
+
+@dataclass
+class CascadeOutput:
+    positions: np.ndarray  # (stages, L, 3) LPS mm
+    spreads: np.ndarray  # (stages, L) mm
+    confidence: np.ndarray  # (L,) 0..1
+    bone_ml: float
+    timings: dict[str, float]
+
+
+def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spreads: np.ndarray,
+                    bone_ml: float) -> np.ndarray:
+    """Per-landmark confidence in 0..1 (see module docstring)."""
+    conf = np.ones(positions.shape[1])
+    for k in range(1, len(stages)):
+        s = stages[k].spacing_mm
+        # a peak ~1 voxel wide -> ~0.7; a map spread over the whole crop -> ~0.02
+        conf *= np.exp(-spreads[k] / (3.0 * s))
+        # consecutive stages should agree to within the finer stage's crop
+        jump = np.linalg.norm(positions[k] - positions[k - 1], axis=-1)
+        conf *= np.exp(-0.5 * (jump / (0.25 * stages[k].extent_mm)) ** 2)
+    conf = conf ** (1.0 / (len(stages) - 1))
+    conf *= min(1.0, bone_ml / MIN_HEAD_BONE_ML) ** 2
+    return np.clip(conf, 0.0, 1.0)
+
+
+@torch.no_grad()
+def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False) -> CascadeOutput:
+    """All stages on one volume; positions of every stage come back for reporting and evaluation."""
+    import time
+
+    dev = sampler.device
+    stages = cascade.stages
+    n_lm = cascade.n_landmarks
+    timings: dict[str, float] = {}
+    positions, spreads = [], []
+    lm_idx = torch.arange(n_lm, device=dev)
+    amp = torch.autocast(device_type=dev.type, enabled=autocast and dev.type == "cuda")
+
+    t0 = time.perf_counter()
+    st = stages[0]
+    centre, bone_ml = head_centre(sampler, st.spacing_mm)
+    pts = box_points(torch.as_tensor(centre, dtype=torch.float32, device=dev)[None], st.size, st.spacing_mm)
+    hu = sampler.sample(pts, st.spacing_mm)
+    with amp:
+        logits = cascade.nets[0](global_input(hu))
+    pts_all = pts.expand(n_lm, *pts.shape[1:])
+    pos, spread, _ = soft_argmax(logits[0].float(), pts_all)
+    positions.append(pos)
+    spreads.append(spread)
+    timings[f"stage1_{st.name}"] = time.perf_counter() - t0
+
+    for k, st in enumerate(stages[1:], start=2):
+        t0 = time.perf_counter()
+        pts = box_points(pos, st.size, st.spacing_mm)
+        hu = sampler.sample(pts, st.spacing_mm)
+        with amp:
+            logits = cascade.nets[k - 1](local_input(hu))
+        pos, spread, _ = soft_argmax(pick_channels(logits.float(), lm_idx), pts)
+        positions.append(pos)
+        spreads.append(spread)
+        timings[f"stage{k}_{st.name}"] = time.perf_counter() - t0
+
+    positions_np = torch.stack(positions).cpu().double().numpy()
+    spreads_np = torch.stack(spreads).cpu().double().numpy()
+    conf = confidence_from(stages, positions_np, spreads_np, bone_ml)
+    return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,206 @@
+"""``LandmarkModel``: the model file, loaded once, and ``predict(volume) -> list[Landmark]``.
+
+Model file (one ``torch.save`` file, read with ``torch.load(..., weights_only=True)``, so loading a model runs
+no pickled code)::
+
+    {"format": "pacs-landmarks-model", "format_version": 1,
+     "metadata": "<JSON text>",            # see below
+     "weights": {"<param name>": tensor}}  # Cascade.state_dict()
+
+metadata JSON: ``name``, ``version``, ``landmark_set``, ``landmark_names`` (in output order), ``stages``
+(list of StageConfig: name, kind, size, spacing_mm, width), ``intensity`` (how HU are normalised),
+``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``created``.
+Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacs_landmarks.inference.landmark import Landmark
+
+log = logging.getLogger(__name__)
+
+FORMAT = "pacs-landmarks-model"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "craniofacial16-demo.pt"
+# Below this a landmark should be treated as not found / needing review (SR and UI consumers use it).
+LOW_CONFIDENCE = 0.3
+
+
+class ModelError(Exception):
+    """The model file cannot be used (missing, corrupt, wrong format or landmark set)."""
+
+
+def _threads() -> None:
+    import torch
+
+    # On a shared CPU node more threads than cores only adds contention.
+    want = int(os.environ.get("PACS_LANDMARKS_THREADS", "0")) or min(4, os.cpu_count() or 1)
+    if torch.get_num_threads() != want:
+        torch.set_num_threads(want)
+
+
+def save_model_file(path: str | Path, cascade, metadata: dict[str, Any]) -> Path:
+    """Write ``cascade`` weights + metadata atomically (a crash never leaves a half-written model)."""
+    import torch
+
+    from pacs_landmarks.inference.cascade import stages_to_json
+
+    meta = dict(metadata)
+    meta["stages"] = stages_to_json(cascade.stages)
+    meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "metadata": json.dumps(meta, indent=1, sort_keys=True),
+        "weights": {k: v.detach().cpu().contiguous() for k, v in cascade.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata, weights) of a model file, validated; ``ModelError`` with a clear reason otherwise."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise ModelError(f"{path} is not a readable model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a pacs-landmarks model file")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path}: model format version {payload.get('format_version')} is not supported "
+                         f"(this software reads version {FORMAT_VERSION})")
+    try:
+        meta = json.loads(payload["metadata"])
+        weights = payload["weights"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: model metadata is damaged ({exc})") from exc
+    return meta, weights
+
+
+class LandmarkModel:
+    """A loaded cascade. Load once, reuse for every series; ``predict`` is thread-safe."""
+
+    def __init__(self, cascade, metadata: dict[str, Any], device, path: Path | None = None):
+        self.cascade = cascade
+        self.metadata = metadata
+        self.device = device
+        self.path = path
+        self._lock = threading.Lock()
+
+    name = property(lambda self: self.metadata["name"])
+    version = property(lambda self: self.metadata["version"])
+    landmark_set = property(lambda self: self.metadata["landmark_set"])
+    landmark_names = property(lambda self: list(self.metadata["landmark_names"]))
+    stages = property(lambda self: self.cascade.stages)
+    trained = property(lambda self: bool(self.metadata.get("training")))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str | None = None,
+             landmark_set: str | None = None) -> "LandmarkModel":
+        """Load a model file (``None``: the shipped demo model); CUDA when present unless ``device`` says.
+
+        ``landmark_set``: when given, the file must be for that set (else ``ModelError``).
+        """
+        import torch
+
+        from pacs_landmarks.inference.cascade import Cascade, stages_from_json
+        from pacs_landmarks.sr_templates.landmark_sets import landmark_names, load_landmark_set
+
+        path = Path(path) if path is not None else DEFAULT_MODEL
+        meta, weights = read_model_file(path)
+        for key in ("name", "version", "landmark_set", "landmark_names", "stages"):
+            if key not in meta:
+                raise ModelError(f"{path}: model metadata lacks {key!r}")
+        if landmark_set is not None and meta["landmark_set"] != landmark_set:
+            raise ModelError(f"{path} is for landmark set {meta['landmark_set']!r}, not {landmark_set!r}")
+        try:
+            load_landmark_set(meta["landmark_set"])
+        except KeyError:
+            raise ModelError(f"{path}: unknown landmark set {meta['landmark_set']!r}") from None
+        if list(meta["landmark_names"]) != landmark_names(meta["landmark_set"]):
+            raise ModelError(f"{path}: its landmark names do not match landmark set {meta['landmark_set']!r}")
+        try:
+            cascade = Cascade(stages_from_json(meta["stages"]), len(meta["landmark_names"]))
+            cascade.load_state_dict(weights)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{path}: weights do not fit the stages described in the file ({exc})") from exc
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            _threads()
+        cascade.to(dev).eval()
+        if not meta.get("training"):
+            log.warning("model %s %s is UNTRAINED (random weights): its landmarks are meaningless",
+                        meta["name"], meta["version"])
+        return cls(cascade, meta, dev, path)
+
+    def run(self, volume):
+        """The raw cascade output for one Volume (positions of every stage, spreads, confidence)."""
+        from pacs_landmarks.inference.cascade import run_cascade
+        from pacs_landmarks.inference.sampling import VolumeSampler
+
+        if volume.array.ndim != 3 or min(volume.array.shape) < 1:
+            raise ValueError(f"volume must be 3D and non-empty, got shape {volume.array.shape}")
+        with self._lock:
+            sampler = VolumeSampler(volume.array, volume.affine, self.device)
+            return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda")
+
+    def predict(self, volume) -> list[Landmark]:
+        """Landmarks (patient LPS mm) of one Volume, with confidence and every stage's position."""
+        out = self.run(volume)
+        if float(np.max(out.confidence, initial=0.0)) < LOW_CONFIDENCE:
+            log.warning("series %s: no confident landmark (bone in scan %.0f ml): probably not a head CT",
+                        volume.series_instance_uid, out.bone_ml)
+        result = []
+        for i, name in enumerate(self.landmark_names):
+            stage_pos = tuple(tuple(float(v) for v in out.positions[k, i]) for k in range(out.positions.shape[0]))
+            result.append(Landmark(name=name, position_lps_mm=stage_pos[-1],
+                                   confidence=float(out.confidence[i]), stage_positions=stage_pos))
+        return result
+
+
+def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", name: str | None = None,
+                 training: dict | None = None) -> dict[str, Any]:
+    from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+
+    return {
+        "name": name or f"{landmark_set}-cascade",
+        "version": version,
+        "landmark_set": landmark_set,
+        "landmark_names": landmark_names(landmark_set),
+        "intensity": {"unit": "HU", "clip": [-1000, 2500], "scale": 1000.0, "outside": -1000},
+        "training": training,
+        "description": "Coarse-to-fine 3D landmark cascade. Trained on synthetic phantoms only: "
+                       "not for clinical use.",
+    }
+
+
+def make_untrained(path: str | Path, seed: int = 0) -> Path:
+    """A random-weight model in the final format (lets the rest of the system run end to end)."""
+    import torch
+
+    from pacs_landmarks.inference.cascade import DEFAULT_STAGES, Cascade
+
+    torch.manual_seed(seed)
+    meta = new_metadata(name="craniofacial16-demo", version="0.0.0-untrained")
+    cascade = Cascade(DEFAULT_STAGES, len(meta["landmark_names"]))
+    return save_model_file(path, cascade, meta)
