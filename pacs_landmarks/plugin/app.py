@@ -1,0 +1,318 @@
+"""The Orthanc plugin proper: Orthanc events and REST routes adapted to the shared job store and worker.
+
+Loaded by ``entry.py`` inside Orthanc's embedded Python. Threads:
+
+- Orthanc's plugin thread calls ``on_change``: it only puts the series ID on a queue (slow work there would
+  delay every later Orthanc event);
+- the *dispatcher* thread turns a stable series into a job (``JobStore.ensure_job``, state ``queued``) when it
+  is a CT image series not yet analysed by this model version;
+- the shared ``Worker`` (pacs_landmarks.node.worker) claims jobs, reads the instances back from Orthanc
+  (``/instances/{id}/file``), runs ``process_series`` and stores the SR, measurements SR and SEG with
+  ``POST /instances``.
+
+The job store lives next to Orthanc's storage, so a restart finishes what a crash left pending
+(``JobStore.resume`` at ORTHANC_STARTED). REST (under ``/pacs-landmarks/``): ``jobs`` (GET), ``health``
+(GET), ``series/{orthanc-id}/run`` (POST, run again even if already analysed).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import queue
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pacs_landmarks.node.jobs import Job, JobStore, UNFINISHED
+from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.plugin.config import PluginSettings
+
+LOGGER = logging.getLogger("pacs_landmarks.plugin")
+
+# PS3.4 B.5: the CT image storage SOP classes the cascade reads (others of Modality CT -- secondary
+# captures, dose reports -- are not volumes).
+CT_IMAGE_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
+    }
+)
+ORTHANC_DESTINATION = {"name": "orthanc"}
+
+
+class OrthancLogHandler(logging.Handler):
+    """Python logging -> Orthanc's log (so `make serve` shows one log stream)."""
+
+    def __init__(self, orthanc: Any):
+        super().__init__()
+        self.orthanc = orthanc
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self.orthanc.LogError(text)
+            elif record.levelno >= logging.INFO:
+                # Orthanc prints only warnings unless --verbose: our job events go there so they show.
+                self.orthanc.LogWarning(text)
+            else:
+                self.orthanc.LogInfo(text)
+        except Exception:  # logging must never break the plugin
+            pass
+
+
+def prefer_gdcm_for_jpeg_ls() -> None:
+    """Decode JPEG-LS with GDCM, not pyjpegls: pyjpegls' CharLS clashes with the one inside Orthanc."""
+    try:
+        from pydicom.pixels.decoders import JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder
+
+        for decoder in (JPEGLSLosslessDecoder, JPEGLSNearLosslessDecoder):
+            if "pyjpegls" in decoder.available_plugins and "gdcm" in decoder.available_plugins:
+                decoder.remove_plugin("pyjpegls")
+    except Exception as exc:  # a pydicom without these decoders: nothing to prefer
+        LOGGER.warning("could not prefer GDCM for JPEG-LS: %s", exc)
+
+
+class LandmarkPlugin:
+    """State of the plugin inside one Orthanc process."""
+
+    def __init__(self, orthanc: Any, settings: PluginSettings):
+        self.orthanc = orthanc
+        self.settings = settings
+        self.store = JobStore(settings.job_store_path)
+        self.events: queue.Queue[tuple[str, bool] | None] = queue.Queue()
+        self.model: Any = None
+        self.model_error: str | None = None
+        self.last_error: str | None = None
+        self.worker: Any = None
+        self._model_ready = threading.Event()  # set once loading was attempted, successfully or not
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="landmark-dispatcher", daemon=True)
+        self._loader_thread = threading.Thread(target=self._load_model, name="landmark-model", daemon=True)
+
+    # -- life cycle ----------------------------------------------------------------------------------------
+    def install(self) -> None:
+        o = self.orthanc
+        o.RegisterOnChangeCallback(self.on_change)
+        o.RegisterRestCallback("/pacs-landmarks/jobs", self.rest_jobs)
+        o.RegisterRestCallback("/pacs-landmarks/health", self.rest_health)
+        o.RegisterRestCallback("/pacs-landmarks/series/([^/]+)/run", self.rest_run)
+        # Loading torch and the model takes seconds: start now, overlapping Orthanc's own start-up.
+        self._loader_thread.start()
+
+    def on_change(self, change_type: Any, level: Any, resource_id: str) -> None:
+        """Orthanc's event callback (its single plugin thread): enqueue only."""
+        ct = self.orthanc.ChangeType
+        if change_type == ct.STABLE_SERIES:
+            self.events.put((resource_id, False))
+        elif change_type == ct.ORTHANC_STARTED:
+            self.start()
+        elif change_type == ct.ORTHANC_STOPPED:
+            self.stop()
+
+    def start(self) -> None:
+        resumed = self.store.resume()  # jobs a crash left running are queued again
+        if resumed:
+            log_event("plugin.resume", unfinished=len(resumed))
+        self._dispatcher.start()
+        threading.Thread(target=self._start_worker, name="landmark-start", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.events.put(None)
+        if self.worker is not None:
+            # The current step finishes or is abandoned: an unfinished job is resumed at the next start.
+            self.worker.stop(timeout=10.0)
+
+    # -- model + worker ------------------------------------------------------------------------------------
+    def _load_model(self) -> None:
+        t = time.perf_counter()
+        try:
+            from pacs_landmarks.inference.model import LandmarkModel
+
+            self.model = LandmarkModel.load(self.settings.model, device=self.settings.device)
+            log_event(
+                "plugin.model_loaded", model=self.model.name, version=self.model.version,
+                seconds=time.perf_counter() - t,
+            )
+        except Exception as exc:
+            self.model_error = self.last_error = f"model not loaded: {type(exc).__name__}: {exc}"
+            LOGGER.error("%s", self.model_error)
+        finally:
+            self._model_ready.set()
+
+    def _start_worker(self) -> None:
+        self._model_ready.wait()
+        if self.model is None:
+            return  # jobs stay queued; health says why
+        if not self.settings.worker:
+            log_event("plugin.worker_disabled")
+            return
+        from pacs_landmarks.node.worker import Worker
+
+        self.worker = Worker(
+            self.store, self.model, loader=self.load_instances, deliver=self.store_results,
+            results_dir=self.settings.results_dir, name="landmark-worker",
+        )
+        self.worker.start()
+
+    @property
+    def model_identity(self) -> tuple[str | None, str | None]:
+        if self.model is None:
+            return None, None
+        return str(self.model.name), str(self.model.version)
+
+    # -- Orthanc access ------------------------------------------------------------------------------------
+    def get_json(self, uri: str) -> Any:
+        return json.loads(self.orthanc.RestApiGet(uri))
+
+    def load_instances(self, job: Job) -> list[Any]:
+        """Worker loader: every instance of the Orthanc series ``job.source``, as pydicom datasets."""
+        import pydicom
+
+        series = self.get_json(f"/series/{job.source}")
+        return [
+            pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{iid}/file")))
+            for iid in series["Instances"]
+        ]
+
+    def store_results(self, job: Job, destination: dict[str, Any], paths: list[Path]) -> None:
+        """Worker deliver: store the result files in this Orthanc (``POST /instances``, PS3.18-like upload)."""
+        ids = []
+        for path in paths:
+            answer = json.loads(self.orthanc.RestApiPost("/instances", Path(path).read_bytes()))
+            if answer.get("Status") not in ("Success", "AlreadyStored"):
+                raise RuntimeError(f"Orthanc refused {Path(path).name}: {answer.get('Status')}")
+            ids.append(answer["ID"])
+        self.store.record_instances(job.id, 0, details={"result_instances": ids})
+
+    # -- series -> job -------------------------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        self._model_ready.wait()  # the model version decides whether a series was analysed already
+        while True:
+            item = self.events.get()
+            if item is None or self._stopping.is_set():
+                return
+            series_id, force = item
+            try:
+                self.consider(series_id, force=force)
+            except Exception as exc:
+                self.last_error = f"series {series_id}: {type(exc).__name__}: {exc}"
+                LOGGER.error("%s\n%s", self.last_error, traceback.format_exc())
+
+    def consider(self, series_id: str, force: bool = False) -> tuple[Job | None, str]:
+        """Queue a job for an Orthanc series if it is a CT image series; returns (job, why)."""
+        series = self.get_json(f"/series/{series_id}")
+        tags = series.get("MainDicomTags", {})
+        modality = str(tags.get("Modality", "")).upper()
+        if modality not in self.settings.modalities:
+            return None, f"skipped: modality {modality or 'none'}"
+        if not series.get("Instances"):
+            return None, "skipped: no instances"
+        sop_class = self.orthanc.RestApiGet(f"/instances/{series['Instances'][0]}/content/0008-0016")
+        sop_class = sop_class.decode("ascii", "replace").strip("\x00 ")
+        if sop_class not in CT_IMAGE_SOP_CLASSES:
+            log_event("series.skipped", series=tags.get("SeriesInstanceUID"), sop_class=sop_class)
+            return None, f"skipped: SOP class {sop_class} is not a CT image"
+        series_uid = tags["SeriesInstanceUID"]
+        study_uid = self.get_json(f"/studies/{series['ParentStudy']}")["MainDicomTags"].get("StudyInstanceUID")
+        count = len(series["Instances"])
+        name, version = self.model_identity
+        if not force and self.settings.skip_processed:
+            for job in self.store.find(series_uid, source=series_id):
+                if job.state != "failed" and job.model_version == version and job.instances == count:
+                    log_event("series.already_processed", series=series_uid, job=job.id, state=job.state)
+                    return job, "already processed"
+        job, created = self.store.ensure_job(
+            series_uid, study_uid, series_id, model_name=name, model_version=version,
+            destinations=[ORTHANC_DESTINATION], state="queued",
+        )
+        if created:
+            self.store.record_instances(job.id, count)
+            job = self.store.get(job.id)
+            log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None)
+        if self.worker is not None:
+            self.worker.wake()
+        return job, "queued" if created else "already queued"
+
+    # -- REST ----------------------------------------------------------------------------------------------
+    def _answer(self, output: Any, body: Any, status: int = 200) -> None:
+        data = json.dumps(body, indent=2, default=str).encode()
+        if status == 200:
+            output.AnswerBuffer(data, "application/json")
+        else:
+            output.SendHttpStatus(status, data)
+
+    def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        args = request.get("get") or {}
+        states = [s for s in args.get("state", "").split(",") if s] or None
+        limit = int(args["limit"]) if str(args.get("limit", "")).isdigit() else 100
+        self._answer(output, [j.to_json() for j in self.store.list(states, limit=limit)])
+
+    def rest_health(self, output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        counts: dict[str, int] = {}
+        for job in self.store.list(UNFINISHED + ("failed",)):
+            counts[job.state] = counts.get(job.state, 0) + 1
+        name, version = self.model_identity
+        failed = self.store.list(["failed"], limit=1)
+        last_error = self.last_error or (f"job {failed[0].id}: {failed[0].reason}" if failed else None)
+        self._answer(
+            output,
+            {
+                "status": "ok" if self.model is not None and self.worker_alive else "degraded",
+                "model": {
+                    "loaded": self.model is not None, "name": name, "version": version,
+                    "error": self.model_error, "loading": not self._model_ready.is_set(),
+                },
+                "worker": {"enabled": self.settings.worker, "alive": self.worker_alive},
+                "queue_depth": counts.get("queued", 0) + counts.get("running", 0) + self.events.qsize(),
+                "pending_events": self.events.qsize(),
+                "jobs": counts,
+                "last_error": last_error,
+            },
+        )
+
+    @property
+    def worker_alive(self) -> bool:
+        return self.worker is not None and self.worker.is_alive()
+
+    def rest_run(self, output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != "POST":
+            output.SendMethodNotAllowed("POST")
+            return
+        series_id = request["groups"][0]
+        try:
+            job, why = self.consider(series_id, force=True)
+        except Exception as exc:  # unknown series, mostly
+            self._answer(output, {"error": f"series {series_id}: {type(exc).__name__}: {exc}"}, status=404)
+            return
+        self._answer(output, {"result": why, "job": job.to_json() if job else None})
+
+
+_PLUGIN: LandmarkPlugin | None = None
+
+
+def install(orthanc: Any) -> LandmarkPlugin:
+    """Called once by entry.py: read the configuration, register callbacks and routes."""
+    global _PLUGIN
+    root = logging.getLogger("pacs_landmarks")
+    root.addHandler(OrthancLogHandler(orthanc))
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    prefer_gdcm_for_jpeg_ls()
+    settings = PluginSettings.from_orthanc_config(json.loads(orthanc.GetConfiguration()))
+    _PLUGIN = LandmarkPlugin(orthanc, settings)
+    _PLUGIN.install()
+    log_event("plugin.installed", work_directory=str(settings.work_directory), worker=settings.worker)
+    return _PLUGIN
