@@ -1,0 +1,119 @@
+"""Accuracy of a model on cases with known landmarks (``pacs-landmarks evaluate``).
+
+Radial error = Euclidean distance in patient mm between the predicted and the true point.  Reported per
+landmark and overall, one row per cascade stage: MRE +- SD, median (IQR), successful detection rate (SDR:
+share of points within 2 / 2.5 / 3 / 4 mm) and mean absolute error per LPS axis.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+SDR_MM = (2.0, 2.5, 3.0, 4.0)
+
+
+def error_stats(err: np.ndarray, axis_err: np.ndarray) -> dict:
+    """Statistics of radial errors ``err`` (N,) and per-axis errors ``axis_err`` (N, 3), NaNs ignored."""
+    ok = np.isfinite(err)
+    e, a = err[ok], axis_err[ok]
+    if e.size == 0:
+        return {"n": 0}
+    q1, med, q3 = np.percentile(e, [25, 50, 75])
+    return {
+        "n": int(e.size),
+        "mre": float(e.mean()), "sd": float(e.std(ddof=1)) if e.size > 1 else 0.0,
+        "median": float(med), "iqr": [float(q1), float(q3)], "max": float(e.max()),
+        "sdr": {f"{t:g}": float((e <= t).mean()) for t in SDR_MM},
+        "axis_mae": {ax: float(np.abs(a[:, i]).mean()) for i, ax in enumerate("xyz")},
+    }
+
+
+def evaluate_cases(model, cases, progress: bool = True) -> dict:
+    """Run ``model`` on every case; per-stage, per-landmark statistics plus the raw errors."""
+    from tqdm import tqdm
+
+    from pacs_landmarks.dicom.volume import Volume
+
+    names = model.landmark_names
+    stages = [s.name for s in model.stages]
+    diffs, confs, per_case = [], [], []
+    for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
+        vol = Volume(c.array.astype(np.float32), c.affine, "", "", "", [])
+        out = model.run(vol)
+        d = out.positions - c.landmarks[None]  # (stages, L, 3)
+        diffs.append(d)
+        confs.append(out.confidence)
+        per_case.append({"case": c.name, "slice_thickness_mm": c.slice_thickness,
+                         "mre_final": float(np.nanmean(np.linalg.norm(d[-1], axis=-1))),
+                         "cascade_s": float(sum(out.timings.values()))})
+    diff = np.stack(diffs)  # (cases, stages, L, 3)
+    err = np.linalg.norm(diff, axis=-1)
+    result = {"model": {"name": model.name, "version": model.version, "path": str(model.path)},
+              "cases": len(cases), "stages": stages, "landmarks": names, "per_case": per_case,
+              "overall": {}, "per_landmark": {}}
+    for k, st in enumerate(stages):
+        result["overall"][st] = error_stats(err[:, k].ravel(), diff[:, k].reshape(-1, 3))
+        result["per_landmark"][st] = {n: error_stats(err[:, k, i], diff[:, k, i]) for i, n in enumerate(names)}
+    conf = np.stack(confs)
+    result["confidence"] = {"mean": float(conf.mean()), "min": float(conf.min())}
+    result["errors"] = err.tolist()  # raw, for plots and re-analysis
+    return result
+
+
+def _row(label: str, s: dict) -> str:
+    if not s.get("n"):
+        return f"| {label} | 0 | - | - | - | - | - | - | - |"
+    sdr = " | ".join(f"{100 * s['sdr'][f'{t:g}']:.1f}" for t in SDR_MM)
+    ax = s["axis_mae"]
+    return (f"| {label} | {s['n']} | {s['mre']:.2f} ± {s['sd']:.2f} | {s['median']:.2f} "
+            f"({s['iqr'][0]:.2f}–{s['iqr'][1]:.2f}) | {sdr} | {ax['x']:.2f} / {ax['y']:.2f} / {ax['z']:.2f} |")
+
+
+HEADER = ("| {what} | n | MRE ± SD (mm) | median (IQR) (mm) | SDR 2 mm % | SDR 2.5 mm % | SDR 3 mm % | "
+          "SDR 4 mm % | mean abs err x / y / z (mm) |\n|---|---|---|---|---|---|---|---|---|")
+
+
+def format_report(result: dict) -> str:
+    """Markdown tables: overall per stage, then per landmark for the final stage."""
+    lines = [HEADER.format(what="stage (overall)")]
+    for st in result["stages"]:
+        lines.append(_row(st, result["overall"][st]))
+    final = result["stages"][-1]
+    lines += ["", HEADER.format(what=f"landmark ({final} stage)")]
+    for name in result["landmarks"]:
+        lines.append(_row(name, result["per_landmark"][final][name]))
+    return "\n".join(lines)
+
+
+def box_plots(result: dict, out_dir: str | Path) -> list[Path]:
+    """One PNG per landmark: radial error per stage as box plots; plus an overall one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    err = np.asarray(result["errors"], dtype=float)  # (cases, stages, L)
+    written = []
+    targets = [("overall", err.transpose(1, 0, 2).reshape(err.shape[1], -1))]
+    targets += [(n, err[:, :, i].T) for i, n in enumerate(result["landmarks"])]
+    for label, data in targets:
+        fig, ax = plt.subplots(figsize=(4, 3.2), dpi=100)
+        ax.boxplot([d[np.isfinite(d)] for d in data], showfliers=True)
+        ax.set_xticks(range(1, len(result["stages"]) + 1), result["stages"])
+        ax.set_ylabel("radial error (mm)")
+        ax.set_title(f"{label} (n={data.shape[1]})")
+        ax.axhline(2.0, color="grey", lw=0.8, ls="--")
+        fig.tight_layout()
+        path = out_dir / f"{label.replace(' ', '_')}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -1,0 +1,99 @@
+"""The model file: format, validation at load, the shipped demo model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pacs_landmarks.inference.cascade import DEFAULT_STAGES, Cascade
+from pacs_landmarks.inference.model import (DEFAULT_MODEL, FORMAT, LandmarkModel, ModelError, make_untrained,
+                                            new_metadata, save_model_file)
+from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    path = make_untrained(tmp_path / "m.pt", seed=3)
+    raw = torch.load(path, weights_only=True)  # loadable without running pickled code
+    assert raw["format"] == FORMAT
+    meta = json.loads(raw["metadata"])
+    assert meta["landmark_names"] == landmark_names("craniofacial16")
+    assert [s["spacing_mm"] for s in meta["stages"]] == [s.spacing_mm for s in DEFAULT_STAGES]
+    model = LandmarkModel.load(path, device="cpu")
+    assert model.landmark_set == "craniofacial16"
+    assert model.version == "0.0.0-untrained" and not model.trained
+    for k, v in model.cascade.state_dict().items():
+        assert torch.equal(v, raw["weights"][k])
+
+
+def test_missing_file_fails_at_load(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        LandmarkModel.load(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model at all" * 100])
+def test_corrupt_file_fails_at_load(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match="not a readable model file"):
+        LandmarkModel.load(path)
+
+
+def test_truncated_file_fails_at_load(tmp_path):
+    good = make_untrained(tmp_path / "m.pt").read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelError):
+        LandmarkModel.load(path)
+
+
+def test_other_torch_file_is_not_a_model(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "x.pt")
+    with pytest.raises(ModelError, match="not a pacs-landmarks model"):
+        LandmarkModel.load(tmp_path / "x.pt")
+
+
+def test_other_landmark_set_fails_at_load(tmp_path):
+    cascade = Cascade(DEFAULT_STAGES, 16)
+    meta = new_metadata()
+    meta["landmark_set"] = "ceph19"
+    save_model_file(tmp_path / "other.pt", cascade, meta)
+    with pytest.raises(ModelError, match="unknown landmark set 'ceph19'"):
+        LandmarkModel.load(tmp_path / "other.pt")
+    path = make_untrained(tmp_path / "ok.pt")
+    with pytest.raises(ModelError, match="not 'ceph19'"):
+        LandmarkModel.load(path, landmark_set="ceph19")
+
+
+def test_renamed_landmarks_fail_at_load(tmp_path):
+    meta = new_metadata()
+    meta["landmark_names"] = list(reversed(meta["landmark_names"]))
+    save_model_file(tmp_path / "m.pt", Cascade(DEFAULT_STAGES, 16), meta)
+    with pytest.raises(ModelError, match="do not match"):
+        LandmarkModel.load(tmp_path / "m.pt")
+
+
+def test_weights_that_do_not_fit_fail_at_load(tmp_path):
+    path = make_untrained(tmp_path / "m.pt")
+    raw = torch.load(path, weights_only=True)
+    meta = json.loads(raw["metadata"])
+    meta["stages"][1]["width"] = 12  # the stored weights are for width 8
+    raw["metadata"] = json.dumps(meta)
+    torch.save(raw, path)
+    with pytest.raises(ModelError, match="do not fit"):
+        LandmarkModel.load(path)
+
+
+def test_shipped_demo_model():
+    assert DEFAULT_MODEL.is_file()
+    assert DEFAULT_MODEL.stat().st_size <= 30 * 2**20
+    model = LandmarkModel.load()  # None -> the shipped file
+    assert model.path == DEFAULT_MODEL
+    assert model.name == "craniofacial16-demo"
+    assert model.landmark_names == landmark_names("craniofacial16")
+    assert len(model.stages) >= 3
+    spacings = [s.spacing_mm for s in model.stages]
+    assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
+    assert "not for clinical use" in model.metadata["description"]
+    assert np.isfinite([p.abs().sum().item() for p in model.cascade.parameters()]).all()
