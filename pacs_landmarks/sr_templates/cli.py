@@ -1,8 +1,126 @@
-"""Subcommands of this part of the package (see pacs_landmarks.cli)."""
+"""Subcommands of this part of the package (see pacs_landmarks.cli): ``infer``."""
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+OUTPUT_FILES = {
+    "landmark_sr": "landmarks-sr.dcm",
+    "measurements_sr": "measurements-sr.dcm",
+    "seg": "landmarks-seg.dcm",
+    "landmarks_json": "landmarks.json",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this part's subcommands; its heavy imports happen inside the handlers."""
+    p = sub.add_parser(
+        "infer",
+        help="find the landmarks in one CT series folder and write SR + SEG results",
+        description=(
+            "Assemble the CT series in SERIES_DIR, run the landmark cascade and write OUT/landmarks-sr.dcm "
+            "(TID 1500 landmark SR), OUT/measurements-sr.dcm (cephalometric measurements SR), "
+            "OUT/landmarks-seg.dcm (one sphere segment per landmark) and OUT/landmarks.json; print the "
+            "landmarks and the measurements, flagging values outside the typical range."
+        ),
+    )
+    p.add_argument("series_dir", metavar="SERIES_DIR", type=Path, help="folder holding the DICOM files of one series")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--model", type=Path, default=None, help="model file (default: the shipped demo model)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
+    p.set_defaults(func=infer)
+
+    r = sub.add_parser(
+        "read-sr",
+        help="print the 3D landmarks of a TID 1500 SR (ours or one corrected in a viewer)",
+        description="Read SCOORD3D landmark points with tracking identifiers from a TID 1500 SR file and "
+        "print them as JSON (the same form as landmarks.json).",
+    )
+    r.add_argument("sr_file", metavar="SR_FILE", type=Path, help="DICOM SR file")
+    r.set_defaults(func=read_sr)
+
+
+def landmarks_json(landmarks, volume=None, model=None, measurements=()) -> dict:
+    """The landmarks.json document (same keys as the phantom truth files, plus confidence and measurements)."""
+    return {
+        "landmark_set": getattr(model, "landmark_set", "craniofacial16"),
+        "frame_of_reference_uid": getattr(volume, "frame_of_reference_uid", None),
+        "series_instance_uid": getattr(volume, "series_instance_uid", None),
+        "model": {"name": model.name, "version": model.version} if model is not None else None,
+        "landmarks": [
+            {"name": lm.name, "position_lps_mm": [round(float(v), 4) for v in lm.position_lps_mm],
+             "confidence": round(float(lm.confidence), 4)}
+            for lm in landmarks
+        ],
+        "measurements": [
+            {"name": m.name, "value": round(m.value, 3), "unit": m.unit, "range": list(m.range) if m.range else None,
+             "outside_range": m.outside_range}
+            for m in measurements
+        ],
+    }
+
+
+def format_tables(landmarks, measurements) -> str:
+    lines = [f"{'landmark':<12} {'x (L)':>9} {'y (P)':>9} {'z (S)':>9} {'conf':>5}"]
+    for lm in landmarks:
+        x, y, z = lm.position_lps_mm
+        lines.append(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:5.2f}")
+    lines.append("")
+    lines.append(f"{'measurement':<30} {'value':>8} {'unit':<4} {'typical range':<14}")
+    for m in measurements:
+        rng = f"{m.range[0]:g}-{m.range[1]:g}" if m.range else ""
+        flag = "  OUTSIDE" if m.outside_range else ""
+        lines.append(f"{m.name:<30} {m.value:8.1f} {m.unit:<4} {rng:<14}{flag}")
+    return "\n".join(lines)
+
+
+def infer(args: argparse.Namespace) -> int:
+    from pacs_landmarks.cli import CommandError
+
+    if not args.series_dir.is_dir():
+        raise CommandError(f"not a folder: {args.series_dir}")
+    files = sorted(p for p in args.series_dir.rglob("*") if p.is_file() and p.suffix.lower() not in (".json", ".txt"))
+    if not files:
+        raise CommandError(f"no files in {args.series_dir}")
+
+    from pacs_landmarks.dicom.series import SeriesError
+    from pacs_landmarks.inference.model import LandmarkModel, ModelError
+    from pacs_landmarks.pipeline import process_series
+
+    try:
+        model = LandmarkModel.load(args.model, device=args.device)
+    except ModelError as exc:
+        raise CommandError(str(exc)) from exc
+    try:
+        results = process_series(files, model)
+    except SeriesError as exc:
+        raise CommandError(f"cannot assemble the series: {exc}") from exc
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results.landmark_sr.save_as(args.out / OUTPUT_FILES["landmark_sr"], enforce_file_format=True)
+    results.measurements_sr.save_as(args.out / OUTPUT_FILES["measurements_sr"], enforce_file_format=True)
+    results.seg.save_as(args.out / OUTPUT_FILES["seg"], enforce_file_format=True)
+    doc = landmarks_json(results.landmarks, results.volume, model, results.measurements)
+    (args.out / OUTPUT_FILES["landmarks_json"]).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    print(format_tables(results.landmarks, results.measurements))
+    print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
+    print(f"wrote {', '.join(OUTPUT_FILES.values())} to {args.out}")
+    return 0
+
+
+def read_sr(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from pacs_landmarks.cli import CommandError
+    from pacs_landmarks.sr_templates.readback import read_landmark_sr
+
+    try:
+        ds = pydicom.dcmread(args.sr_file)
+        landmarks = read_landmark_sr(ds)
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+        raise CommandError(f"{args.sr_file}: {exc}") from exc
+    doc = landmarks_json(landmarks)
+    doc["frame_of_reference_uid"] = None
+    print(json.dumps(doc, indent=1))
+    return 0

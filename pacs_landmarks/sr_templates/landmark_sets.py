@@ -1,4 +1,10 @@
-"""Landmark set definitions: data files in ``sets/``, one per set."""
+"""Landmark set definitions: data files in ``sets/``, one per set.
+
+Each set names its landmarks (with the code shown as label, a SNOMED CT structure, topographic modifier and
+laterality, a display colour), the derived cephalometric measurements as formulas on those landmarks, and the
+local coding scheme(s) it uses. Local codes use a designator beginning with ``99`` (PS3.16 section 8) and are
+declared in the Coding Scheme Identification Sequence of every object we write (PS3.3 C.12.1.1.2.3).
+"""
 from __future__ import annotations
 
 import json
@@ -17,3 +23,42 @@ def load_landmark_set(name: str = "craniofacial16") -> dict:
 
 def landmark_names(name: str = "craniofacial16") -> list[str]:
     return [lm["name"] for lm in load_landmark_set(name)["landmarks"]]
+
+
+def landmark_definition(landmark: str, set_name: str = "craniofacial16") -> dict:
+    """The definition of one landmark, found by its name or abbreviation; ``KeyError`` if unknown."""
+    for lm in load_landmark_set(set_name)["landmarks"]:
+        if landmark in (lm["name"], lm["abbreviation"]):
+            return lm
+    raise KeyError(f"landmark {landmark!r} is not in set {set_name!r}")
+
+
+def coded(entry: dict):
+    """A highdicom ``CodedConcept`` from a ``{"value", "scheme", "meaning"}`` entry of a set file."""
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=entry["value"], scheme_designator=entry["scheme"], meaning=entry["meaning"])
+
+
+def coding_scheme_identification(set_name: str = "craniofacial16") -> list:
+    """Items of the Coding Scheme Identification Sequence (0008,0110) for the local schemes of a set.
+
+    PS3.3 C.12.1.1.2.3: a private scheme used in an object must be identified there.
+    """
+    from pydicom.dataset import Dataset
+
+    items = []
+    for scheme in load_landmark_set(set_name).get("coding_schemes", []):
+        item = Dataset()
+        item.CodingSchemeDesignator = scheme["designator"]
+        item.CodingSchemeName = scheme["name"]
+        item.CodingSchemeResponsibleOrganization = scheme["responsible_organization"]
+        items.append(item)
+    return items
+
+
+def rgb_to_cielab(rgb: tuple[int, int, int]):
+    """A highdicom ``CIELabColor`` for a set's sRGB display colour (SEG Recommended Display CIELab Value)."""
+    from highdicom.color import CIELabColor
+
+    return CIELabColor.from_rgb(*rgb)

@@ -1,0 +1,65 @@
+"""The one core both front ends call: DICOM datasets of one series in, landmarks + SR + SEG out.
+
+load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, with the seconds each step took
+("volume", "cascade", "outputs").
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from pydicom.dataset import Dataset
+
+from pacs_landmarks.inference.landmark import Landmark
+
+
+@dataclass
+class Results:
+    landmarks: list[Landmark]
+    landmark_sr: Dataset
+    measurements_sr: Dataset
+    seg: Dataset
+    timings: dict[str, float] = field(default_factory=dict)
+    measurements: list = field(default_factory=list)  # MeasurementValue, for display
+    volume: object | None = None  # the Volume the landmarks were found in
+
+
+def build_outputs(volume, landmarks: list[Landmark], algorithm) -> tuple[Dataset, Dataset, Dataset, list]:
+    """Landmark SR, measurements SR, SEG and the measurement values, for landmarks found in ``volume``."""
+    from pacs_landmarks.sr_templates.landmark_sr import build_landmark_sr
+    from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
+    from pacs_landmarks.sr_templates.seg import build_landmark_seg
+
+    values = compute_measurements(landmarks, algorithm.landmark_set)
+    return (
+        build_landmark_sr(volume, landmarks, algorithm),
+        build_measurements_sr(volume, landmarks, algorithm, values),
+        build_landmark_seg(volume, landmarks, algorithm),
+        values,
+    )
+
+
+def process_series(datasets: Iterable[str | Path | Dataset], model) -> Results:
+    """Assemble the series, run the model's cascade, build the DICOM results.
+
+    Raises ``pacs_landmarks.dicom.series.SeriesError`` for a series that cannot be assembled (clear reason);
+    nothing is written here: the caller decides where results go.
+    """
+    from pacs_landmarks.dicom.series import load_series
+    from pacs_landmarks.sr_templates.common import Algorithm
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    volume = load_series(datasets)
+    timings["volume"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    landmarks = list(model.predict(volume))
+    timings["cascade"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    landmark_sr, measurements_sr, seg, values = build_outputs(volume, landmarks, Algorithm.of(model))
+    timings["outputs"] = time.perf_counter() - t
+    return Results(landmarks, landmark_sr, measurements_sr, seg, timings, values, volume)

@@ -1,0 +1,74 @@
+"""What every result object shares: series numbers and descriptions, the algorithm, the device observer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from pacs_landmarks import __version__
+from pacs_landmarks.sr_templates.landmark_sets import coding_scheme_identification
+from pacs_landmarks.sr_templates.uids import derived_uid
+
+MANUFACTURER = "pacs-landmarks"
+
+# Fixed series number and description per kind of result (documented in docs/dicom-conformance.md).
+SERIES = {
+    "landmark-sr": (7701, "AI Landmarks"),
+    "measurements-sr": (7702, "AI Cephalometry"),
+    "seg": (7703, "AI Landmark SEG"),
+}
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """The model that produced the landmarks (PS3.16 TID 4019 Algorithm Identification)."""
+
+    name: str
+    version: str
+    landmark_set: str = "craniofacial16"
+
+    @classmethod
+    def of(cls, model) -> "Algorithm":
+        return cls(str(model.name), str(model.version), str(getattr(model, "landmark_set", "craniofacial16")))
+
+
+def sr_algorithm_id(alg: Algorithm):
+    from highdicom.sr import AlgorithmIdentification
+
+    return AlgorithmIdentification(name=alg.name, version=alg.version)
+
+
+def observation_context(alg: Algorithm):
+    """Device observer (PS3.16 TID 1004): this software running the named model."""
+    from highdicom.sr import DeviceObserverIdentifyingAttributes, ObservationContext, ObserverContext
+    from pydicom.sr.codedict import codes
+
+    device = DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("device", MANUFACTURER, alg.name, alg.version),
+        name=f"{MANUFACTURER} {alg.name}",
+        manufacturer_name=MANUFACTURER,
+        model_name=alg.name,
+    )
+    return ObservationContext(
+        observer_device_context=ObserverContext(observer_type=codes.cid270.Device, observer_identifying_attributes=device)
+    )
+
+
+def finish(ds: Dataset, kind: str, alg: Algorithm) -> Dataset:
+    """Attributes set the same way on every result: description, software, local coding schemes."""
+    ds.SeriesDescription = SERIES[kind][1]
+    ds.SoftwareVersions = [__version__, f"{alg.name} {alg.version}"]
+    ds.ManufacturerModelName = MANUFACTURER
+    ds.CodingSchemeIdentificationSequence = coding_scheme_identification(alg.landmark_set)
+    return ds
+
+
+def evidence_headers(headers: list[Dataset]) -> list[Dataset]:
+    """Source headers as highdicom needs them for evidence / references (no pixel data)."""
+    out = []
+    for h in headers:
+        if "PixelData" in h:
+            h = h.copy()
+            del h.PixelData
+        out.append(h)
+    return out

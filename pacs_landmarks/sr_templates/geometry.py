@@ -1,0 +1,102 @@
+"""Where a landmark falls on the source images: the plane of every source slice (or frame).
+
+The SR's 2D points and the SEG's frames are drawn on the *source* images, in their own geometry (Image
+Position / Orientation (Patient) and Pixel Spacing, PS3.3 C.7.6.2), not on the loader's possibly resampled
+volume: a tilted or gappy series is described exactly as it was acquired.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pacs_landmarks.dicom.volume import SliceSource, Volume
+
+
+@dataclass(frozen=True)
+class SourcePlane:
+    source: SliceSource
+    header: Dataset
+    origin: np.ndarray  # LPS mm of the centre of the first transmitted pixel
+    row_dir: np.ndarray  # unit vector along a row (increasing column index)
+    col_dir: np.ndarray  # unit vector along a column (increasing row index)
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) mm, as in Pixel Spacing
+    rows: int
+    columns: int
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_dir, self.col_dir)
+
+    def distance(self, lps: np.ndarray) -> float:
+        """Signed distance in mm from the plane."""
+        return float(np.dot(np.asarray(lps, float) - self.origin, self.normal))
+
+    def pixel_index(self, lps: np.ndarray) -> tuple[float, float]:
+        """(column, row) index of the projection of a point; pixel centres are integers."""
+        d = np.asarray(lps, float) - self.origin
+        return float(d @ self.row_dir / self.pixel_spacing[1]), float(d @ self.col_dir / self.pixel_spacing[0])
+
+    def pixel_lps(self, column: np.ndarray, row: np.ndarray) -> np.ndarray:
+        """LPS of pixel centres at (column, row) indices."""
+        column = np.asarray(column, float)[..., None]
+        row = np.asarray(row, float)[..., None]
+        return self.origin + column * self.pixel_spacing[1] * self.row_dir + row * self.pixel_spacing[0] * self.col_dir
+
+
+def _functional(header: Dataset, frame: int | None, group: str) -> Dataset | None:
+    """A functional group macro item for a frame of a multi-frame image (PS3.3 C.7.6.16)."""
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in header:
+        item = header.PerFrameFunctionalGroupsSequence[frame - 1]
+        if group in item:
+            return item[group].value[0]
+    if "SharedFunctionalGroupsSequence" in header:
+        item = header.SharedFunctionalGroupsSequence[0]
+        if group in item:
+            return item[group].value[0]
+    return None
+
+
+def _plane(source: SliceSource, header: Dataset) -> SourcePlane:
+    pos = header.get("ImagePositionPatient")
+    ori = header.get("ImageOrientationPatient")
+    spacing = header.get("PixelSpacing")
+    if pos is None:
+        pos = _functional(header, source.frame_number, "PlanePositionSequence").ImagePositionPatient
+    if ori is None:
+        ori = _functional(header, source.frame_number, "PlaneOrientationSequence").ImageOrientationPatient
+    if spacing is None:
+        spacing = _functional(header, source.frame_number, "PixelMeasuresSequence").PixelSpacing
+    ori = np.asarray([float(v) for v in ori])
+    return SourcePlane(
+        source=source,
+        header=header,
+        origin=np.asarray([float(v) for v in pos]),
+        row_dir=ori[:3] / np.linalg.norm(ori[:3]),
+        col_dir=ori[3:] / np.linalg.norm(ori[3:]),
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        rows=int(header.Rows),
+        columns=int(header.Columns),
+    )
+
+
+def source_planes(volume: Volume) -> list[SourcePlane]:
+    """One plane per distinct source slice / frame of the volume, in the volume's slice order."""
+    headers = {str(h.SOPInstanceUID): h for h in volume.source_headers}
+    planes: list[SourcePlane] = []
+    seen: set[tuple[str, int | None]] = set()
+    for src in volume.slice_sources:
+        key = (src.sop_instance_uid, src.frame_number)
+        if key in seen or src.sop_instance_uid not in headers:
+            continue
+        seen.add(key)
+        planes.append(_plane(src, headers[src.sop_instance_uid]))
+    if not planes:
+        raise ValueError("the volume carries no source image headers to reference")
+    return planes
+
+
+def nearest_plane(planes: list[SourcePlane], lps: np.ndarray) -> SourcePlane:
+    """The source slice nearest to a point (smallest distance to its plane)."""
+    return min(planes, key=lambda p: abs(p.distance(lps)))

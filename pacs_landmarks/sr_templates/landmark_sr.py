@@ -1,0 +1,139 @@
+"""The landmark SR: Comprehensive 3D SR, TID 1500 "Imaging Measurement Report" (PS3.16).
+
+Per landmark two TID 1410 "Planar ROI Measurements and Qualitative Evaluations" groups with the same Tracking
+Identifier (the landmark name) and Tracking UID:
+1. Image Region = SCOORD3D POINT in the CT frame of reference (the exact 3D result), with the confidence;
+2. Image Region = SCOORD POINT on the nearest source slice, for viewers that only draw 2D points.
+Finding = SCT 711101009 "Anatomical point"; Finding Category = SCT 91723000 "Anatomical structure";
+Finding Sites = the landmark's own code, and its structure with topographic modifier and laterality.
+The document is PRELIMINARY and UNVERIFIED: a person verifies it, not this software.
+"""
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pacs_landmarks.dicom.volume import Volume
+from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.sr_templates.common import (
+    SERIES,
+    Algorithm,
+    evidence_headers,
+    finish,
+    observation_context,
+    sr_algorithm_id,
+)
+from pacs_landmarks.sr_templates.geometry import nearest_plane, source_planes
+from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition
+from pacs_landmarks.sr_templates.measurements import PROCEDURE_CT_HEAD
+from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+
+# Local concept for the model's confidence in a landmark (0..1), a TID 300 numeric with UCUM unit "1".
+CONFIDENCE = {"value": "CONF", "scheme": "99PACSLMK", "meaning": "Landmark detection confidence"}
+
+
+def finding_sites(definition: dict) -> list:
+    from highdicom.sr import FindingSite
+
+    sites = [FindingSite(anatomic_location=coded(definition["code"]))]
+    sites.append(
+        FindingSite(
+            anatomic_location=coded(definition["structure"]),
+            laterality=coded(definition["laterality"]) if definition.get("laterality") else None,
+            topographical_modifier=coded(definition["modifier"]) if definition.get("modifier") else None,
+        )
+    )
+    return sites
+
+
+def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm) -> Dataset:
+    import highdicom as hd
+    from highdicom.sr import (
+        CodedConcept,
+        Comprehensive3DSR,
+        ImageRegion,
+        ImageRegion3D,
+        Measurement,
+        MeasurementReport,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
+        SourceImageForRegion,
+        TrackingIdentifier,
+    )
+    from pydicom.sr.codedict import codes
+
+    if not landmarks:
+        raise ValueError("no landmarks to report")
+    planes = source_planes(volume)
+    series = volume.series_instance_uid
+    groups = []
+    referenced: dict[str, Dataset] = {}
+    for lm in landmarks:
+        definition = landmark_definition(lm.name, algorithm.landmark_set)
+        point = np.asarray(lm.position_lps_mm, dtype=float)
+        tid = tracking_uid(series, algorithm.name, algorithm.version, lm.name)
+        common = dict(
+            finding_type=codes.SCT.AnatomicalPoint,
+            finding_category=codes.SCT.AnatomicalStructure,
+            finding_sites=finding_sites(definition),
+            algorithm_id=sr_algorithm_id(algorithm),
+        )
+        confidence = Measurement(
+            name=coded(CONFIDENCE),
+            value=round(float(lm.confidence), 4),
+            unit=CodedConcept("1", "UCUM", "no units"),
+            algorithm_id=sr_algorithm_id(algorithm),
+        )
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=tid, identifier=lm.name),
+                referenced_region=ImageRegion3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=point.reshape(1, 3),
+                    frame_of_reference_uid=volume.frame_of_reference_uid,
+                ),
+                measurements=[confidence],
+                **common,
+            )
+        )
+        plane = nearest_plane(planes, point)
+        column, row = plane.pixel_index(point)
+        src = plane.source
+        referenced[src.sop_instance_uid] = plane.header
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=tid, identifier=lm.name),
+                # SCOORD pixel coordinates: (0, 0) is the top left corner of the first pixel (PS3.3
+                # C.18.6.1.1), so a pixel centre at index (c, r) is at (c + 0.5, r + 0.5).
+                referenced_region=ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POINT,
+                    graphic_data=np.array([[column + 0.5, row + 0.5]]),
+                    source_image=SourceImageForRegion(
+                        referenced_sop_class_uid=src.sop_class_uid,
+                        referenced_sop_instance_uid=src.sop_instance_uid,
+                        referenced_frame_numbers=[src.frame_number] if src.frame_number else None,
+                    ),
+                ),
+                **common,
+            )
+        )
+    report = MeasurementReport(
+        observation_context=observation_context(algorithm),
+        procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
+        imaging_measurements=groups,
+        referenced_images=evidence_headers(list(referenced.values())),
+    )
+    number, _ = SERIES["landmark-sr"]
+    ds = Comprehensive3DSR(
+        evidence=evidence_headers(volume.source_headers),
+        content=report,
+        series_instance_uid=result_uid(series, "landmark-sr", algorithm.name, algorithm.version, "series"),
+        series_number=number,
+        sop_instance_uid=result_uid(series, "landmark-sr", algorithm.name, algorithm.version, "instance"),
+        instance_number=1,
+        manufacturer="pacs-landmarks",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    ds.PreliminaryFlag = "PRELIMINARY"
+    return finish(ds, "landmark-sr", algorithm)

@@ -1,0 +1,181 @@
+"""Derived cephalometric measurements: computed from landmark coordinates with the formulas of the landmark
+set, and written as a separate Comprehensive 3D SR (TID 1500 with TID 1501 groups of TID 300 numerics).
+
+Kept apart from the landmark SR so that a viewer that cannot render it still shows the landmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pacs_landmarks.dicom.volume import Volume
+from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.sr_templates.common import (
+    SERIES,
+    Algorithm,
+    evidence_headers,
+    finish,
+    observation_context,
+    sr_algorithm_id,
+)
+from pacs_landmarks.sr_templates.landmark_sets import coded, load_landmark_set
+from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+
+PROCEDURE_CT_HEAD = ("303653007", "SCT", "CT of head")
+_UCUM = {"mm": ("mm", "millimeter"), "deg": ("deg", "degree")}
+
+
+@dataclass(frozen=True)
+class MeasurementValue:
+    name: str
+    value: float
+    unit: str  # UCUM: "mm" or "deg"
+    typical: float | None
+    range: tuple[float, float] | None
+    points: dict[str, tuple[float, float, float]]  # the (possibly derived) points it was computed from
+    definition: dict
+
+    @property
+    def outside_range(self) -> bool:
+        return self.range is not None and not (self.range[0] <= self.value <= self.range[1])
+
+
+def _point_table(landmarks: list[Landmark], set_def: dict) -> dict[str, np.ndarray]:
+    """Points by name and abbreviation, plus the derived (bilateral mean) points of the set."""
+    by_name = {lm.name: np.asarray(lm.position_lps_mm, float) for lm in landmarks}
+    table: dict[str, np.ndarray] = {}
+    for d in set_def["landmarks"]:
+        if d["name"] in by_name:
+            table[d["name"]] = table[d["abbreviation"]] = by_name[d["name"]]
+    for name, parts in set_def.get("derived_points", {}).items():
+        if all(p in table for p in parts):
+            table[name] = np.mean([table[p] for p in parts], axis=0)
+    return table
+
+
+def _angle(u: np.ndarray, v: np.ndarray) -> float:
+    c = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def _normal(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.cross(b - a, c - a)
+
+
+def _evaluate(m: dict, p: dict[str, np.ndarray], done: dict[str, float]) -> float:
+    kind = m["kind"]
+    if kind == "distance":
+        a, b = (p[n] for n in m["points"])
+        return float(np.linalg.norm(b - a))
+    if kind == "angle":  # angle at the middle point
+        a, vertex, b = (p[n] for n in m["points"])
+        return _angle(a - vertex, b - vertex)
+    if kind == "difference":
+        first, second = m["of"]
+        return done[first] - done[second]
+    if kind == "plane_angle":  # acute angle between two planes, from their normals
+        n1, n2 = (_normal(*(p[n] for n in plane)) for plane in m["planes"])
+        ang = _angle(n1, n2)
+        return min(ang, 180.0 - ang)
+    if kind == "line_plane_angle":
+        a, b = (p[n] for n in m["line"])
+        ang = _angle(b - a, _normal(*(p[n] for n in m["plane"])))
+        return abs(90.0 - ang)
+    raise ValueError(f"unknown measurement kind {kind!r}")
+
+
+def compute_measurements(landmarks: list[Landmark], set_name: str = "craniofacial16") -> list[MeasurementValue]:
+    """Every measurement of the set whose landmarks are all present, in the order of the set file."""
+    set_def = load_landmark_set(set_name)
+    points = _point_table(landmarks, set_def)
+    done: dict[str, float] = {}
+    out: list[MeasurementValue] = []
+    for m in set_def.get("measurements", []):
+        if not all(n in points for n in m["points"]) or not all(o in done for o in m.get("of", [])):
+            continue
+        value = _evaluate(m, points, done)
+        done[m["name"]] = value
+        out.append(
+            MeasurementValue(
+                name=m["name"],
+                value=value,
+                unit=m["unit"],
+                typical=m.get("typical"),
+                range=tuple(m["range"]) if "range" in m else None,  # type: ignore[arg-type]
+                points={n: tuple(float(x) for x in points[n]) for n in m["points"]},  # type: ignore[misc]
+                definition=m,
+            )
+        )
+    return out
+
+
+def build_measurements_sr(
+    volume: Volume, landmarks: list[Landmark], algorithm: Algorithm, measurements: list[MeasurementValue] | None = None
+) -> Dataset:
+    """Comprehensive 3D SR, TID 1500 (PS3.16): one TID 1501 group per derived measurement, each a TID 300
+    numeric in UCUM units, INFERRED FROM a SCOORD3D MULTIPOINT of the points it used."""
+    import highdicom as hd
+    from highdicom.sr import (
+        CodedConcept,
+        Comprehensive3DSR,
+        CoordinatesForMeasurement3D,
+        Measurement,
+        MeasurementReport,
+        MeasurementsAndQualitativeEvaluations,
+        TrackingIdentifier,
+    )
+
+    if measurements is None:
+        measurements = compute_measurements(landmarks, algorithm.landmark_set)
+    if not measurements:
+        raise ValueError("no measurement can be derived from these landmarks")
+    series = volume.series_instance_uid
+    groups = []
+    for mv in measurements:
+        unit = _UCUM[mv.unit]
+        coords = np.asarray(list(mv.points.values()), dtype=float)
+        num = Measurement(
+            name=coded(mv.definition["code"]),
+            value=round(mv.value, 4),
+            unit=CodedConcept(unit[0], "UCUM", unit[1]),
+            algorithm_id=sr_algorithm_id(algorithm),
+            referenced_coordinates=[
+                CoordinatesForMeasurement3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.MULTIPOINT,
+                    graphic_data=coords,
+                    frame_of_reference_uid=volume.frame_of_reference_uid,
+                )
+            ],
+        )
+        groups.append(
+            MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(
+                    uid=tracking_uid(series, algorithm.name, algorithm.version, "measurement:" + mv.name),
+                    identifier=mv.name,
+                ),
+                algorithm_id=sr_algorithm_id(algorithm),
+                measurements=[num],
+            )
+        )
+    report = MeasurementReport(
+        observation_context=observation_context(algorithm),
+        procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
+        imaging_measurements=groups,
+    )
+    number, _ = SERIES["measurements-sr"]
+    ds = Comprehensive3DSR(
+        evidence=evidence_headers(volume.source_headers),
+        content=report,
+        series_instance_uid=result_uid(series, "measurements-sr", algorithm.name, algorithm.version, "series"),
+        series_number=number,
+        sop_instance_uid=result_uid(series, "measurements-sr", algorithm.name, algorithm.version, "instance"),
+        instance_number=1,
+        manufacturer="pacs-landmarks",
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    ds.PreliminaryFlag = "PRELIMINARY"
+    return finish(ds, "measurements-sr", algorithm)

@@ -1,0 +1,113 @@
+"""The landmark SEG: BINARY Segmentation (PS3.3 A.51), one segment per landmark, a small sphere around it.
+
+Sphere radius = max(2 mm, 1.5 x the largest voxel dimension), so that even 5 mm slices show every landmark on
+at least one slice. Segment category SCT 309825002 "Spatial and Relational Concept" (CID 7150), type SCT 711101009 "Anatomical
+point", anatomic region = the landmark's structure; algorithm family DCM 123110 "Artificial Intelligence",
+AUTOMATIC; Tracking UID shared with the landmark SR groups of the same landmark.
+
+Speed: only the source slices a sphere touches are passed to highdicom, as headers without pixel data, with
+empty frames omitted and no compression (never JPEG-LS: its codec crashes inside the Orthanc process).
+"""
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pacs_landmarks.dicom.volume import Volume
+from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish
+from pacs_landmarks.sr_templates.geometry import SourcePlane, source_planes
+from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition, rgb_to_cielab
+from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+
+MIN_RADIUS_MM = 2.0
+RADIUS_VOXELS = 1.5
+
+
+def sphere_radius(volume: Volume) -> float:
+    return max(MIN_RADIUS_MM, RADIUS_VOXELS * max(volume.spacing))
+
+
+def _disc(plane: SourcePlane, centre: np.ndarray, radius: float) -> tuple[slice, slice, np.ndarray] | None:
+    """The pixels of a slice within ``radius`` mm of ``centre`` (pixel centres), as a box and its mask."""
+    d = plane.distance(centre)
+    if abs(d) > radius:
+        return None
+    r_in = np.sqrt(radius * radius - d * d)
+    c0, r0 = plane.pixel_index(centre)
+    sr, sc = plane.pixel_spacing
+    cols = np.arange(max(0, int(np.floor(c0 - r_in / sc))), min(plane.columns, int(np.ceil(c0 + r_in / sc)) + 1))
+    rows = np.arange(max(0, int(np.floor(r0 - r_in / sr))), min(plane.rows, int(np.ceil(r0 + r_in / sr)) + 1))
+    if cols.size == 0 or rows.size == 0:
+        return None
+    mask = ((cols[None, :] - c0) * sc) ** 2 + ((rows[:, None] - r0) * sr) ** 2 <= r_in * r_in
+    if not mask.any():
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), mask
+
+
+def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm) -> Dataset:
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    planes = source_planes(volume)
+    if any(p.source.frame_number for p in planes):
+        raise ValueError("SEG on multi-frame source images is not supported yet")
+    radius = sphere_radius(volume)
+    discs: list[tuple[int, int, tuple]] = []  # (plane index, segment index, disc)
+    for s, lm in enumerate(landmarks):
+        centre = np.asarray(lm.position_lps_mm, float)
+        for p, plane in enumerate(planes):
+            disc = _disc(plane, centre, radius)
+            if disc is not None:
+                discs.append((p, s, disc))
+    if not discs:
+        raise ValueError("no landmark lies within the imaged volume")
+    used = sorted({p for p, _, _ in discs})
+    slot = {p: n for n, p in enumerate(used)}
+    rows, columns = planes[0].rows, planes[0].columns
+    pixels = np.zeros((len(used), rows, columns, len(landmarks)), dtype=bool)
+    for p, s, (rs, cs, mask) in discs:
+        pixels[slot[p], rs, cs, s] |= mask
+
+    family = codes.cid7162.ArtificialIntelligence
+    alg_id = hd.AlgorithmIdentificationSequence(name=algorithm.name, family=family, version=algorithm.version)
+    series = volume.series_instance_uid
+    descriptions = []
+    for n, lm in enumerate(landmarks, start=1):
+        definition = landmark_definition(lm.name, algorithm.landmark_set)
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=n,
+                segment_label=lm.name,
+                segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+                segmented_property_type=codes.SCT.AnatomicalPoint,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=alg_id,
+                tracking_uid=tracking_uid(series, algorithm.name, algorithm.version, lm.name),
+                tracking_id=lm.name,
+                anatomic_regions=[coded(definition["structure"])],
+                display_color=rgb_to_cielab(tuple(definition["color_rgb"])),
+            )
+        )
+    number, _ = SERIES["seg"]
+    ds = hd.seg.Segmentation(
+        source_images=evidence_headers([planes[p].header for p in used]),
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=result_uid(series, "seg", algorithm.name, algorithm.version, "series"),
+        series_number=number,
+        sop_instance_uid=result_uid(series, "seg", algorithm.name, algorithm.version, "instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=algorithm.version,
+        device_serial_number="0",
+        content_label="LANDMARKS",
+        content_description="AI landmark spheres",
+        omit_empty_frames=True,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    return finish(ds, "seg", algorithm)

@@ -1,0 +1,205 @@
+"""Landmark SR + measurements SR: valid DICOM (dciodvfy), parsed by dcmtk, exact round trip, right values."""
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pydicom
+import pytest
+from sr_helpers import GEOMETRIES, make_landmarks, make_series
+
+from conftest import require_tool
+from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.sr_templates import read_landmark_sr
+from pacs_landmarks.sr_templates.common import Algorithm
+from pacs_landmarks.sr_templates.geometry import source_planes
+from pacs_landmarks.sr_templates.landmark_sets import landmark_names, load_landmark_set
+from pacs_landmarks.sr_templates.landmark_sr import build_landmark_sr
+from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
+
+ALG = Algorithm("test-model", "1.2.3")
+LOCAL_SCHEME = "99PACSLMK"  # dciodvfy warns about designators it does not know; that is expected
+
+
+def _save(ds, path):
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _groups(ds):
+    report = ds.ContentSequence
+    container = next(i for i in report if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    return list(container.ContentSequence)
+
+
+def _item(group, value_type, code=None):
+    for it in group.ContentSequence:
+        if it.ValueType == value_type and (code is None or it.ConceptNameCodeSequence[0].CodeValue == code):
+            return it
+    return None
+
+
+@pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
+def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
+    _, volume = make_series(geometry, seed=1)
+    landmarks = make_landmarks(volume, seed=2)
+    path = _save(build_landmark_sr(volume, landmarks, ALG), tmp_path / "sr.dcm")
+
+    warnings = validate_dicom(path)
+    assert all(LOCAL_SCHEME in w for w in warnings), warnings
+    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    assert "Imaging Measurement Report" in dump.stdout and "Anatomical point" in dump.stdout
+
+    ds = pydicom.dcmread(path)
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert (ds.PreliminaryFlag, ds.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED")
+    assert ds.StudyInstanceUID == volume.study_instance_uid and ds.PatientID == "PH0001"
+    assert ds.SeriesNumber == 7701 and ds.SeriesDescription == "AI Landmarks"
+    assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
+
+    back = read_landmark_sr(ds)
+    assert [lm.name for lm in back] == landmark_names()
+    for want, got in zip(landmarks, back):
+        assert np.allclose(want.position_lps_mm, got.position_lps_mm, atol=0.01)
+        assert got.confidence == pytest.approx(want.confidence, abs=1e-4)
+
+    # Two groups per landmark with the same tracking identifier + UID: a 3D point, then a 2D point on the
+    # nearest source slice that projects onto the same in-plane position.
+    groups = _groups(ds)
+    assert len(groups) == 2 * len(landmarks)
+    planes = {p.source.sop_instance_uid: p for p in source_planes(volume)}
+    for lm, g3, g2 in zip(landmarks, groups[0::2], groups[1::2]):
+        assert _item(g3, "TEXT", "112039").TextValue == lm.name == _item(g2, "TEXT", "112039").TextValue
+        assert _item(g3, "UIDREF", "112040").UID == _item(g2, "UIDREF", "112040").UID
+        assert _item(g3, "SCOORD3D").ReferencedFrameOfReferenceUID == volume.frame_of_reference_uid
+        scoord = _item(g2, "SCOORD")
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        plane = planes[ref]
+        p = np.asarray(lm.position_lps_mm)
+        assert abs(plane.distance(p)) == pytest.approx(min(abs(q.distance(p)) for q in planes.values()))
+        column, row = (float(v) - 0.5 for v in scoord.GraphicData)
+        on_plane = plane.pixel_lps(column, row)
+        assert np.allclose(on_plane, p - plane.distance(p) * plane.normal, atol=1e-3)
+
+
+def test_result_uids_are_deterministic():
+    _, volume = make_series("axial")
+    landmarks = make_landmarks(volume)
+    a = build_landmark_sr(volume, landmarks, ALG)
+    b = build_landmark_sr(volume, landmarks, ALG)
+    c = build_landmark_sr(volume, landmarks, Algorithm("test-model", "1.2.4"))
+    m = build_measurements_sr(volume, landmarks, ALG)
+    assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
+    assert a.SOPInstanceUID != c.SOPInstanceUID and a.SeriesInstanceUID != c.SeriesInstanceUID
+    assert len({a.SOPInstanceUID, m.SOPInstanceUID, a.SeriesInstanceUID, m.SeriesInstanceUID}) == 4
+
+
+def _sagittal(angle_deg: float, length: float, origin: np.ndarray) -> np.ndarray:
+    """A point ``length`` mm from ``origin`` at ``angle_deg`` from +y (posterior), turning towards -y via -z."""
+    a = np.radians(angle_deg)
+    return origin + length * np.array([0.0, np.cos(a), -np.sin(a)])
+
+
+def test_measurements_from_known_geometry():
+    """Landmarks placed so that each measurement has a value known by construction."""
+    n = np.array([0.0, -80.0, 20.0])
+    s = n + np.array([0.0, 70.0, 0.0])  # S-N = 70 mm along +y
+    pts = {
+        "Nasion": n, "Sella": s,
+        "A point": _sagittal(83.0, 50.0, n),  # SNA = 83
+        "B point": _sagittal(79.5, 90.0, n),  # SNB = 79.5 -> ANB = 3.5
+        "Menton": n + np.array([0.0, 10.0, -118.0]),
+        "Porion R": np.array([-57.0, -10.0, 0.0]), "Porion L": np.array([57.0, -10.0, 0.0]),
+        "Orbitale R": np.array([-32.0, -75.0, 0.0]), "Orbitale L": np.array([32.0, -75.0, 0.0]),
+        "Basion": n + np.array([0.0, 100.0, -25.0]),
+    }
+    # Mandibular plane tilted 27 degrees from the (horizontal) FH plane, through Menton.
+    me = pts["Menton"]
+    go_y = 70.0
+    pts["Gonion R"] = me + np.array([-47.0, go_y, go_y * np.tan(np.radians(27.0))])
+    pts["Gonion L"] = me + np.array([47.0, go_y, go_y * np.tan(np.radians(27.0))])
+    landmarks = [Landmark(k, tuple(v)) for k, v in pts.items()]
+    values = {m.name: m for m in compute_measurements(landmarks)}
+    assert values["SNA angle"].value == pytest.approx(83.0, abs=1e-6)
+    assert values["SNB angle"].value == pytest.approx(79.5, abs=1e-6)
+    assert values["ANB angle"].value == pytest.approx(3.5, abs=1e-6)
+    assert values["S-N length"].value == pytest.approx(70.0)
+    assert values["N-Me anterior face height"].value == pytest.approx(np.hypot(10, 118))
+    assert values["Go-Me length"].value == pytest.approx(np.hypot(go_y, go_y * np.tan(np.radians(27.0))))
+    assert values["FH to mandibular plane angle"].value == pytest.approx(27.0, abs=1e-6)
+    assert values["SN to FH angle"].value == pytest.approx(0.0, abs=1e-6)
+    assert values["Inter-porion distance"].value == pytest.approx(114.0)
+    assert values["Bigonial width"].value == pytest.approx(94.0)
+    assert not values["SNA angle"].outside_range and values["SN to FH angle"].outside_range
+    # Every measurement of the set needs only landmarks we have: all 13 are present.
+    assert len(values) == len(load_landmark_set()["measurements"])
+
+
+def test_measurements_sr_valid(tmp_path, validate_dicom):
+    _, volume = make_series("tilted", seed=3)
+    landmarks = make_landmarks(volume, seed=3)
+    values = compute_measurements(landmarks)
+    path = _save(build_measurements_sr(volume, landmarks, ALG, values), tmp_path / "m.dcm")
+    warnings = validate_dicom(path)
+    assert all(LOCAL_SCHEME in w for w in warnings), warnings
+    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    ds = pydicom.dcmread(path)
+    assert ds.SeriesNumber == 7702 and ds.SeriesDescription == "AI Cephalometry"
+    nums = {}
+    for group in _groups(ds):
+        num = _item(group, "NUM")
+        unit = num.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+        nums[_item(group, "TEXT", "112039").TextValue] = (float(num.MeasuredValueSequence[0].NumericValue), unit.CodeValue)
+        assert unit.CodingSchemeDesignator == "UCUM"
+        inferred = [i for i in num.ContentSequence if i.ValueType == "SCOORD3D"]
+        assert len(inferred) == 1 and inferred[0].GraphicType == "MULTIPOINT"
+        assert inferred[0].RelationshipType == "INFERRED FROM"
+    for v in values:
+        assert nums[v.name][0] == pytest.approx(v.value, abs=1e-3) and nums[v.name][1] == v.unit
+    with pytest.raises(ValueError, match="no 3D landmark"):
+        read_landmark_sr(ds)
+
+
+def test_reads_a_foreign_tid1500_sr():
+    """An SR written by another tool (e.g. a viewer): abbreviations as tracking identifiers, no finding sites."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    datasets, volume = make_series("axial", with_pixels=False)
+    groups = []
+    for name, point in [("N", (1.0, -80.0, 20.0)), ("Menton", (0.5, -70.0, -98.0)), ("Unknown thing", (0.0, 0.0, 0.0))]:
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name),
+                referenced_region=hd.sr.ImageRegion3D(
+                    graphic_type="POINT", graphic_data=np.array([point]), frame_of_reference_uid=volume.frame_of_reference_uid
+                ),
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_person_context=hd.sr.ObserverContext(
+                observer_type=codes.cid270.Person,
+                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name="Reader^A"),
+            )
+        ),
+        procedure_reported=codes.cid100.ComputedTomographyOfHead if hasattr(codes.cid100, "ComputedTomographyOfHead")
+        else hd.sr.CodedConcept("303653007", "SCT", "CT of head"),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=volume.source_headers, content=report, series_instance_uid=hd.UID(), series_number=5,
+        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="viewer",
+    )
+    back = read_landmark_sr(sr)
+    assert [(lm.name, lm.position_lps_mm) for lm in back] == [
+        ("Nasion", (1.0, -80.0, 20.0)), ("Menton", (0.5, -70.0, -98.0)), ("Unknown thing", (0.0, 0.0, 0.0))
+    ]
+
+
+def test_read_rejects_non_sr():
+    datasets, _ = make_series("axial", with_pixels=False)
+    with pytest.raises(ValueError, match="not a structured report"):
+        read_landmark_sr(datasets[0])
