@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from pathlib import Path
 
+import numpy as np
+import pytest
 from orthanc_harness import orthanc_factory, wait_for  # noqa: F401  (fixture)
 from pydicom.data import get_testdata_file
 
@@ -46,3 +51,139 @@ def test_mr_series_makes_no_job_but_ct_does(orthanc_factory):
     # Re-running by REST is refused for the MR series with a reason.
     answer = orthanc.post_json(f"/pacs-landmarks/series/{mr[0]['ID']}/run")
     assert answer["job"] is None and "modality MR" in answer["result"]
+
+
+# --- the job flow on a small phantom ----------------------------------------------------------------------
+# Small phantoms keep the file at a few minutes on 2 cores: 256 x 256 pixels of 1 mm, 3 mm slices.
+PHANTOM_OPTIONS = {"pixel_spacing": 1.0, "slice_thickness": 3.0, "size": 256}
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    """One phantom head CT series on disk and its truth: (folder, landmarks.json dict)."""
+    phantom = pytest.importorskip("pacs_landmarks.inference.phantom")  # lands during the session
+    pytest.importorskip("pacs_landmarks.pipeline")
+    out = tmp_path_factory.mktemp("phantom")
+    case_dir = Path(phantom.write_case(phantom.make_case(11), out / "case", **PHANTOM_OPTIONS))
+    truth_file = case_dir / "landmarks.json"
+    if truth_file.exists():
+        truth = json.loads(truth_file.read_text())
+    else:  # write_case may leave the truth to the CLI; the case object has it
+        truth = None
+    files = sorted(case_dir.glob("*.dcm"))
+    assert files, f"no slices in {case_dir}"
+    if truth is None:
+        import pydicom
+
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        case = phantom.make_case(11)
+        truth = {
+            "series_instance_uid": ds.SeriesInstanceUID,
+            "landmarks": [{"name": k, "position_lps_mm": list(map(float, v))} for k, v in case.landmarks.items()],
+        }
+    return case_dir, truth
+
+
+def series_uid_of(case_dir: Path) -> str:
+    import pydicom
+
+    return pydicom.dcmread(next(case_dir.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+
+
+def job_for(orthanc, series_uid: str, states=("done",)) -> dict | None:
+    for job in orthanc.get_json("/pacs-landmarks/jobs"):
+        if job["series_instance_uid"] == series_uid:
+            if job["state"] == "failed":
+                pytest.fail(f"job {job['id']} failed: {job['reason']}")
+            if job["state"] in states:
+                return job
+    return None
+
+
+def result_instances(orthanc) -> dict[str, list[str]]:
+    """Orthanc instance IDs of every SR and SEG series, by modality."""
+    out: dict[str, list[str]] = {"SR": [], "SEG": []}
+    for info in (orthanc.get_json(f"/series/{sid}") for sid in orthanc.get_json("/series")):
+        modality = info["MainDicomTags"].get("Modality")
+        if modality in out:
+            out[modality] += info["Instances"]
+    return out
+
+
+def test_phantom_gets_sr_and_seg_once(orthanc_factory, phantom, validate_dicom, tmp_path):
+    case_dir, truth = phantom
+    series_uid = truth["series_instance_uid"]
+    orthanc = orthanc_factory.start()
+
+    orthanc.storescu(case_dir)
+    job = wait_for(lambda: job_for(orthanc, series_uid), 60, "the SR, measurements SR and SEG in Orthanc")
+    results = result_instances(orthanc)
+    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1, results
+    assert sorted(job["details"]["result_instances"]) == sorted(results["SR"] + results["SEG"])
+
+    study_uid = job["study_instance_uid"]
+    assert len(orthanc.findscu_series(study_uid, "SEG")) == 1
+    sr_series = orthanc.findscu_series(study_uid, "SR")
+    assert sr_series and all(m["SeriesInstanceUID"] for m in sr_series)
+    qido = orthanc.get_json(f"/dicom-web/studies/{study_uid}/series?Modality=SR")
+    assert {s["0020000E"]["Value"][0] for s in qido} == {m["SeriesInstanceUID"] for m in sr_series}
+
+    # The SR as Orthanc serves it: valid, and its points are where the phantom's landmarks are.
+    sr_path = tmp_path / "sr.dcm"
+    status, data = orthanc.request("GET", f"/instances/{job['details']['result_instances'][0]}/file")
+    assert status == 200
+    sr_path.write_bytes(data)
+    validate_dicom(sr_path)
+    import pydicom
+
+    from pacs_landmarks.sr_templates import read_landmark_sr
+
+    landmarks = {lm.name: np.asarray(lm.position_lps_mm) for lm in read_landmark_sr(pydicom.dcmread(sr_path))}
+    true = {lm["name"]: np.asarray(lm["position_lps_mm"]) for lm in truth["landmarks"]}
+    assert set(landmarks) == set(true)
+
+    # Our own results are stable series too: they make no job.
+    wait_for(lambda: all(orthanc.get_json(f"/series/{s}")["IsStable"] for s in orthanc.get_json("/series")),
+             30, "every series to be stable")
+    wait_for(lambda: orthanc.get_json("/pacs-landmarks/health")["pending_events"] == 0, 10, "the events handled")
+    assert [j["series_instance_uid"] for j in orthanc.get_json("/pacs-landmarks/jobs")] == [series_uid]
+
+    # Same series again: nothing new. Then an explicit re-run: a new job, but the same (deterministic) results.
+    orthanc.storescu(case_dir)
+    time.sleep(float(orthanc.config.get("StableAge", 2)) + 2)
+    wait_for(lambda: orthanc.get_json("/pacs-landmarks/health")["pending_events"] == 0, 10, "the events handled")
+    assert len(orthanc.get_json("/pacs-landmarks/jobs")) == 1
+    ct_series = job["source"]
+    rerun = orthanc.post_json(f"/pacs-landmarks/series/{ct_series}/run")
+    assert rerun["result"] == "queued" and rerun["job"]["id"] != job["id"]
+    wait_for(lambda: orthanc.get_json("/pacs-landmarks/jobs")[0]["state"] == "done", 60, "the re-run")
+    assert result_instances(orthanc) == results, "a re-run must not duplicate results"
+
+    errors = {name: float(np.linalg.norm(landmarks[name] - true[name])) for name in true}
+    if orthanc.get_json("/pacs-landmarks/health")["model"]["version"].endswith("untrained"):
+        pytest.xfail(f"the shipped demo model is untrained (max error {max(errors.values()):.0f} mm)")
+    assert max(errors.values()) <= 3.0, errors
+
+
+def test_jpeg_ls_series_survives_kill_while_queued(orthanc_factory, phantom, tmp_path):
+    """Jobs are durable: killed with a job queued, Orthanc restarts and the results appear. The series is
+    JPEG-LS (dcmcjpls), decoded in the plugin with GDCM (pyjpegls next to Orthanc's CharLS is not safe)."""
+    case_dir, truth = phantom
+    jls = tmp_path / "jpeg-ls"
+    jls.mkdir()
+    for f in sorted(case_dir.glob("*.dcm")):
+        subprocess.run(["dcmcjpls", str(f), str(jls / f.name)], check=True, capture_output=True)
+    import pydicom
+
+    assert pydicom.dcmread(next(jls.glob("*.dcm"))).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"
+
+    orthanc = orthanc_factory.start(Worker=False)  # queue, do not analyse
+    orthanc.storescu(jls)
+    queued = wait_for(lambda: job_for(orthanc, truth["series_instance_uid"], ("queued",)), 30, "the job queued")
+    orthanc.kill()
+
+    orthanc = orthanc_factory.start(Worker=True)
+    job = wait_for(lambda: job_for(orthanc, truth["series_instance_uid"]), 60, "the results after the restart")
+    assert job["id"] == queued["id"] and job["attempts"] == 1
+    results = result_instances(orthanc)
+    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1

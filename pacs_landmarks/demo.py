@@ -1,0 +1,269 @@
+"""``make demo``: the whole product once, end to end, with real DICOM tools.
+
+Orthanc with the plugin starts in a private network namespace (nothing listens outside it); one synthetic
+head CT is generated (``pacs-landmarks phantom``), sent with dcmtk's ``storescu``, analysed by the plugin;
+the results are found with ``findscu`` (SERIES level, Modality SR and SEG), the landmark SR is read back
+and compared with the phantom's ground truth, the measurements are printed, dcmtk's ``dsr2html`` renders the
+SR, and Orthanc is stopped -- also when a step fails. Everything is kept under ``var/demo/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pacs_landmarks.plugin.config import REPO_ROOT, write_runtime_config
+from pacs_landmarks.plugin.launch import OrthancError, OrthancProcess
+
+DEMO_DIR = REPO_ROOT / "var" / "demo"
+SEED = 7
+
+
+class DemoError(Exception):
+    """A step failed: printed as one line, with where to look."""
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.step, self.t0 = total, 0, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.step += 1
+        print(f"[{self.step}/{self.total} {time.perf_counter() - self.t0:6.1f} s] {text}", flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"    {text}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pacs_landmarks.demo",
+        description="End-to-end demo: Orthanc + plugin, one phantom head CT in, SR/SEG out, compared with the truth.",
+    )
+    parser.add_argument("--out", type=Path, default=DEMO_DIR, help="working folder, emptied first (default var/demo)")
+    parser.add_argument("--seed", type=int, default=SEED, help="phantom seed")
+    parser.add_argument("--size", type=int, default=256, help="phantom image size in pixels (rows = columns)")
+    parser.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for the results")
+    parser.add_argument(
+        "--host-network", action="store_true",
+        help="run Orthanc on the host network instead of a private namespace (when not root; listens on all interfaces)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_demo(args)
+    except (DemoError, OrthancError) as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise DemoError(f"{name} is not installed: run `make bootstrap`")
+    return path
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    import os
+
+    out: Path = args.out.resolve()
+    progress = Progress(9)
+    for tool in ("Orthanc", "storescu", "findscu", "dsr2html", "curl"):
+        _tool(tool)
+    if not args.host_network and os.geteuid() != 0:
+        raise DemoError("a private network namespace needs root (unshare -n); run as root or add --host-network")
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    progress(f"bootstrap ok; working in {out}")
+
+    config = write_runtime_config(
+        out / "orthanc.json",
+        {
+            "StorageDirectory": str(out / "orthanc"),
+            "IndexDirectory": str(out / "orthanc"),
+            "PacsLandmarks": {"WorkDirectory": str(out / "pacs-landmarks")},
+        },
+    )
+    orthanc = OrthancProcess(config, private_network=not args.host_network, log_path=out / "orthanc.log")
+    try:
+        orthanc.start(timeout=90)
+        health = _wait_model(orthanc, 60)
+        progress(
+            f"Orthanc started (AE {orthanc.aet}, DICOM {orthanc.dicom_port}, HTTP {orthanc.http_port}); "
+            f"model {health['model']['name']} {health['model']['version']} loaded; log {out / 'orthanc.log'}"
+        )
+        case_dir, truth = _make_phantom(out, args.seed, args.size)
+        files = sorted(case_dir.glob("*.dcm"))
+        progress(f"phantom generated: {len(files)} slices in {case_dir}")
+
+        t = time.perf_counter()
+        orthanc.storescu(case_dir)
+        progress(f"sent with storescu in {time.perf_counter() - t:.1f} s; waiting for the plugin (StableAge + cascade)")
+
+        job = _wait_job(orthanc, truth["series_instance_uid"], args.timeout, progress)
+        timings = ", ".join(f"{k} {v:.1f} s" for k, v in job["timings"].items())
+        progress(f"job {job['id']} done ({timings})")
+
+        study_uid = job["study_instance_uid"]
+        found = {m: orthanc.findscu_series(study_uid, m) for m in ("SR", "SEG")}
+        if not found["SR"] or not found["SEG"]:
+            raise DemoError(f"findscu did not find the results in study {study_uid}: {found}")
+        progress("findscu (SERIES level) finds the results in the study:")
+        for modality, matches in found.items():
+            for m in matches:
+                progress.note(
+                    f"{modality:3s} series {m.get('SeriesNumber', '?'):>4s}  {m.get('SeriesDescription', '')!s:40s} "
+                    f"{m.get('NumberOfSeriesRelatedInstances', '?')} instance(s)  {m.get('SeriesInstanceUID')}"
+                )
+
+        results_dir = out / "results"
+        results_dir.mkdir()
+        paths = _download_results(orthanc, job, results_dir)
+        landmark_sr = _read_dataset(paths[0])
+        from pacs_landmarks.sr_templates import read_landmark_sr
+
+        predicted = read_landmark_sr(landmark_sr)
+        progress(f"landmark SR read back from Orthanc ({len(predicted)} landmarks) vs the phantom's truth:")
+        print_landmark_table(predicted, truth)
+
+        progress("measurements (from the measurements SR):")
+        for line in measurement_lines(_read_dataset(paths[1])):
+            progress.note(line)
+
+        html = results_dir / "landmarks-sr.html"
+        proc = subprocess.run([_tool("dsr2html"), str(paths[0]), str(html)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DemoError(f"dsr2html failed: {proc.stderr.strip()}")
+        progress(f"SR rendered with dsr2html: {html}")
+        print(
+            "\nWhere to look:\n"
+            f"  results (SR, measurements SR, SEG, HTML): {results_dir}\n"
+            f"  the demo's archive in Orthanc Explorer: `.venv/bin/python -m pacs_landmarks.plugin.serve "
+            f"--storage {out}` then http://localhost:8042/app/explorer.html\n"
+            f"  plugin jobs: http://localhost:8042/pacs-landmarks/jobs (while it runs)",
+            flush=True,
+        )
+    finally:
+        orthanc.stop()
+        print("demo: Orthanc stopped", flush=True)
+
+
+def _wait_model(orthanc: OrthancProcess, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = orthanc.get_json("/pacs-landmarks/health")
+        if health["model"]["loaded"]:
+            return health
+        if health["model"]["error"] or time.monotonic() > deadline:
+            raise DemoError(f"the plugin has no model: {health['model']['error'] or 'still loading'}")
+        time.sleep(0.3)
+
+
+def _make_phantom(out: Path, seed: int, size: int) -> tuple[Path, dict[str, Any]]:
+    phantom_dir = out / "phantom"
+    cli = Path(sys.executable).with_name("pacs-landmarks")
+    cmd = [str(cli) if cli.exists() else "pacs-landmarks", "phantom", str(phantom_dir), "--count", "1",
+           "--seed", str(seed), "--size", str(size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise DemoError(f"pacs-landmarks phantom failed: {(proc.stderr or proc.stdout).strip()[-1500:]}")
+    cases = sorted(p for p in phantom_dir.iterdir() if p.is_dir())
+    if not cases or not (cases[0] / "landmarks.json").exists():
+        raise DemoError(f"pacs-landmarks phantom wrote no case with landmarks.json into {phantom_dir}")
+    return cases[0], json.loads((cases[0] / "landmarks.json").read_text())
+
+
+def _wait_job(orthanc: OrthancProcess, series_uid: str, timeout: float, progress: Progress) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        jobs = [j for j in orthanc.get_json("/pacs-landmarks/jobs") if j["series_instance_uid"] == series_uid]
+        if jobs:
+            job = jobs[0]
+            if job["state"] != seen:
+                seen = job["state"]
+                progress.note(f"job {job['id']}: {seen}")
+            if job["state"] == "done":
+                return job
+            if job["state"] == "failed":
+                raise DemoError(f"the job failed: {job['reason']} (log: {orthanc.log_path})")
+        time.sleep(0.5)
+    raise DemoError(f"no results within {timeout:.0f} s (last state: {seen or 'no job'}; log: {orthanc.log_path})")
+
+
+def _download_results(orthanc: OrthancProcess, job: dict[str, Any], out: Path) -> list[Path]:
+    """The results as Orthanc stored them (landmark SR, measurements SR, SEG: the worker's order)."""
+    ids = job["details"].get("result_instances") or []
+    if len(ids) != 3:
+        raise DemoError(f"the job recorded {len(ids)} stored results, expected 3")
+    paths = []
+    for iid, name in zip(ids, ("landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm")):
+        status, data = orthanc.request("GET", f"/instances/{iid}/file")
+        if status != 200:
+            raise DemoError(f"could not download result {iid} from Orthanc: HTTP {status}")
+        (out / name).write_bytes(data)
+        paths.append(out / name)
+    return paths
+
+
+def _read_dataset(path: Path) -> Any:
+    import pydicom
+
+    return pydicom.dcmread(path)
+
+
+def print_landmark_table(predicted: list[Any], truth: dict[str, Any]) -> list[float]:
+    """Predicted vs true LPS positions and the 3D error per landmark; returns the errors (mm)."""
+    true = {lm["name"]: np.asarray(lm["position_lps_mm"], dtype=float) for lm in truth["landmarks"]}
+    print(f"    {'landmark':12s} {'predicted LPS (mm)':>26s} {'truth LPS (mm)':>26s} {'error':>8s}")
+    errors = []
+    for lm in predicted:
+        p = np.asarray(lm.position_lps_mm, dtype=float)
+        t = true.get(lm.name)
+        fmt = lambda v: "(" + ", ".join(f"{x:7.1f}" for x in v) + ")"  # noqa: E731
+        if t is None:
+            print(f"    {lm.name:12s} {fmt(p):>26s} {'(not in truth)':>26s}")
+            continue
+        err = float(np.linalg.norm(p - t))
+        errors.append(err)
+        print(f"    {lm.name:12s} {fmt(p):>26s} {fmt(t):>26s} {err:6.1f} mm")
+    if errors:
+        print(f"    mean error {np.mean(errors):.1f} mm, max {np.max(errors):.1f} mm over {len(errors)} landmarks")
+    return errors
+
+
+def measurement_lines(sr: Any) -> list[str]:
+    """One line per NUM content item of an SR (PS3.3 C.17.3.2.1): concept name, value, unit."""
+    lines: list[str] = []
+
+    def walk(items: Any) -> None:
+        for item in items or []:
+            if getattr(item, "ValueType", None) == "NUM" and "MeasuredValueSequence" in item:
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                mv = item.MeasuredValueSequence[0]
+                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue  # UCUM: mm, deg, ...
+                lines.append(f"{name:40s} {float(mv.NumericValue):8.1f} {unit}")
+            walk(getattr(item, "ContentSequence", None))
+
+    walk(getattr(sr, "ContentSequence", None))
+    return lines or ["(no numeric measurements in the SR)"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
