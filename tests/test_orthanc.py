@@ -187,3 +187,21 @@ def test_jpeg_ls_series_survives_kill_while_queued(orthanc_factory, phantom, tmp
     assert job["id"] == queued["id"] and job["attempts"] == 1
     results = result_instances(orthanc)
     assert len(results["SR"]) == 2 and len(results["SEG"]) == 1
+
+
+def test_series_stored_just_before_a_kill_is_queued_after_restart(orthanc_factory):
+    """Killed before StableAge passed, Orthanc never fires STABLE_SERIES for that series: the plugin finds it
+    in Orthanc's change log at the next start."""
+    orthanc = orthanc_factory.start()
+    orthanc.storescu([get_testdata_file("CT_small.dcm")])
+    orthanc.kill()  # well within StableAge (2 s) of the store
+    orthanc = orthanc_factory.start()
+    ct = series_of(orthanc, "CT")[0]["ID"]
+    jobs = wait_for(lambda: orthanc.get_json("/pacs-landmarks/jobs"), 30, "the series to be found after the restart")
+    assert [j["source"] for j in jobs] == [ct]
+    # One slice is not a volume: the job fails with a reason, the instance stays in Orthanc.
+    job = wait_for(lambda: [j for j in orthanc.get_json("/pacs-landmarks/jobs") if j["state"] == "failed"], 60,
+                   "the single-slice job to be refused")[0]
+    assert job["reason"]
+    assert orthanc.get_json("/pacs-landmarks/health")["last_error"]
+    assert len(orthanc.get_json("/instances")) == 1

@@ -116,6 +116,8 @@ class LandmarkPlugin:
             self.stop()
 
     def start(self) -> None:
+        if not self._seq_file.exists():  # very first start: from now on, nothing stored is missed
+            self._save_change_seq()
         resumed = self.store.resume()  # jobs a crash left running are queued again
         if resumed:
             log_event("plugin.resume", unfinished=len(resumed))
@@ -194,6 +196,11 @@ class LandmarkPlugin:
     # -- series -> job -------------------------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
         self._model_ready.wait()  # the model version decides whether a series was analysed already
+        try:
+            self.catch_up()
+        except Exception as exc:
+            self.last_error = f"catching up with Orthanc's changes: {type(exc).__name__}: {exc}"
+            LOGGER.error("%s", self.last_error)
         while True:
             item = self.events.get()
             if item is None or self._stopping.is_set():
@@ -204,6 +211,51 @@ class LandmarkPlugin:
             except Exception as exc:
                 self.last_error = f"series {series_id}: {type(exc).__name__}: {exc}"
                 LOGGER.error("%s\n%s", self.last_error, traceback.format_exc())
+            if self.events.empty():
+                self._save_change_seq()
+
+    @property
+    def _seq_file(self) -> Path:
+        return self.settings.work_directory / "orthanc-last-change"
+
+    def _save_change_seq(self) -> None:
+        try:
+            last = self.get_json("/changes?last")["Last"]
+            tmp = self._seq_file.with_suffix(".tmp")
+            tmp.write_text(str(last))
+            tmp.replace(self._seq_file)
+        except Exception as exc:  # only costs a longer catch-up at the next start
+            LOGGER.warning("could not save Orthanc's change sequence: %s", exc)
+
+    def catch_up(self) -> int:
+        """Queue series that arrived while the plugin was not running (crash, kill, plugin disabled).
+
+        STABLE_SERIES is not fired again after a restart for a series whose StableAge had not passed, nor for
+        series stored while the plugin was down; Orthanc's change log (``/changes``) still lists them. From
+        the last sequence number handled (none at the very first start: an existing archive is not
+        re-analysed), every new or stable series goes through ``consider`` (which skips what is done).
+        """
+        if not self._seq_file.exists():
+            return 0
+        since = int(self._seq_file.read_text().strip() or 0)
+        series: list[str] = []
+        while True:
+            page = self.get_json(f"/changes?since={since}&limit=1000")
+            for change in page["Changes"]:
+                if change["ChangeType"] in ("NewSeries", "StableSeries") and change["ID"] not in series:
+                    series.append(change["ID"])
+            since = page["Last"]
+            if page["Done"] or not page["Changes"]:
+                break
+        for series_id in series:
+            try:
+                self.consider(series_id)
+            except Exception as exc:  # deleted since, mostly
+                LOGGER.warning("catch-up: series %s: %s", series_id, exc)
+        if series:
+            log_event("plugin.catch_up", series=len(series))
+        self._save_change_seq()
+        return len(series)
 
     def consider(self, series_id: str, force: bool = False) -> tuple[Job | None, str]:
         """Queue a job for an Orthanc series if it is a CT image series; returns (job, why)."""
@@ -214,6 +266,8 @@ class LandmarkPlugin:
             return None, f"skipped: modality {modality or 'none'}"
         if not series.get("Instances"):
             return None, "skipped: no instances"
+        if not force and not series.get("IsStable", True):
+            return None, "not complete yet (STABLE_SERIES will follow)"
         sop_class = self.orthanc.RestApiGet(f"/instances/{series['Instances'][0]}/content/0008-0016")
         sop_class = sop_class.decode("ascii", "replace").strip("\x00 ")
         if sop_class not in CT_IMAGE_SOP_CLASSES:
