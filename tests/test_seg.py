@@ -85,3 +85,22 @@ def test_landmark_outside_volume_is_an_error():
     far = [type(lm)(lm.name, (1000.0, 1000.0, 1000.0)) for lm in make_landmarks(volume)]
     with pytest.raises(ValueError, match="within the imaged volume"):
         build_landmark_seg(volume, far, ALG)
+
+
+def test_overlapping_spheres_keep_both_segments(tmp_path, validate_dicom):
+    """Two landmarks 3 mm apart on 5 mm slices (radius 7.5 mm): the spheres share pixels, each stays whole."""
+    _, volume = make_series("thick", seed=6)
+    landmarks = make_landmarks(volume, seed=6)
+    pog = np.asarray(landmarks[10].position_lps_mm)
+    landmarks[12] = type(landmarks[12])(landmarks[12].name, tuple(pog + np.array([0.0, 0.0, 3.0])))
+    seg = build_landmark_seg(volume, landmarks, ALG)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path, enforce_file_format=True)
+    validate_dicom(path)
+    ds = pydicom.dcmread(path)
+    assert ds.SegmentsOverlap == "YES"
+    centroids = segment_centroids(ds)
+    inv = np.linalg.inv(volume.affine[:3, :3])
+    for n in (11, 13):
+        offset = inv @ (centroids[n] - np.asarray(landmarks[n - 1].position_lps_mm))
+        assert np.all(np.abs(offset) <= 0.5), offset

@@ -24,14 +24,13 @@ class SourcePlane:
     pixel_spacing: tuple[float, float]  # (between rows, between columns) mm, as in Pixel Spacing
     rows: int
     columns: int
-
-    @property
-    def normal(self) -> np.ndarray:
-        return np.cross(self.row_dir, self.col_dir)
+    normal: np.ndarray  # row_dir x col_dir
 
     def distance(self, lps: np.ndarray) -> float:
         """Signed distance in mm from the plane."""
-        return float(np.dot(np.asarray(lps, float) - self.origin, self.normal))
+        d = np.asarray(lps, float) - self.origin
+        n = self.normal
+        return float(d[0] * n[0] + d[1] * n[1] + d[2] * n[2])
 
     def pixel_index(self, lps: np.ndarray) -> tuple[float, float]:
         """(column, row) index of the projection of a point; pixel centres are integers."""
@@ -69,12 +68,14 @@ def _plane(source: SliceSource, header: Dataset) -> SourcePlane:
     if spacing is None:
         spacing = _functional(header, source.frame_number, "PixelMeasuresSequence").PixelSpacing
     ori = np.asarray([float(v) for v in ori])
+    row_dir, col_dir = ori[:3] / np.linalg.norm(ori[:3]), ori[3:] / np.linalg.norm(ori[3:])
     return SourcePlane(
         source=source,
         header=header,
         origin=np.asarray([float(v) for v in pos]),
-        row_dir=ori[:3] / np.linalg.norm(ori[:3]),
-        col_dir=ori[3:] / np.linalg.norm(ori[3:]),
+        row_dir=row_dir,
+        col_dir=col_dir,
+        normal=np.cross(row_dir, col_dir),
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
         rows=int(header.Rows),
         columns=int(header.Columns),
@@ -97,6 +98,13 @@ def source_planes(volume: Volume) -> list[SourcePlane]:
     return planes
 
 
+def plane_distances(planes: list[SourcePlane], lps: np.ndarray) -> np.ndarray:
+    """Signed distance in mm of a point from every plane."""
+    origins = np.array([p.origin for p in planes])
+    normals = np.array([p.normal for p in planes])
+    return np.einsum("ij,ij->i", np.asarray(lps, float) - origins, normals)
+
+
 def nearest_plane(planes: list[SourcePlane], lps: np.ndarray) -> SourcePlane:
     """The source slice nearest to a point (smallest distance to its plane)."""
-    return min(planes, key=lambda p: abs(p.distance(lps)))
+    return planes[int(np.argmin(np.abs(plane_distances(planes, lps))))]

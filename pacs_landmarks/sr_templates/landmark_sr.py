@@ -123,8 +123,10 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
         referenced_images=evidence_headers(list(referenced.values())),
     )
     number, _ = SERIES["landmark-sr"]
+    # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference
+    # the frame of reference, not instances. Listing all ~300 slices would only slow building and reading.
     ds = Comprehensive3DSR(
-        evidence=evidence_headers(volume.source_headers),
+        evidence=evidence_headers(list(referenced.values())),
         content=report,
         series_instance_uid=result_uid(series, "landmark-sr", algorithm.name, algorithm.version, "series"),
         series_number=number,

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish
-from pacs_landmarks.sr_templates.geometry import SourcePlane, source_planes
+from pacs_landmarks.sr_templates.geometry import SourcePlane, plane_distances, source_planes
 from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition, rgb_to_cielab
 from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
 
@@ -28,9 +28,9 @@ def sphere_radius(volume: Volume) -> float:
     return max(MIN_RADIUS_MM, RADIUS_VOXELS * max(volume.spacing))
 
 
-def _disc(plane: SourcePlane, centre: np.ndarray, radius: float) -> tuple[slice, slice, np.ndarray] | None:
-    """The pixels of a slice within ``radius`` mm of ``centre`` (pixel centres), as a box and its mask."""
-    d = plane.distance(centre)
+def _disc(plane: SourcePlane, centre: np.ndarray, radius: float, d: float) -> tuple[slice, slice, np.ndarray] | None:
+    """The pixels of a slice within ``radius`` mm of ``centre`` (pixel centres; ``d``: the centre's distance
+    from the plane), as a box and its mask."""
     if abs(d) > radius:
         return None
     r_in = np.sqrt(radius * radius - d * d)
@@ -58,8 +58,9 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
     discs: list[tuple[int, int, tuple]] = []  # (plane index, segment index, disc)
     for s, lm in enumerate(landmarks):
         centre = np.asarray(lm.position_lps_mm, float)
-        for p, plane in enumerate(planes):
-            disc = _disc(plane, centre, radius)
+        distances = plane_distances(planes, centre)
+        for p in np.flatnonzero(np.abs(distances) <= radius):
+            disc = _disc(planes[p], centre, radius, float(distances[p]))
             if disc is not None:
                 discs.append((p, s, disc))
     if not discs:
@@ -67,9 +68,20 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
     used = sorted({p for p, _, _ in discs})
     slot = {p: n for n, p in enumerate(used)}
     rows, columns = planes[0].rows, planes[0].columns
-    pixels = np.zeros((len(used), rows, columns, len(landmarks)), dtype=bool)
+    # A label map (one byte per pixel, value = segment number) is ~16x less data for highdicom to check and
+    # split than one boolean plane per segment; it can only be used while no two spheres share a pixel.
+    labels = np.zeros((len(used), rows, columns), dtype=np.uint8)
+    overlap = False
     for p, s, (rs, cs, mask) in discs:
-        pixels[slot[p], rs, cs, s] |= mask
+        box = labels[slot[p], rs, cs]
+        overlap |= bool(np.any(box[mask]))
+        box[mask] = s + 1
+    if overlap:
+        pixels = np.zeros((len(used), rows, columns, len(landmarks)), dtype=bool)
+        for p, s, (rs, cs, mask) in discs:
+            pixels[slot[p], rs, cs, s] |= mask
+    else:
+        pixels = labels
 
     family = codes.cid7162.ArtificialIntelligence
     alg_id = hd.AlgorithmIdentificationSequence(name=algorithm.name, family=family, version=algorithm.version)
