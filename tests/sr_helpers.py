@@ -11,6 +11,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from pacs_landmarks.dicom.volume import SliceSource, Volume
 from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.sr_templates.common import evidence_headers
 from pacs_landmarks.sr_templates.landmark_sets import landmark_names
 
 GEOMETRIES = {
@@ -64,12 +65,7 @@ def make_series(geometry: str = "axial", seed: int = 0, with_pixels: bool = True
     affine[:3, 1] = col_dir * rs
     affine[:3, 2] = row_dir * cs
     affine[:3, 3] = origin
-    headers = []
-    for ds in datasets:
-        h = ds.copy()
-        if "PixelData" in h:
-            del h.PixelData
-        headers.append(h)
+    headers = evidence_headers(datasets)
     volume = Volume(
         array=np.zeros((n, size, size), np.float32),
         affine=affine,

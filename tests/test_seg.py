@@ -80,11 +80,14 @@ def test_sphere_radius():
     assert sphere_radius(thick) == pytest.approx(7.5)
 
 
-def test_landmark_outside_volume_is_an_error():
+def test_landmarks_outside_volume_give_empty_segments(tmp_path, validate_dicom):
     _, volume = make_series("axial")
     far = [type(lm)(lm.name, (1000.0, 1000.0, 1000.0)) for lm in make_landmarks(volume)]
-    with pytest.raises(ValueError, match="within the imaged volume"):
-        build_landmark_seg(volume, far, ALG)
+    seg = build_landmark_seg(volume, far, ALG)
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    validate_dicom(tmp_path / "seg.dcm")
+    ds = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert len(ds.SegmentSequence) == 16 and not ds.pixel_array.any()
 
 
 def test_overlapping_spheres_keep_both_segments(tmp_path, validate_dicom):

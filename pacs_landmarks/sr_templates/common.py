@@ -68,7 +68,14 @@ def evidence_headers(headers: list[Dataset]) -> list[Dataset]:
     out = []
     for h in headers:
         if "PixelData" in h:
-            h = h.copy()
-            del h.PixelData
+            # A new dataset sharing the elements: Dataset.copy() is shallow, and deleting from it would strip
+            # the pixels from the caller's dataset too.
+            lean = Dataset()
+            for elem in h:
+                if elem.tag != 0x7FE00010:
+                    lean.add(elem)
+            if hasattr(h, "file_meta"):
+                lean.file_meta = h.file_meta
+            h = lean
         out.append(h)
     return out

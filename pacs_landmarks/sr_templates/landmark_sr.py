@@ -120,7 +120,9 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
         observation_context=observation_context(algorithm),
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
         imaging_measurements=groups,
-        referenced_images=evidence_headers(list(referenced.values())),
+        # TID 1601 Image Library entries describe single-frame images (their position, spacing); an
+        # Enhanced CT instance has no single position, so it is referenced from the content and evidence only.
+        referenced_images=evidence_headers([h for h in referenced.values() if "NumberOfFrames" not in h]) or None,
     )
     number, _ = SERIES["landmark-sr"]
     # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference

@@ -46,14 +46,47 @@ def _disc(plane: SourcePlane, centre: np.ndarray, radius: float, d: float) -> tu
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), mask
 
 
+def _frames_and_sources(planes: list[SourcePlane], used: list[int]) -> dict:
+    """highdicom arguments tying the SEG frames to the source slices / frames they lie on.
+
+    Single-frame sources: the used slices themselves, one SEG plane each. A multi-frame (Enhanced CT) source:
+    that instance plus the positions of the used frames, which highdicom matches back to source frames.
+    """
+    import highdicom as hd
+
+    if not any(p.source.frame_number for p in planes):
+        return {"source_images": evidence_headers([planes[p].header for p in used])}
+    instances = {p.source.sop_instance_uid for p in planes}
+    if len(instances) != 1:
+        raise ValueError("SEG on a series of several multi-frame instances is not supported")
+    first = planes[0]
+    patient = hd.CoordinateSystemNames.PATIENT
+    return {
+        "source_images": evidence_headers([first.header]),
+        "plane_positions": [hd.PlanePositionSequence(patient, planes[p].origin.tolist()) for p in used],
+        "plane_orientation": hd.PlaneOrientationSequence(patient, [*first.row_dir, *first.col_dir]),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=list(first.pixel_spacing),
+            slice_thickness=float(_thickness(first.header)),
+        ),
+    }
+
+
+def _thickness(header: Dataset) -> float:
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if group in header and "PixelMeasuresSequence" in header[group][0]:
+            measures = header[group][0].PixelMeasuresSequence[0]
+            if "SliceThickness" in measures:
+                return float(measures.SliceThickness)
+    return float(header.get("SliceThickness", 1.0))
+
+
 def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm) -> Dataset:
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import ExplicitVRLittleEndian
 
     planes = source_planes(volume)
-    if any(p.source.frame_number for p in planes):
-        raise ValueError("SEG on multi-frame source images is not supported yet")
     radius = sphere_radius(volume)
     discs: list[tuple[int, int, tuple]] = []  # (plane index, segment index, disc)
     for s, lm in enumerate(landmarks):
@@ -63,9 +96,9 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
             disc = _disc(planes[p], centre, radius, float(distances[p]))
             if disc is not None:
                 discs.append((p, s, disc))
-    if not discs:
-        raise ValueError("no landmark lies within the imaged volume")
-    used = sorted({p for p, _, _ in discs})
+    # No sphere inside the imaged volume (a failed detection): still a valid SEG, one empty frame per segment
+    # on the first slice, so that the result set stays complete and a re-run replaces it.
+    used = sorted({p for p, _, _ in discs}) or [0]
     slot = {p: n for n, p in enumerate(used)}
     rows, columns = planes[0].rows, planes[0].columns
     # A label map (one byte per pixel, value = segment number) is ~16x less data for highdicom to check and
@@ -105,7 +138,7 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
         )
     number, _ = SERIES["seg"]
     ds = hd.seg.Segmentation(
-        source_images=evidence_headers([planes[p].header for p in used]),
+        **_frames_and_sources(planes, used),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -1,0 +1,128 @@
+"""process_series end to end (real loader, shipped model, real validators) and the ``infer`` command."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+from sr_helpers import make_series
+
+from pacs_landmarks.sr_templates import read_landmark_sr
+from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+
+LOCAL_SCHEME = "99PACSLMK"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    return LandmarkModel.load()
+
+
+def _write(datasets, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, ds in enumerate(datasets):
+        path = folder / f"IM{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _check_results(results, volume_series_uid, tmp_path, validate_dicom):
+    assert set(results.timings) >= {"volume", "cascade", "outputs"}
+    assert all(v >= 0 for v in results.timings.values())
+    assert [lm.name for lm in results.landmarks] == landmark_names()
+    for name in ("landmark_sr", "measurements_sr", "seg"):
+        path = tmp_path / f"{name}.dcm"
+        getattr(results, name).save_as(path, enforce_file_format=True)
+        warnings = validate_dicom(path)
+        assert all(LOCAL_SCHEME in w for w in warnings), warnings
+    back = read_landmark_sr(pydicom.dcmread(tmp_path / "landmark_sr.dcm"))
+    for want, got in zip(results.landmarks, back):
+        assert want.name == got.name
+        assert np.allclose(want.position_lps_mm, got.position_lps_mm, atol=0.01)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume_series_uid
+    assert seg.FrameOfReferenceUID == results.volume.frame_of_reference_uid
+
+
+def test_process_series_tilted_files(tmp_path, validate_dicom, model):
+    from pacs_landmarks.pipeline import process_series
+
+    datasets, truth = make_series("tilted", seed=11)
+    paths = _write(datasets, tmp_path / "in")
+    results = process_series(paths, model)
+    assert results.volume.resampled  # the loader resampled the tilted series; outputs use the source planes
+    _check_results(results, truth.series_instance_uid, tmp_path, validate_dicom)
+
+    # Same series, other order, datasets instead of files: same result UIDs (a re-run replaces).
+    shuffled = [pydicom.dcmread(p) for p in paths]
+    random.Random(0).shuffle(shuffled)
+    again = process_series(shuffled, model)
+    for name in ("landmark_sr", "measurements_sr", "seg"):
+        assert getattr(again, name).SOPInstanceUID == getattr(results, name).SOPInstanceUID
+    assert all("PixelData" in ds for ds in shuffled)  # the caller's datasets are left whole
+
+
+def test_process_series_enhanced_ct(tmp_path, validate_dicom, model):
+    """A Legacy Converted Enhanced CT (one multi-frame instance) goes through too: SEG frames reference frames."""
+    import highdicom as hd
+
+    from pacs_landmarks.pipeline import process_series
+
+    datasets, _ = make_series("thick", seed=12)
+    for ds in datasets:
+        ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
+        ds.AcquisitionDate, ds.AcquisitionTime = ds.StudyDate, ds.StudyTime
+    multi = hd.legacy.LegacyConvertedEnhancedCTImage(
+        datasets, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(), instance_number=1
+    )
+    results = process_series([multi], model)
+    _check_results(results, multi.SeriesInstanceUID, tmp_path, validate_dicom)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    source = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert source.ReferencedSOPInstanceUID == multi.SOPInstanceUID and source.ReferencedFrameNumber >= 1
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; from pacs_landmarks.cli import main; sys.exit(main())", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_infer_command(tmp_path):
+    datasets, truth = make_series("anisotropic", seed=13)
+    _write(datasets, tmp_path / "series")
+    proc = _cli("infer", tmp_path / "series", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("landmarks-sr.dcm", "measurements-sr.dcm", "landmarks-seg.dcm", "landmarks.json"):
+        assert (tmp_path / "out" / name).is_file()
+    doc = json.loads((tmp_path / "out" / "landmarks.json").read_text())
+    assert doc["series_instance_uid"] == truth.series_instance_uid
+    assert [lm["name"] for lm in doc["landmarks"]] == landmark_names()
+    assert "SNA angle" in proc.stdout and "Gonion L" in proc.stdout
+    back = read_landmark_sr(pydicom.dcmread(tmp_path / "out" / "landmarks-sr.dcm"))
+    for lm, entry in zip(back, doc["landmarks"]):
+        assert np.allclose(lm.position_lps_mm, entry["position_lps_mm"], atol=0.01)
+
+    proc = _cli("read-sr", tmp_path / "out" / "landmarks-sr.dcm")
+    assert proc.returncode == 0, proc.stderr
+    assert [lm["name"] for lm in json.loads(proc.stdout)["landmarks"]] == landmark_names()
+
+
+def test_infer_command_bad_input(tmp_path):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "note.dcm").write_bytes(b"not dicom at all")
+    proc = _cli("infer", tmp_path / "junk", "--out", tmp_path / "out")
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    proc = _cli("infer", tmp_path / "missing", "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "not a folder" in proc.stderr
