@@ -159,8 +159,16 @@ class OrthancProcess:
     def storescu(self, files: list[Path] | Path, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """Send files (or a folder, recursively) with dcmtk's storescu."""
         targets = [str(files)] if isinstance(files, Path) else [str(f) for f in files]
-        cmd = [_require("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "+sd", "+r", "-nh"]
-        return self.run_client(cmd + ["127.0.0.1", str(self.dicom_port), *targets], timeout=timeout)
+        # -R: propose only the SOP classes of the files; the transfer syntax proposed is the first file's,
+        # so compressed files go as they are (storescu would otherwise try to decompress them itself).
+        cmd = [_require("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "-R", "+sd", "+r", "-nh"]
+        cmd += _storescu_ts_option(Path(targets[0]))
+        proc = self.run_client(cmd + ["127.0.0.1", str(self.dicom_port), *targets], timeout=timeout)
+        # storescu exits 0 even when some C-STORE failed: its "E:" lines are the truth.
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("E:")]
+        if errors:
+            raise OrthancError("storescu: " + " | ".join(errors[:6]))
+        return proc
 
     def echoscu(self) -> subprocess.CompletedProcess[str]:
         return self.run_client([_require("echoscu"), "-aec", self.aet, "127.0.0.1", str(self.dicom_port)])
@@ -175,6 +183,32 @@ class OrthancProcess:
             "127.0.0.1", str(self.dicom_port),
         ]
         return parse_findscu(self.run_client(cmd).stderr)
+
+
+# storescu's option proposing each compressed transfer syntax (PS3.5 A.4); uncompressed needs none.
+_STORESCU_TS = {
+    "1.2.840.10008.1.2.4.80": "-xt",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81": "-xu",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.70": "-xs",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
+    "1.2.840.10008.1.2.4.90": "-xv",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91": "-xw",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "-xr",  # RLE
+    "1.2.840.10008.1.2.1.99": "-xd",  # deflated
+}
+
+
+def _storescu_ts_option(target: Path) -> list[str]:
+    import pydicom
+
+    first = target if target.is_file() else next((p for p in sorted(target.rglob("*")) if p.is_file()), None)
+    if first is None:
+        return []
+    try:
+        ts = str(pydicom.dcmread(first, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:  # not DICOM: storescu reports it
+        return []
+    return [_STORESCU_TS[ts]] if ts in _STORESCU_TS else []
 
 
 def parse_findscu(output: str) -> list[dict[str, str]]:
