@@ -14,7 +14,8 @@ from pacs_landmarks import __version__
 
 COMMAND_MODULES = (
     "pacs_landmarks.dicom.cli",  # inspect
-    "pacs_landmarks.inference.cli",  # phantom, train, evaluate, predict
+    "pacs_landmarks.inference.cli",  # train, evaluate, predict
+    "pacs_landmarks.inference.phantom",  # phantom
     "pacs_landmarks.sr_templates.cli",  # infer
     "pacs_landmarks.node.cli",  # serve, jobs
 )

@@ -1,0 +1,866 @@
+"""Synthetic head-CT phantoms with exact ground-truth craniofacial landmarks.
+
+A phantom is a painter's list of smooth solids (ellipsoids, swept-ellipsoid capsules, superellipsoids), each
+filled with one tissue; later solids overwrite earlier ones, which is how cavities (orbits, sinuses, ear
+canals, the foramen magnum) are carved. Shapes are built in a *design* frame (mm, axes as LPS: +x patient
+left, +y posterior, +z superior; origin at the centre of the sella turcica, Frankfort plane ~18 mm below),
+scaled per case into the *head* frame, and placed in the scanner's patient LPS frame (PS3.3 C.7.6.2.1.1) by a
+random pose. Every shape is one affine map from head mm to normalised local coordinates, so evaluating it on a
+voxel grid is a few broadcast sums per block of voxels.
+
+Landmarks are *measured* on the finished solid in the head frame (extreme or deepest points of the bone
+outline, a cavity centre, the top of the ear canal at its bony opening), so each one lies on the rendered
+anatomy exactly, whatever the random shape parameters did. Definitions follow
+docs/phantoms.md and /work/shared/design/craniofacial-reference.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+LANDMARK_SET = "craniofacial16"
+NAMES = (
+    "Sella", "Nasion", "Orbitale R", "Orbitale L", "Porion R", "Porion L", "ANS", "PNS", "A point",
+    "B point", "Pogonion", "Menton", "Gnathion", "Gonion R", "Gonion L", "Basion",
+)
+
+# Tissues and their nominal Hounsfield units (the reference's table); a case jitters them a little.
+MATERIALS: dict[str, float] = {
+    "air": -1000.0, "fat": -95.0, "skin": 45.0, "muscle": 50.0, "brain": 32.0, "csf": 8.0, "eye": 12.0,
+    "lens": 75.0, "cortical": 1500.0, "diploe": 500.0, "cancellous": 380.0, "dentin": 1900.0,
+    "enamel": 2800.0, "metal": 3500.0, "cartilage": 100.0, "headrest": 180.0, "foam": -880.0,
+    "mastoid": -600.0, "cord": 30.0, "disc": 85.0, "pituitary": 45.0,
+}
+MATERIAL_IDS = {name: i for i, name in enumerate(MATERIALS)}
+SKELETAL = frozenset(MATERIAL_IDS[m] for m in ("cortical", "diploe", "cancellous"))
+BONE = SKELETAL | {MATERIAL_IDS[m] for m in ("dentin", "enamel", "metal")}
+
+# Ranges drawn per case (the issue's figures).
+PIXEL_SPACING_RANGE = (0.45, 1.0)  # mm at a 512 matrix; other matrices keep the field of view
+SLICE_THICKNESSES = (0.625, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
+NOISE_RANGE = (5.0, 30.0)  # HU, standard deviation
+PSF_FWHM_RANGE = (0.6, 1.3)  # mm, in-plane
+_UID_ROOT = "pacs-landmarks-phantom"
+
+
+# --------------------------------------------------------------------------------------------- shapes
+@dataclass
+class Shape:
+    """A solid: ``M`` (3x4) maps head-frame mm to normalised local coordinates (u, v, w).
+
+    ellipsoid: u²+v²+w² <= 1 (w scaled by ``down`` where w < 0, for a different lower semi-axis);
+    capsule: the unit ball swept along u from 0 to ``length``; super: |u|^4+|v|^4+|w|^4 <= 1.
+    ``clip`` = (axis, minimum): keep only the part where that local coordinate >= minimum.
+    """
+
+    name: str
+    material: int
+    kind: str
+    M: np.ndarray
+    length: float = 0.0
+    down: float = 1.0
+    clip: tuple[int, float] | None = None
+
+    def local_box(self) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.array([-1.0, -1.0, -1.0])
+        hi = np.array([1.0 + self.length, 1.0, 1.0])
+        if self.kind == "ellipsoid" and self.down < 1.0:
+            lo[2] = -1.0 / self.down
+        if self.clip is not None:
+            lo[self.clip[0]] = max(lo[self.clip[0]], self.clip[1])
+        return lo, hi
+
+    def head_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned bounds of the solid in the head frame (cached)."""
+        box = self.__dict__.get("_box")
+        if box is None:
+            lo, hi = self.local_box()
+            corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+            Minv = np.linalg.inv(np.vstack([self.M, [0, 0, 0, 1]]))
+            head = corners @ Minv[:3, :3].T + Minv[:3, 3]
+            box = (head.min(0), head.max(0))
+            self.__dict__["_box"] = box
+        return box
+
+    def inside(self, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if self.kind == "ellipsoid":
+            if self.down != 1.0:
+                w = np.where(w < 0, w * self.down, w)
+            r = u * u + v * v + w * w
+        elif self.kind == "capsule":
+            du = u - np.clip(u, 0.0, self.length)
+            r = du * du + v * v + w * w
+        else:  # super
+            u2, v2, w2 = u * u, v * v, w * w
+            r = u2 * u2 + v2 * v2 + w2 * w2
+        mask = r <= 1.0
+        if self.clip is not None:
+            mask &= (u, v, w)[self.clip[0]] >= self.clip[1]
+        return mask
+
+    def support(self, direction: np.ndarray) -> np.ndarray:
+        """The head-frame point of this (unclipped) solid furthest along ``direction``."""
+        A, b = self.M[:, :3], self.M[:, 3]
+        Ainv = np.linalg.inv(A)
+        g = Ainv.T @ np.asarray(direction, float)
+        u = g / np.linalg.norm(g)
+        best = Ainv @ (u - b)
+        if self.kind == "capsule":
+            other = Ainv @ (u + np.array([self.length, 0, 0]) - b)
+            if np.dot(other, direction) > np.dot(best, direction):
+                best = other
+        return best
+
+
+def _frame(axis: np.ndarray, hint: Sequence[float] = (1.0, 0.0, 0.0)) -> np.ndarray:
+    """Rows e1 (= axis), e2 (closest to ``hint``), e3: an orthonormal local frame."""
+    e1 = axis / np.linalg.norm(axis)
+    h = np.asarray(hint, float)
+    if abs(np.dot(h, e1)) > 0.95:
+        h = np.array([0.0, 0.0, 1.0]) if abs(e1[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    e2 = h - np.dot(h, e1) * e1
+    e2 /= np.linalg.norm(e2)
+    return np.stack([e1, e2, np.cross(e1, e2)])
+
+
+def _rot(axis: str, deg: float) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+class _Builder:
+    """Collects shapes given in design mm; ``group`` (4x4, design -> design) moves a rigid part (the jaw)."""
+
+    def __init__(self, design_to_head: np.ndarray):
+        self.D = design_to_head
+        self.group = np.eye(4)
+        self.shapes: list[Shape] = []
+
+    def _add(self, name, material, kind, L, origin, **kw) -> Shape:
+        local = np.eye(4)
+        local[:3, :3] = L
+        local[:3, 3] = -L @ np.asarray(origin, float)
+        M = (local @ np.linalg.inv(self.D @ self.group))[:3]
+        shape = Shape(name, MATERIAL_IDS[material], kind, M, **kw)
+        self.shapes.append(shape)
+        return shape
+
+    def ell(self, name, material, center, axes, R=None, down=None, clip=None) -> Shape:
+        R = np.eye(3) if R is None else np.asarray(R, float)
+        axes = np.asarray(axes, float)
+        L = np.diag(1.0 / axes) @ R.T
+        ratio = 1.0 if down is None else axes[2] / down
+        return self._add(name, material, "ellipsoid", L, center, down=ratio, clip=clip)
+
+    def sup(self, name, material, center, axes, R=None) -> Shape:
+        R = np.eye(3) if R is None else np.asarray(R, float)
+        return self._add(name, material, "super", np.diag(1.0 / np.asarray(axes, float)) @ R.T, center)
+
+    def cap(self, name, material, a, b, radii, hint=(1.0, 0.0, 0.0), clip=None) -> Shape:
+        """Capsule from a to b; radii = (along the axis at the caps, along hint, third)."""
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        E = _frame(b - a, hint)
+        r = np.asarray(radii, float)
+        return self._add(name, material, "capsule", np.diag(1.0 / r) @ E, a,
+                         length=float(np.linalg.norm(b - a) / r[0]), clip=clip)
+
+
+# --------------------------------------------------------------------------------------------- the case
+@dataclass
+class PhantomCase:
+    """One synthetic head: shapes in the head frame, a pose into patient LPS, landmarks in LPS mm."""
+
+    seed: int
+    shapes: list[Shape]
+    hu: np.ndarray  # HU per material id (jittered per case)
+    head_to_lps: np.ndarray  # 4x4
+    landmarks: dict[str, np.ndarray]  # LPS mm, in NAMES order
+    aux_points: dict[str, np.ndarray]  # LPS mm: extra points for measurements (condylion, prosthion, ...)
+    params: dict
+    head_landmarks: dict[str, np.ndarray] = field(default_factory=dict)  # head frame (anatomical axes)
+
+    # --- evaluation
+    @property
+    def lps_to_head(self) -> np.ndarray:
+        return np.linalg.inv(self.head_to_lps)
+
+    def labels_head(self, points: np.ndarray) -> np.ndarray:
+        """Material id at head-frame points ``(..., 3)`` (no blur, no noise)."""
+        pts = np.asarray(points, float)
+        flat = pts.reshape(-1, 3)
+        out = np.zeros(len(flat), np.uint8)
+        if len(flat) == 0:
+            return out.reshape(pts.shape[:-1])
+        plo, phi = flat.min(0), flat.max(0)
+        for s in self.shapes:
+            lo, hi = s.head_box()
+            if np.any(lo > phi) or np.any(hi < plo):
+                continue
+            loc = flat @ s.M[:, :3].T + s.M[:, 3]
+            mask = s.inside(loc[:, 0], loc[:, 1], loc[:, 2])
+            out[mask] = s.material
+        return out.reshape(pts.shape[:-1])
+
+    def labels_at(self, lps: np.ndarray) -> np.ndarray:
+        lps = np.asarray(lps, float)
+        T = self.lps_to_head
+        return self.labels_head(lps @ T[:3, :3].T + T[:3, 3])
+
+    def hu_at(self, lps: np.ndarray) -> np.ndarray:
+        """Noise-free, unblurred HU at patient LPS points ``(..., 3)``."""
+        return self.hu[self.labels_at(lps)]
+
+    def render_labels(self, index_to_lps: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+        """Material ids on a grid: ``index_to_lps`` (4x4) maps array index (k, j, i) to LPS mm."""
+        nk, nj, ni = shape
+        out = np.zeros(shape, np.uint8)
+        to_head = self.lps_to_head @ index_to_lps
+        from_index = np.linalg.inv(to_head)
+        for s in self.shapes:
+            A = s.M @ to_head  # 3x4: index -> local
+            lo, hi = s.local_box()
+            corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+            Minv = np.linalg.inv(np.vstack([s.M, [0, 0, 0, 1]]))
+            head = corners @ Minv[:3, :3].T + Minv[:3, 3]
+            idx = head @ from_index[:3, :3].T + from_index[:3, 3]
+            k0, j0, i0 = np.maximum(np.floor(idx.min(0)).astype(int), 0)
+            k1, j1, i1 = np.minimum(np.ceil(idx.max(0)).astype(int) + 1, shape)
+            if k0 >= k1 or j0 >= j1 or i0 >= i1:
+                continue
+            kk = np.arange(k0, k1, dtype=np.float32)
+            jj = np.arange(j0, j1, dtype=np.float32)
+            ii = np.arange(i0, i1, dtype=np.float32)
+            A32 = A.astype(np.float32)
+            coords = []
+            for r in range(3):
+                plane = (A32[r, 0] * kk + A32[r, 3])[:, None] + (A32[r, 1] * jj)[None, :]
+                coords.append(plane[:, :, None] + (A32[r, 2] * ii)[None, None, :])
+            mask = s.inside(*coords)
+            block = out[k0:k1, j0:j1, i0:i1]
+            block[mask] = s.material
+        return out
+
+    def render(self, index_to_lps: np.ndarray, shape: tuple[int, int, int], *, slice_thickness: float | None = None,
+               blur: bool = True, noise: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
+        """HU volume on a grid (float32): partial volume across the slice thickness, scanner PSF, noise."""
+        from scipy.ndimage import gaussian_filter
+
+        spacing = np.linalg.norm(index_to_lps[:3, :3], axis=0)
+        nk = shape[0]
+        thick = float(slice_thickness or spacing[0])
+        # Partial volume: average sub-slices spread over the nominal thickness (slice sensitivity profile).
+        n_sub = max(1, int(math.ceil(thick / 1.25)))
+        if n_sub == 1:
+            vol = self.hu.astype(np.float32)[self.render_labels(index_to_lps, shape)]
+        else:
+            normal = index_to_lps[:3, 0] / spacing[0]
+            vol = np.zeros(shape, np.float32)
+            for s in range(n_sub):
+                off = ((s + 0.5) / n_sub - 0.5) * thick
+                aff = index_to_lps.copy()
+                aff[:3, 3] = aff[:3, 3] + normal * off
+                vol += self.hu.astype(np.float32)[self.render_labels(aff, shape)]
+            vol /= n_sub
+        if blur:
+            sigma_mm = self.params["psf_fwhm_mm"] / 2.3548
+            sig = [sigma_mm / spacing[0] if n_sub == 1 else 0.0, sigma_mm / spacing[1], sigma_mm / spacing[2]]
+            sig = [s if s > 0.25 else 0.0 for s in sig]
+            if any(sig):
+                vol = gaussian_filter(vol, sig, mode="nearest", truncate=3.0)
+        if noise:
+            rng = rng or np.random.default_rng(self.seed)
+            vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(self.params["noise_hu"])
+        del nk
+        return vol
+
+
+# --------------------------------------------------------------------------------------------- anatomy
+def make_case(seed: int, **overrides) -> PhantomCase:
+    """Draw one random head. ``overrides`` fix any drawn parameter (see ``PhantomCase.params``), e.g.
+    ``mouth_opening_deg=0``, ``rotation_deg=(0, 0, 0)``, ``translation_mm=(0, 0, 0)``, ``size=1.0``,
+    ``noise_hu=10``, ``pixel_spacing=0.5``, ``slice_thickness=1.0``, ``vertex_cut_mm=0``, ``headrest=False``,
+    ``missing_teeth=()``."""
+    rng = np.random.default_rng(np.random.SeedSequence([0x5EED, int(seed)]))
+    p: dict = {}
+    p["size"] = float(np.clip(rng.normal(1.0, 0.045), 0.87, 1.13))
+    p["proportions"] = [float(np.clip(rng.normal(1.0, 0.02), 0.95, 1.05)) for _ in range(3)]
+    p["vault_scale"] = [float(rng.uniform(0.95, 1.05)) for _ in range(3)]
+    p["vault_thickness_mm"] = float(rng.uniform(4.5, 8.0))
+    p["maxilla_shift_mm"] = float(rng.normal(0.0, 1.3))
+    p["mandible_shift_mm"] = float(rng.normal(0.0, 1.6))
+    p["mandible_scale"] = float(np.clip(rng.normal(1.0, 0.03), 0.93, 1.07))
+    p["chin_prominence_mm"] = float(rng.uniform(-1.0, 2.0))
+    p["mouth_opening_deg"] = float(0.0 if rng.random() < 0.4 else rng.uniform(0.5, 6.0))
+    p["ear_canal_radius_mm"] = float(rng.uniform(3.2, 4.5))
+    p["asymmetry_mm"] = float(rng.normal(0.0, 1.0))
+    p["rotation_deg"] = [float(rng.uniform(-15, 15)) for _ in range(3)]
+    p["translation_mm"] = [float(rng.uniform(-20, 20)) for _ in range(3)]
+    p["missing_teeth"] = [int(t) for t in np.flatnonzero(rng.random(28) < 0.07)]
+    p["fillings"] = [int(t) for t in np.flatnonzero(rng.random(28) < 0.05)]
+    p["noise_hu"] = float(rng.uniform(*NOISE_RANGE))
+    p["psf_fwhm_mm"] = float(rng.uniform(*PSF_FWHM_RANGE))
+    p["pixel_spacing"] = float(round(rng.uniform(*PIXEL_SPACING_RANGE), 3))
+    p["slice_thickness"] = float(rng.choice(SLICE_THICKNESSES))
+    p["vertex_cut_mm"] = float(0.0 if rng.random() < 0.7 else rng.uniform(5.0, 40.0))
+    p["headrest"] = bool(rng.random() < 0.8)
+    p["hu_jitter"] = float(rng.uniform(0.93, 1.07))
+    unknown = set(overrides) - set(p)
+    if unknown:
+        raise TypeError(f"make_case: unknown parameter(s) {sorted(unknown)}")
+    p.update(overrides)
+    p["seed"] = int(seed)
+
+    scale = p["size"] * np.asarray(p["proportions"], float)
+    D = np.diag([*scale, 1.0])
+    b = _Builder(D)
+    _build_head(b, p, rng)
+
+    hu = np.array(list(MATERIALS.values()), np.float32)
+    bone_ids = [MATERIAL_IDS[m] for m in ("cortical", "diploe", "cancellous", "dentin")]
+    hu[bone_ids] *= p["hu_jitter"]
+
+    # Pose: rotate about a point near the head's centre, then translate; the head centre sits at the origin.
+    R = _rot("z", p["rotation_deg"][2]) @ _rot("y", p["rotation_deg"][1]) @ _rot("x", p["rotation_deg"][0])
+    centre = D[:3, :3] @ np.array([0.0, 12.0, -22.0])
+    head_to_lps = np.eye(4)
+    head_to_lps[:3, :3] = R
+    head_to_lps[:3, 3] = -R @ centre + np.asarray(p["translation_mm"], float)
+
+    case = PhantomCase(int(seed), b.shapes, hu, head_to_lps, {}, {}, p)
+    if p["headrest"]:
+        case.shapes[:0] = _headrest(case)
+    head_lm, aux = _measure_landmarks(case, b)
+    case.head_landmarks = head_lm
+    to_lps = lambda q: head_to_lps[:3, :3] @ q + head_to_lps[:3, 3]  # noqa: E731
+    case.landmarks = {n: to_lps(head_lm[n]) for n in NAMES}
+    case.aux_points = {n: to_lps(q) for n, q in aux.items()}
+    return case
+
+
+def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
+    """The anatomy in design mm (sella at the origin). Order matters: later solids overwrite earlier ones."""
+    vs = np.asarray(p["vault_scale"])
+    t = p["vault_thickness_mm"]
+    asym = p["asymmetry_mm"]
+    mx = p["maxilla_shift_mm"]
+    md = p["mandible_shift_mm"]
+    vc = np.array([0.0, 24.0, 16.0])  # vault centre
+    va = np.array([73.0, 94.0, 96.0]) * vs  # half breadth, half length, height above centre
+    vdown = 55.0
+    # Soft tissue envelopes: skin, subcutaneous fat, muscle/galea.
+    face_c, face_a = np.array([0.0, -36.0, -42.0]), np.array([63.0, 56.0, 82.0])
+    neck_a, neck_b = np.array([0.0, 14.0, -62.0]), np.array([0.0, 18.0, -320.0])
+    for mat, off in (("skin", 0.0), ("fat", 1.5), ("muscle", 5.0)):
+        b.ell("scalp", mat, vc, va + 6.5 - off, down=vdown + 6.5 - off)
+        b.ell("face", mat, face_c, face_a - off)
+        b.cap("neck", mat, neck_a, neck_b, (48.0 - off, 58.0 - off, 55.0 - off))
+    b.cap("nose", "muscle", (0, -66, 4), (0, -90, -33), (7.0, 9.0, 8.0))
+    b.cap("nostrils", "air", (0, -80, -36), (0, -90, -36), (3.0, 5.0, 3.0))
+    for side in (-1, 1):
+        b.ell("auricle", "cartilage", (side * 70.0, 18.0, -14.0), (4.0, 14.0, 28.0), R=_rot("z", side * 20.0))
+    # Cranial vault: outer table, diploe, inner table, brain.
+    b.ell("vault", "cortical", vc, va, down=vdown)
+    b.ell("vault diploe", "diploe", vc, va - 1.8, down=vdown - 1.8)
+    b.ell("vault inner table", "cortical", vc, va - (t - 1.6), down=vdown - (t - 1.6))
+    b.ell("brain", "brain", vc, va - t, down=vdown - t)
+    for side in (-1, 1):
+        b.ell("ventricle", "csf", (side * 9.0, 28.0, 38.0), (5.0, 26.0, 9.0), R=_rot("z", side * 8.0))
+    b.ell("frontal sinus", "air", (0, -66.5 + 3.5, 22.0), (13.0, 3.5, 8.0))
+    # Anterior skull base and midface (orbital floors, zygomas), sphenoid, petrous bones.
+    b.sup("anterior skull base", "cancellous", (0, -40, -16), (47, 26, 20))
+    b.sup("midface", "cancellous", (0, -44, -26), (50, 19, 22))
+    for side in (-1, 1):
+        b.cap("zygomatic arch", "cortical", (side * 46.0, -36, -20), (side * 54.0, 2, -20), (4.0, 4.0, 6.0))
+    b.ell("sphenoid", "cancellous", (0, 2, -12), (15, 15, 12))
+    b.ell("sphenoid sinus", "air", (0, -4, -15), (9, 8, 6))
+    b.cap("dorsum sellae", "cortical", (0, 7.5, -6), (0, 8.0, 6.0), (2.0, 6.0, 2.0))
+    b.ell("sella", "pituitary", (0, 0, 0), (5.5, 5.5, 5.5))
+    b.cap("clivus", "cortical", (0, 9, -9), (0, 21, -33), (5.0, 11.0, 5.0))
+    for side in (-1, 1):
+        x = side * (42.0 + (asym if side > 0 else 0.0))
+        b.ell("petrous", "cortical", (x, 12.0, -22.0), (18.0, 13.0, 11.0), R=_rot("z", -side * 35.0))
+        b.ell("mastoid", "cortical", (side * 48.0, 30.0, -34.0), (10, 11, 14))
+        b.ell("mastoid air cells", "mastoid", (side * 48.0, 30.0, -33.0), (7, 8, 10))
+        r = p["ear_canal_radius_mm"]
+        b.cap("ear canal", "air", (side * 36.0, 12.0, -18.0 - r), (side * 78.0, 12.0, -18.0 - r), (r, r, r))
+    # Foramen magnum (medulla) and spinal canal.
+    b.cap("foramen magnum", "cord", (0, 41, -20), (0, 41, -46), (4.0, 14.0, 17.0), hint=(1, 0, 0))
+    # Orbits with globes.
+    for side in (-1, 1):
+        x = side * 33.0
+        b.ell("orbit", "fat", (x, -58.0, -2.0), (17.0, 24.0, 16.0))
+        b.ell("globe", "eye", (x, -66.0, -1.0), (12.0, 12.0, 12.0))
+        b.ell("lens", "lens", (x, -77.0, -1.0), (4.5, 1.8, 4.5))
+    # Nasal bones, nasal cavity, maxillary sinuses.
+    b.cap("nasal bones", "cortical", (0, -66.0, 8.0), (0, -76.0, -14.0), (3.0, 7.0, 3.0))
+    b.ell("nasal cavity", "air", (0, -44.0, -24.0), (12.0, 27.0, 17.0))
+    for side in (-1, 1):
+        b.ell("maxillary sinus", "air", (side * 23.0, -45.0, -28.0), (11.0, 13.0, 12.0))
+    # Maxilla: body, the concavity whose deepest point is A point, palate, anterior nasal spine, alveolus.
+    b.ell("maxilla", "cancellous", (0, -47.0 - mx, -45.0), (32.0, 21.0, 15.0))
+    b.cap("subspinale concavity", "muscle", (-12, -74.0 - mx, -48.5), (12, -74.0 - mx, -48.5), (7.0, 7.0, 7.0))
+    b.cap("hard palate", "cortical", (0, -64.0 - mx, -42.5), (0, -25.0, -42.5), (3.0, 16.0, 3.2))
+    b.cap("anterior nasal spine", "cortical", (0, -60.0 - mx, -41.5), (0, -71.5 - mx, -41.5), (2.2, 3.0, 2.2))
+    b.ell("oral cavity", "air", (0, -42.0, -62.0), (22.0, 22.0, 0.6 + 3.0 * p["mouth_opening_deg"] / 6.0))
+    upper = _arch(b, "upper", y_front=-66.0 - mx, z=-55.0, width=27.0, depth=44.0, crest_dz=-1.0, p=p)
+    # Pharynx behind the palate.
+    b.cap("pharynx", "air", (0, -14.0, -34.0), (0, -6.0, -200.0), (6.0, 11.0, 7.0))
+    b.cap("spinal canal", "cord", (0, 40, -40), (0, 40, -260), (8.0, 8.0, 8.0))
+    _cervical_spine(b)
+    # Mandible: a rigid part rotating about the condylar axis when the mouth opens.
+    pivot = np.array([0.0, 2.0, -24.0])
+    G = np.eye(4)
+    G[:3, :3] = _rot("x", p["mouth_opening_deg"])
+    G[:3, 3] = pivot - G[:3, :3] @ pivot
+    ms = p["mandible_scale"]
+    S = np.eye(4)
+    S[:3, :3] *= ms
+    S[:3, 3] = pivot * (1 - ms)
+    b.group = G @ S
+    cp = p["chin_prominence_mm"]
+    b.cap("symphysis", "cancellous", (0, -57.0 - md, -96.0), (0, -59.0 - md, -72.0), (7.0, 14.0, 8.5),
+          hint=(1, 0, 0))
+    b.cap("supramentale concavity", "muscle", (-12, -73.5 - md, -86.5), (12, -73.5 - md, -86.5), (9.0, 9.0, 9.0))
+    b.ell("chin", "cortical", (0, -56.0 - md, -97.0), (16.0, 10.5 + cp, 14.5), R=_rot("x", -8.0))
+    for side in (-1, 1):
+        g0 = np.array([side * 45.0, -13.0, -80.0])
+        b.cap("mandibular body", "cortical", (side * 13.0, -52.0 - md, -94.0), g0, (11.0, 5.5, 11.0))
+        b.cap("ramus", "cortical", g0, (side * 49.0, 0.0, -32.0), (11.0, 4.5, 11.0))
+        b.cap("coronoid", "cortical", (side * 47.0, -10.0, -50.0), (side * 45.0, -22.0, -33.0), (4.0, 4.0, 4.0))
+        b.ell("condyle", "cortical", (side * 50.0, 2.0, -24.0), (9.5, 5.0, 5.5))
+        b.cap("mandibular canal", "cancellous", (side * 15.0, -52.0 - md, -92.0), g0 + (0, 0, 3), (2.0, 2.0, 2.0))
+    lower = _arch(b, "lower", y_front=-62.0 - md, z=-73.0, width=25.0, depth=44.0, crest_dz=1.0, p=p)
+    b.group = np.eye(4)
+    b.design = {"upper_arch": upper, "lower_arch": lower, "pivot": pivot, "jaw": G @ S}
+
+
+def _arch(b: _Builder, which: str, *, y_front, z, width, depth, crest_dz, p) -> dict:
+    """Alveolar process along a dental arch, then 14 teeth (crown enamel toward the occlusal plane)."""
+    phis = np.radians(np.linspace(-90, 90, 13))
+    pts = np.stack([width * np.sin(phis), y_front + depth * (1 - np.cos(phis)), np.full(13, z)], 1)
+    for a, c in zip(pts[:-1], pts[1:]):
+        b.cap(f"{which} alveolus", "cancellous", a, c, (5.5, 5.5, 7.0), hint=(0, 0, 1))
+    offset = 0 if which == "upper" else 14
+    occlusal = -63.0
+    for n, deg in enumerate((6, 18, 30, 43, 55, 68, 81)):
+        for side, sgn in ((0, -1), (1, 1)):
+            tooth = offset + side * 7 + n
+            if tooth in p["missing_teeth"]:
+                continue
+            phi = math.radians(sgn * deg)
+            x, y = width * math.sin(phi), y_front + depth * (1 - math.cos(phi)) + (1.5 if which == "upper" else -1.0)
+            r = 2.8 if n < 3 else 4.2
+            root_end = z + (12.0 if which == "upper" else -12.0)
+            crown = occlusal + (2.5 if which == "upper" else -2.5)
+            b.cap(f"{which} root", "dentin", (x, y, root_end), (x, y, crown), (2.0, r * 0.7, r * 0.7), hint=(1, 0, 0))
+            mat = "metal" if tooth in p["fillings"] else "enamel"
+            b.ell(f"{which} crown", mat, (x, y, crown), (r, r, 3.5))
+    return {"y_front": y_front, "z": z}
+
+
+def _cervical_spine(b: _Builder) -> None:
+    """Atlas ring, dens and body of C2, C3; cortical shells over cancellous bone, discs between."""
+    ring_c, ring_r = np.array([0.0, 36.0, -54.0]), 22.0
+    angles = np.radians(np.arange(0, 361, 30))
+    ring = np.stack([ring_r * np.sin(angles), ring_c[1] - ring_r * np.cos(angles), np.full(len(angles), ring_c[2])], 1)
+    for a, c in zip(ring[:-1], ring[1:]):
+        b.cap("atlas", "cortical", a, c, (4.0, 4.0, 5.0), hint=(0, 0, 1))
+    for side in (-1, 1):
+        b.ell("atlas lateral mass", "cancellous", (side * 18.0, 30.0, -54.0), (8, 10, 7))
+    b.cap("dens", "cortical", (0, 21.0, -78.0), (0, 21.0, -56.0), (5.0, 5.0, 5.0))
+    for name, zc in (("C2", -84.0), ("C3", -104.0)):
+        b.ell(name, "cortical", (0, 22.0, zc), (11.0, 9.5, 8.0))
+        b.ell(name + " cancellous", "cancellous", (0, 22.0, zc), (9.5, 8.0, 6.5))
+        b.cap(name + " spinous", "cortical", (0, 44.0, zc), (0, 66.0, zc - 6), (5.0, 4.0, 5.0), hint=(1, 0, 0))
+        for side in (-1, 1):
+            b.cap(name + " lamina", "cortical", (side * 9.0, 30.0, zc), (0, 48.0, zc - 2), (3.5, 3.5, 4.0))
+    b.ell("C2-C3 disc", "disc", (0, 22.0, -94.0), (10.0, 8.5, 2.0))
+
+
+def _headrest(case: PhantomCase) -> list[Shape]:
+    """A carbon-fibre head cradle and foam pad under the occiput, fixed in the scanner (LPS) frame."""
+    post = case.lps_to_head[:3, :3].T @ np.array([0, 1.0, 0])
+    y_back = max(float(np.dot(s.support(post), post)) for s in case.shapes if s.name == "scalp")
+    y_back += float(case.head_to_lps[1, 3])
+    shapes = []
+    for name, mat, gap in (("headrest", "headrest", 10.0), ("headrest pad", "foam", 2.0)):
+        # Elliptic cylinder along z whose posterior wall sits behind the occiput; keep its posterior part only.
+        ry, rx = 110.0, 105.0
+        c = np.array([0.0, y_back + gap - ry, 0.0])
+        L = np.diag([1 / 400.0, 1 / rx, 1 / ry]) @ _frame(np.array([0, 0, 1.0]), (1, 0, 0))
+        local = np.eye(4)
+        local[:3, :3] = L
+        local[:3, 3] = -L @ (c - np.array([0, 0, 300.0]))
+        M = (local @ case.head_to_lps)[:3]
+        shapes.append(Shape(name, MATERIAL_IDS[mat], "capsule", M, length=1.5, clip=(2, 0.55)))
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------- landmarks
+def _grid2(plane_x: float, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    Y, Z = np.meshgrid(ys, zs, indexing="ij")
+    return np.stack([np.full_like(Y, plane_x), Y, Z], -1)
+
+
+def _front_outline(case, x, ylo, yhi, zlo, zhi, step=0.1):
+    """Per z row, the most anterior (smallest y) skeletal point in [ylo, yhi]; NaN where there is none."""
+    ys = np.arange(ylo, yhi, step)
+    zs = np.arange(zlo, zhi, step)
+    bone = np.isin(case.labels_head(_grid2(x, ys, zs)), list(SKELETAL))
+    has = bone.any(0)
+    first = np.argmax(bone, 0)
+    yfront = np.where(has, ys[first], np.nan)
+    return yfront, zs
+
+
+def _refine_edge(case, p_out, p_in, rounds=2, n=64):
+    """The bone boundary between a point outside bone and one inside, sampled finely (two passes)."""
+    a, b = np.asarray(p_out, float), np.asarray(p_in, float)
+    for _ in range(rounds):
+        ts = np.linspace(0.0, 1.0, n)
+        pts = a + ts[:, None] * (b - a)
+        bone = np.isin(case.labels_head(pts), list(SKELETAL))
+        k = int(np.argmax(bone)) if bone.any() else n - 1
+        a, b = pts[max(k - 1, 0)], pts[k]
+    return (a + b) / 2
+
+
+def _deepest(case, x, ylo, yhi, zlo, zhi) -> np.ndarray:
+    """Deepest (most posterior) point of the anterior bone outline between two heights (A point, B point,
+    nasion): the row whose first bone from the front lies furthest back."""
+    yf, zs = _front_outline(case, x, ylo, yhi, zlo, zhi)
+    if np.all(np.isnan(yf)):
+        raise RuntimeError("no bone in landmark window")
+    k = int(np.nanargmax(yf))
+    best = yf[k]
+    ties = np.flatnonzero(np.abs(yf - best) < 1e-6)
+    z = float(zs[ties].mean())
+    return _refine_edge(case, (x, best - 0.2, z), (x, best + 0.1, z))
+
+
+def _support(case, centre, half, direction, plane_x=None, step=0.25) -> np.ndarray:
+    """The skeletal point furthest along ``direction`` inside a box (or a sagittal plane) around ``centre``."""
+    d = np.asarray(direction, float)
+    d /= np.linalg.norm(d)
+    c = np.asarray(centre, float)
+    h = np.asarray(half, float)
+    for _ in range(3):
+        axes = [np.arange(c[i] - h[i], c[i] + h[i] + 1e-9, step) for i in range(3)]
+        if plane_x is not None:
+            axes[0] = np.array([plane_x])
+        P = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+        bone = np.isin(case.labels_head(P), list(SKELETAL))
+        if not bone.any():
+            raise RuntimeError("no bone in landmark window")
+        Pb = P[bone]
+        score = Pb @ d
+        top = score >= score.max() - 1e-9
+        c = Pb[top].mean(0)
+        h = np.full(3, 2.0 * step)
+        step /= 5.0
+    return _refine_edge(case, c + 0.2 * d, c - 0.05 * d)
+
+
+def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
+    """Measure the 16 landmarks (head frame) on the finished solid; see docs/phantoms.md for definitions."""
+    D = b.D[:3, :3]
+    jaw = b.design["jaw"]
+    h = lambda q: D @ np.asarray(q, float)  # noqa: E731  design -> head, skull
+    hj = lambda q: D @ (jaw[:3, :3] @ np.asarray(q, float) + jaw[:3, 3])  # noqa: E731  design -> head, jaw
+    lm: dict[str, np.ndarray] = {}
+    aux: dict[str, np.ndarray] = {}
+    lm["Sella"] = h((0, 0, 0))  # centre of the pituitary fossa sphere
+    # Nasion: deepest point of the midline profile between glabella and the nasal bones.
+    g, nb = h((0, -70, 22)), h((0, -72, -6))
+    lm["Nasion"] = _deepest(case, 0.0, g[1] - 15, g[1] + 25, nb[2], g[2])
+    for side, sgn in (("R", -1), ("L", 1)):
+        o = h((sgn * 33.0, -62.5, -17.5))
+        lm[f"Orbitale {side}"] = _support(case, o, (0, 8, 8), (0, -1, 1), plane_x=o[0])
+        # Porion: the top of the ear canal at its lateral bony opening.
+        shape = next(s for s in case.shapes if s.name == "ear canal" and np.sign(s.support((1, 0, 0))[0]) == sgn)
+        top = shape.support((0, 0, 1.0))
+        inner = h((sgn * 40.0, 0, 0))[0]
+        xs = np.arange(inner, sgn * 90.0 * D[0, 0], sgn * 0.05)
+        line = np.stack([xs, np.full_like(xs, top[1]), np.full_like(xs, top[2] + 0.15)], 1)
+        bone = np.isin(case.labels_head(line), list(SKELETAL))
+        gone = np.flatnonzero(~bone)
+        edge = xs[gone[0] - 1] if len(gone) and gone[0] > 0 else xs[-1]
+        lm[f"Porion {side}"] = np.array([edge, top[1], top[2]])
+    ans = h((0, -72, -41.5))
+    lm["ANS"] = _support(case, ans, (0, 8, 3.5), (0, -1, 0), plane_x=0.0)
+    pns = h((0, -22, -42.5))
+    lm["PNS"] = _support(case, pns, (0, 6, 3.0), (0, 1, 0), plane_x=0.0)
+    pr = h((0, -72, -57))
+    aux["Prosthion"] = _support(case, pr, (0, 8, 5), (0, -1, -0.3), plane_x=0.0)
+    lm["A point"] = _deepest(case, 0.0, lm["ANS"][1] - 2, lm["ANS"][1] + 20, aux["Prosthion"][2], lm["ANS"][2] - 2.5)
+    chin = hj((0, -66, -97))
+    lm["Pogonion"] = _support(case, chin, (0, 8, 7), (0, -1, 0), plane_x=0.0)
+    me = hj((0, -56, -111.5))
+    lm["Menton"] = _support(case, me, (0, 10, 6), (0, 0, -1), plane_x=0.0)
+    lm["Gnathion"] = _support(case, (lm["Pogonion"] + lm["Menton"]) / 2, (0, 8, 8), (0, -1, -1), plane_x=0.0)
+    idl = hj((0, -67, -74))
+    aux["Infradentale"] = _support(case, idl, (0, 8, 5), (0, -1, 0.3), plane_x=0.0)
+    lm["B point"] = _deepest(case, 0.0, lm["Pogonion"][1] - 2, lm["Pogonion"][1] + 22, lm["Pogonion"][2] + 1.0,
+                             aux["Infradentale"][2] - 1.0)
+    for side, sgn in (("R", -1), ("L", 1)):
+        g0 = hj((sgn * 45.0, -13.0, -80.0))
+        u1 = g0 - hj((sgn * 13.0, -52.0, -94.0))
+        u2 = g0 - hj((sgn * 49.0, 0.0, -32.0))
+        d = u1 / np.linalg.norm(u1) + u2 / np.linalg.norm(u2)
+        d[0] = 0.0
+        lm[f"Gonion {side}"] = _support(case, g0 + 8 * d / np.linalg.norm(d), (9, 9, 9), d, step=0.4)
+        cond = hj((sgn * 50.0, 2.0, -24.0))
+        aux[f"Condylion {side}"] = _support(case, cond, (10, 6, 7), (0, 0, 1), step=0.4)
+    ba = h((0, 24, -38))
+    lm["Basion"] = _support(case, ba, (0, 6, 5), (0, 1, -1), plane_x=0.0)
+    return {n: lm[n] for n in NAMES}, aux
+
+
+# --------------------------------------------------------------------------------------------- measurements
+def _angle(a, vertex, c) -> float:
+    u, v = np.asarray(a) - vertex, np.asarray(c) - vertex
+    return math.degrees(math.acos(np.clip(np.dot(u, v) / np.linalg.norm(u) / np.linalg.norm(v), -1, 1)))
+
+
+def _plane_normal(p, q, r) -> np.ndarray:
+    n = np.cross(np.asarray(q) - p, np.asarray(r) - p)
+    return n / np.linalg.norm(n)
+
+
+def measurements(landmarks: dict[str, np.ndarray], aux: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Cephalometric measurements (degrees, mm) from landmark positions (any frame, same units)."""
+    L = {k: np.asarray(v, float) for k, v in landmarks.items()}
+    S, N = L["Sella"], L["Nasion"]
+    dist = lambda a, c: float(np.linalg.norm(L[a] - L[c]))  # noqa: E731
+    go = (L["Gonion R"] + L["Gonion L"]) / 2
+    po = (L["Porion R"] + L["Porion L"]) / 2
+    orb = (L["Orbitale R"] + L["Orbitale L"]) / 2
+    fh = _plane_normal(L["Porion R"], L["Porion L"], orb)
+    mp = _plane_normal(L["Gonion R"], L["Gonion L"], L["Menton"])
+    out = {
+        "SNA": _angle(S, N, L["A point"]),
+        "SNB": _angle(S, N, L["B point"]),
+        "S-N": dist("Sella", "Nasion"),
+        "N-Me": dist("Nasion", "Menton"),
+        "Go-Me": float(np.mean([dist("Gonion R", "Menton"), dist("Gonion L", "Menton")])),
+        "FMA": math.degrees(math.acos(abs(float(np.dot(fh, mp))))),
+        "Ba-N": dist("Basion", "Nasion"),
+        "S-Ba": dist("Sella", "Basion"),
+        "inter-porion": dist("Porion R", "Porion L"),
+        "inter-orbitale": dist("Orbitale R", "Orbitale L"),
+        "bigonial": dist("Gonion R", "Gonion L"),
+    }
+    out["ANB"] = out["SNA"] - out["SNB"]
+    sn = (N - S) / np.linalg.norm(N - S)
+    out["SN-FH"] = 90.0 - math.degrees(math.acos(abs(float(np.dot(sn, fh)))))
+    del po, go
+    if aux:
+        angles = []
+        for side in ("R", "L"):
+            co = np.asarray(aux[f"Condylion {side}"], float)
+            angles.append(_angle(co, L[f"Gonion {side}"], L["Menton"]))
+        out["gonial angle"] = float(np.mean(angles))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _uid(seed: int, *parts) -> str:
+    return generate_uid(entropy_srcs=[_UID_ROOT, str(int(seed)), *[str(p) for p in parts]])
+
+
+def _head_extent_z(case: PhantomCase) -> tuple[float, float]:
+    """LPS z of the top of the scalp and of the chin's soft tissue."""
+    up = case.lps_to_head[:3, :3].T @ np.array([0, 0, 1.0])
+    top = max(float(np.dot(s.support(up), up)) for s in case.shapes if s.name == "scalp")
+    z_top = top + float(case.head_to_lps[2, 3])
+    z_bottom = float(case.landmarks["Menton"][2] - 28.0)
+    return z_bottom, z_top
+
+
+def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | None = None,
+               slice_thickness: float | None = None, size: int = 512, tilt_deg: float = 0.0,
+               gaps: Sequence[float] | Callable[[int], float] | None = None, order: str = "ascending",
+               transfer_syntax: str = ExplicitVRLittleEndian, z_range: tuple[float, float] | None = None,
+               progress: bool = False) -> Path:
+    """Render ``case`` and write it as a CT Image Storage series, one file per slice, plus landmarks.json.
+
+    ``pixel_spacing``/``slice_thickness`` default to the case's drawn values (the spacing is for a 512
+    matrix and scaled to keep the field of view for other sizes). Slices are spaced by the thickness along z;
+    ``gaps`` adds extra mm after slice k (a list, or a callable k -> mm). ``tilt_deg`` is a gantry tilt: the
+    image plane is tilted about the patient x axis while slice positions step along z (PS3.3 C.7.6.2.1.1).
+    ``order`` sets Instance Number against position: "ascending" (inferior first), "reversed", "shuffled".
+    ``z_range`` = (z_min, z_max) LPS mm overrides the automatic chin-to-vertex extent.
+    """
+    from pacs_landmarks.dicom.write import SeriesInfo, save, slice_dataset
+
+    if order not in ("ascending", "reversed", "shuffled"):
+        raise ValueError(f"order must be ascending, reversed or shuffled, not {order!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = case.params
+    ps = float(pixel_spacing) if pixel_spacing else p["pixel_spacing"] * 512.0 / size
+    thick = float(slice_thickness) if slice_thickness else p["slice_thickness"]
+    if z_range is None:
+        z0, z1 = _head_extent_z(case)
+        z1 -= p["vertex_cut_mm"]
+    else:
+        z0, z1 = z_range
+    n = max(1, int(math.floor((z1 - z0) / thick)) + 1)
+    steps = np.full(n, thick)
+    steps[0] = 0.0
+    if gaps is not None:
+        extra = [float(gaps(k)) for k in range(n - 1)] if callable(gaps) else [float(g) for g in gaps]
+        steps[1:len(extra) + 1] += np.asarray(extra[: n - 1])
+    zs = z0 + np.cumsum(steps)
+    t = math.radians(tilt_deg)
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, math.cos(t), math.sin(t)])
+    fov = ps * size
+    # Top-left pixel so that the image centre lies on x = y = 0 at the slice's z (tilted planes pivot there).
+    firsts = [np.array([-(fov - ps) / 2, 0.0, z]) - col * (fov - ps) / 2 for z in zs]
+
+    write_params = f"{ps:.4f}/{thick:.4f}/{size}/{tilt_deg:.3f}/{order}/{z0:.2f}/{z1:.2f}/{list(steps.round(3))}"
+    info = SeriesInfo(
+        patient_name=f"PHANTOM^{case.seed:04d}",
+        patient_id=f"PH{case.seed:06d}",
+        study_instance_uid=_uid(case.seed, "study"),
+        series_instance_uid=_uid(case.seed, "series", write_params),
+        frame_of_reference_uid=_uid(case.seed, "frame-of-reference"),
+        study_date=f"2024{1 + case.seed % 12:02d}{1 + case.seed % 28:02d}",
+        study_id=str(case.seed % 100000),
+        accession_number=f"PH{case.seed:08d}"[:16],
+        series_description=f"Phantom head CT {thick:g} mm",
+        patient_sex="O",
+    )
+    rng = np.random.default_rng(np.random.SeedSequence([0x401, case.seed, _stable_hash(write_params)]))
+    instance = np.arange(1, n + 1)
+    if order == "reversed":
+        instance = instance[::-1]
+    elif order == "shuffled":
+        instance = rng.permutation(instance)
+
+    # Render in chunks of slices so memory stays modest for big matrices.
+    chunk = max(1, int(4_000_000 // (size * size)))
+    iterator = range(0, n, chunk)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc=f"case {case.seed}", unit="chunk", leave=False)
+    written = []
+    for c0 in iterator:
+        c1 = min(n, c0 + chunk)
+        hu = _render_slices(case, firsts[c0:c1], row, col, ps, size, thick, rng)
+        for k in range(c0, c1):
+            ds = slice_dataset(
+                hu[k - c0], info=info, sop_instance_uid=_uid(case.seed, "sop", write_params, k),
+                instance_number=int(instance[k]), position=firsts[k], orientation=[*row, *col],
+                pixel_spacing=(ps, ps), slice_thickness=thick, gantry_tilt_deg=tilt_deg,
+            )
+            written.append(save(ds, out / f"IM{int(instance[k]):04d}.dcm", transfer_syntax))
+    doc = {
+        "landmark_set": LANDMARK_SET,
+        "frame_of_reference_uid": info.frame_of_reference_uid,
+        "study_instance_uid": info.study_instance_uid,
+        "series_instance_uid": info.series_instance_uid,
+        "landmarks": [{"name": k, "position_lps_mm": [round(float(v), 4) for v in case.landmarks[k]]}
+                      for k in NAMES],
+        "aux_points": [{"name": k, "position_lps_mm": [round(float(v), 4) for v in q]}
+                       for k, q in case.aux_points.items()],
+        "seed": case.seed,
+        "pixel_spacing_mm": ps,
+        "slice_thickness_mm": thick,
+        "rows": size,
+        "columns": size,
+        "slices": n,
+        "gantry_tilt_deg": tilt_deg,
+        "order": order,
+        "measurements": {k: round(v, 3) for k, v in measurements(case.landmarks, case.aux_points).items()},
+        "params": {k: v for k, v in p.items()},
+    }
+    (out / "landmarks.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    return out
+
+
+def _stable_hash(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _render_slices(case, firsts, row, col, ps, size, thick, rng) -> np.ndarray:
+    """Render slices given their first-pixel positions; each slice may sit at its own z (gaps)."""
+    n = len(firsts)
+    normal = np.cross(row, col)
+    # Consecutive slices are rendered together when evenly spaced; otherwise one at a time.
+    out = np.empty((n, size, size), np.float32)
+    k = 0
+    while k < n:
+        m = 1
+        while k + m < n and np.allclose(firsts[k + m] - firsts[k + m - 1], firsts[k + 1] - firsts[k], atol=1e-6):
+            m += 1
+        step = firsts[k + 1] - firsts[k] if m > 1 else normal * thick
+        aff = np.eye(4)
+        aff[:3, 0] = step
+        aff[:3, 1] = col * ps
+        aff[:3, 2] = row * ps
+        aff[:3, 3] = firsts[k]
+        out[k:k + m] = case.render(aff, (m, size, size), slice_thickness=thick, rng=rng)
+        k += m
+    return out
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def register(sub: argparse._SubParsersAction) -> None:
+    """``pacs-landmarks phantom OUT``: write synthetic head-CT series with ground-truth landmarks."""
+    p = sub.add_parser(
+        "phantom",
+        help="write synthetic head-CT series with exact landmark positions",
+        description="Write N synthetic head CT series (OUT/case-0001/*.dcm + landmarks.json) with the "
+        "16 craniofacial landmarks in patient LPS mm. Same seed, same files.",
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="output folder")
+    p.add_argument("--count", type=int, default=1, help="number of cases (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first case; case k uses seed+k")
+    p.add_argument("--slice-thickness", type=float, default=None, metavar="MM",
+                   help="slice thickness and spacing in mm (default: drawn per case, 0.625-5)")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
+                   help="pixel spacing in mm (default: drawn per case, 0.45-1.0 at 512, scaled to keep the FOV)")
+    p.add_argument("--size", type=int, default=512, help="rows = columns (default 512)")
+    p.add_argument("--tilt", type=float, default=0.0, metavar="DEG", help="gantry tilt in degrees")
+    p.add_argument("--order", choices=("ascending", "reversed", "shuffled"), default="ascending",
+                   help="instance numbering against slice position")
+    p.set_defaults(func=_cmd_phantom)
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from pacs_landmarks.cli import CommandError
+
+    if args.count < 1:
+        raise CommandError("--count must be at least 1")
+    if args.size < 16 or args.size > 2048:
+        raise CommandError("--size must be between 16 and 2048")
+    for name in ("slice_thickness", "pixel_spacing"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    from tqdm import tqdm
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for k in tqdm(range(args.count), desc="phantoms", unit="case", disable=args.count < 2):
+        case = make_case(args.seed + k)
+        write_case(case, args.out / f"case-{k + 1:04d}", pixel_spacing=args.pixel_spacing,
+                   slice_thickness=args.slice_thickness, size=args.size, tilt_deg=args.tilt, order=args.order,
+                   progress=args.count < 2)
+    print(f"wrote {args.count} case(s) to {args.out}")
+    return 0
