@@ -1,0 +1,89 @@
+"""The standalone node: listener + series completion + job store + one warm worker + C-STORE delivery.
+
+Storage layout (``storage`` setting)::
+
+    jobs.sqlite                    the durable job store (node/jobs.py)
+    series/<SeriesUID>/<SOP>.dcm   received CT / Enhanced CT instances (a job's ``source`` is this directory)
+    other/<SeriesUID>/<SOP>.dcm    everything else a PACS sent (kept, no job)
+    results/job-<id>-<attempt>/    landmarks-sr.dcm, measurements-sr.dcm, seg.dcm, landmarks.json
+
+Start-up resumes what a crash left: ``running`` jobs are re-queued, ``delivering`` ones are retried now, and
+``received`` ones (series still arriving when the node died) complete after the idle timeout from start.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pacs_landmarks.node.config import NodeConfig
+from pacs_landmarks.node.delivery import StoreSCU
+from pacs_landmarks.node.jobs import JobStore
+from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.node.scp import SeriesTracker, StorageSCP, series_files
+from pacs_landmarks.node.worker import Worker
+
+
+class ModelLoadError(Exception):
+    """The configured model cannot be loaded (the node does not start)."""
+
+
+def load_model(path: str | None, device: str | None) -> Any:
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    try:
+        return LandmarkModel.load(path, device=device)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {path or '(shipped demo model)'}: {exc}") from exc
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, model: Any = None,
+                 process_series: Callable[[list, Any], Any] | None = None):
+        self.cfg = cfg
+        self.model = model
+        self._process_series = process_series
+        self.address: tuple[str, int] | None = None
+
+    def start(self) -> tuple[str, int]:
+        cfg = self.cfg
+        root = cfg.storage_path
+        root.mkdir(parents=True, exist_ok=True)
+        if self.model is None:  # loaded once, before listening: a bad model path fails the start
+            self.model = load_model(cfg.model, cfg.device)
+        self.store = JobStore(root / "jobs.sqlite")
+        unfinished = self.store.resume()
+        self.worker = Worker(
+            self.store, self.model, loader=lambda job: series_files(job.source), deliver=StoreSCU(cfg.ae_title),
+            results_dir=root / "results", backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s,
+            max_delivery_attempts=cfg.max_delivery_attempts, process_series=self._process_series,
+        )
+        self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=lambda job_id: self.worker.wake())
+        for job in unfinished:
+            if job.state == "received":
+                self.tracker.adopt(job.id, job.series_instance_uid, len(series_files(job.source)))
+        job_defaults = {
+            "model_name": getattr(self.model, "name", None),
+            "model_version": getattr(self.model, "version", None),
+            "destinations": [d.to_job() for d in cfg.destinations],
+        }
+        self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults)
+        self.worker.start()
+        self.tracker.start()
+        self.address = self.scp.start()
+        if not cfg.allow:
+            log_event("node.warning", logging.WARNING, reason="no allowed calling AE titles configured: any is accepted")
+        if not cfg.destinations:
+            log_event("node.warning", logging.WARNING, reason="no destinations: results stay in storage/results")
+        log_event(
+            "node.started", ae_title=cfg.ae_title, address=f"{self.address[0]}:{self.address[1]}",
+            model=job_defaults["model_name"], model_version=job_defaults["model_version"],
+            resumed=len(unfinished), tls=bool(cfg.tls_cert) or None,
+        )
+        return self.address
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.tracker.stop()
+        self.worker.stop()
+        log_event("node.stopped", ae_title=self.cfg.ae_title)

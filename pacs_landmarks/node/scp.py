@@ -1,0 +1,418 @@
+"""The node's DICOM listener: Verification + Storage SCP (PS3.4 Annex A and B) over pynetdicom.
+
+- Every storage SOP class is accepted (``AllStoragePresentationContexts``) with the transfer syntaxes in
+  ``TRANSFER_SYNTAXES``. Only CT Image Storage and Enhanced CT Image Storage series start a job; any other
+  object is still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as
+  ignored.
+- An instance is written as received (the encoded dataset, PS3.10 file meta added), to a temporary file that
+  is fsynced and renamed, before Success (0x0000) is answered. Paths are built from UIDs that match the
+  PS3.5 9.1 character repertoire only (digits and dots): anything else is refused, so nothing is written
+  outside the storage directory.
+- Refusals (PS3.4 B.2.3): 0xA700 out of resources (too large, disk error), 0xA900 data set does not match the
+  SOP class (UIDs differ from the request, UIDs missing), 0xC000 cannot understand (undecodable, truncated,
+  bad UID).
+- A series is complete when every association that sent it has closed (released or aborted) and no instance
+  of it arrived for ``idle_timeout`` seconds; or at once when the expected count is known and reached
+  (Images in Acquisition (0020,1002); an Enhanced CT instance with Number of Frames > 1 is a whole volume).
+- TCP_NODELAY is set on every accepted socket (before TLS wraps it).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_landmarks.node.config import NodeConfig
+from pacs_landmarks.node.jobs import JobStore
+from pacs_landmarks.node.logs import log_event
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+]
+JOB_SOP_CLASSES = {str(CTImageStorage), str(EnhancedCTImageStorage)}
+
+# PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros (invalid but seen in the wild) are
+# tolerated: what matters here is that the UID is safe as a file name.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+
+
+class Refused(Exception):
+    """An instance that is not stored; ``status`` is the C-STORE status answered."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+def safe_uid(value: object, what: str) -> str:
+    uid = str(value or "").strip().rstrip("\x00")
+    if len(uid) > 64 or not _UID.match(uid):
+        raise Refused(CANNOT_UNDERSTAND, f"{what} is not a valid UID")
+    return uid
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """Refuse an image whose Pixel Data is missing or shorter than its header says (a truncated transfer)."""
+    if "PixelData" not in ds:
+        raise Refused(CANNOT_UNDERSTAND, "image without Pixel Data")
+    data = ds.PixelData
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        # PS3.5 A.4: items (FFFE,E000) with explicit lengths; a cut-off transfer leaves an item short.
+        offset = 0
+        while offset + 8 <= len(data):
+            group, elem, length = int.from_bytes(data[offset:offset + 2], "little"), int.from_bytes(
+                data[offset + 2:offset + 4], "little"), int.from_bytes(data[offset + 4:offset + 8], "little")
+            if (group, elem) != (0xFFFE, 0xE000):
+                raise Refused(CANNOT_UNDERSTAND, "encapsulated Pixel Data is malformed")
+            offset += 8 + length
+        if offset != len(data):
+            raise Refused(CANNOT_UNDERSTAND, "encapsulated Pixel Data is truncated")
+        return
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames
+        expected = expected * int(ds.BitsAllocated) // 8
+    except (AttributeError, TypeError, ValueError):
+        raise Refused(CANNOT_UNDERSTAND, "image pixel description (Rows, Columns, Bits Allocated) missing") from None
+    if len(data) < expected:
+        raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {len(data)} of {expected} bytes")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory: all or nothing, durable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def series_files(directory: str | Path) -> list[Path]:
+    """The stored instances of one series directory (temporary files excluded), sorted."""
+    return sorted(p for p in Path(directory).glob("*.dcm") if not p.name.startswith("."))
+
+
+@dataclass
+class _OpenSeries:
+    job_id: int
+    series_uid: str
+    count: int = 0
+    last_arrival: float = field(default_factory=time.monotonic)
+    associations: set[int] = field(default_factory=set)
+    expected: int | None = None
+    aborted: bool = False
+
+
+class SeriesTracker:
+    """Decides when a series is complete and queues its job (see the module docstring)."""
+
+    def __init__(self, store: JobStore, idle_timeout: float, on_queued: Callable[[int], None] = lambda j: None):
+        self.store = store
+        self.idle_timeout = idle_timeout
+        self.on_queued = on_queued
+        self._open: dict[str, _OpenSeries] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="series-completion", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def open_job(self, series_uid: str) -> int | None:
+        with self._lock:
+            s = self._open.get(series_uid)
+            return s.job_id if s else None
+
+    def adopt(self, job_id: int, series_uid: str, count: int) -> None:
+        """Track a job left ``received`` by an earlier run: complete after the idle timeout from now."""
+        with self._lock:
+            self._open[series_uid] = _OpenSeries(job_id, series_uid, count=count)
+
+    def arrived(self, job_id: int, series_uid: str, assoc: int, expected: int | None) -> None:
+        with self._lock:
+            s = self._open.get(series_uid)
+            if s is None or s.job_id != job_id:
+                s = self._open[series_uid] = _OpenSeries(job_id, series_uid)
+            s.count += 1
+            s.last_arrival = time.monotonic()
+            s.associations.add(assoc)
+            if expected:
+                s.expected = expected
+            done = s.expected is not None and s.count >= s.expected
+        if done:
+            self._complete(series_uid, "expected count reached")
+
+    def closed(self, assoc: int, aborted: bool) -> None:
+        """An association ended: its series complete after the idle timeout (or now, if idle already)."""
+        with self._lock:
+            for s in self._open.values():
+                if assoc in s.associations:
+                    s.associations.discard(assoc)
+                    s.aborted = s.aborted or aborted
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.monotonic()
+            with self._lock:
+                ready = [
+                    uid for uid, s in self._open.items()
+                    if not s.associations and now - s.last_arrival >= self.idle_timeout
+                ]
+            for uid in ready:
+                self._complete(uid, "idle timeout")
+
+    def _complete(self, series_uid: str, why: str) -> None:
+        with self._lock:
+            s = self._open.pop(series_uid, None)
+        if s is None:
+            return
+        wait = time.monotonic() - s.last_arrival
+        self.store.record_instances(s.job_id, s.count, details={"aborted": s.aborted} if s.aborted else None)
+        try:
+            self.store.transition(s.job_id, "queued", expect="received", timings={"completion_wait": wait})
+        except Exception:  # retried or failed by an operator meanwhile: nothing to queue
+            logging.getLogger(__name__).exception("could not queue job %s", s.job_id)
+            return
+        log_event("series.complete", job=s.job_id, series=series_uid, instances=s.count, why=why,
+                  aborted=s.aborted or None, wait_s=wait)
+        log_event("job.queued", job=s.job_id, series=series_uid)
+        self.on_queued(s.job_id)
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    """Sets TCP_NODELAY on each accepted socket (before any TLS wrap): DIMSE is request/response, and
+    Nagle's algorithm would hold back the last small segment of every PDU."""
+
+    def get_request(self):  # type: ignore[override]
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+
+def server_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
+    """DICOM TLS (PS3.15 B.1) for incoming associations, or None."""
+    if not cfg.tls_cert:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cfg.tls_ca)
+    return ctx
+
+
+class StorageSCP:
+    """The listener. ``job_defaults`` (model name/version, destinations) go into every new job."""
+
+    def __init__(self, cfg: NodeConfig, store: JobStore, tracker: SeriesTracker, job_defaults: dict):
+        self.cfg = cfg
+        self.store = store
+        self.tracker = tracker
+        self.job_defaults = job_defaults
+        self.root = cfg.storage_path.resolve()
+        self.max_bytes = int(cfg.max_instance_mb * 1024 * 1024)
+        self._allow = {a.ae_title: a.addresses for a in cfg.allow}
+        self._assoc_counts: dict[int, int] = {}
+        self._ignored_logged: set[tuple[int, str]] = set()
+        self._series_lock = threading.Lock()
+        self.server: ThreadedAssociationServer | None = None
+
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_associations = cfg.max_associations
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        self.ae = ae
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, lambda e: self._on_end(e, "released")),
+            (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        server = self.ae.make_server(
+            (self.cfg.bind, int(self.cfg.port)), ssl_context=server_ssl_context(self.cfg),
+            evt_handlers=handlers, server_class=_NoDelayServer,
+        )
+        self.ae._servers.append(server)  # as AE.start_server does, so server.shutdown() can deregister it
+        thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
+        thread.start()
+        self.server = server
+        host, port = server.server_address[:2]
+        return host, port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    # -- association events --------------------------------------------------------------------------------
+    def _on_requested(self, event) -> None:
+        rq = event.assoc.requestor
+        calling = str(rq.primitive.calling_ae_title).strip()
+        address = rq.address
+        if self._allow:
+            allowed = self._allow.get(calling)
+            if allowed is None or (allowed and address not in allowed):
+                why = "calling AE title not recognised" if allowed is None else "address not allowed for AE"
+                log_event("association.rejected", logging.WARNING, calling_ae=calling, address=address, reason=why)
+                # PS3.8 9.3.4: rejected-permanent, service-user, calling-AE-title-not-recognized
+                event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_established(self, event) -> None:
+        self._assoc_counts[id(event.assoc)] = 0
+        rq = event.assoc.requestor
+        log_event("association.accepted", calling_ae=rq.ae_title, address=f"{rq.address}:{rq.port}",
+                  tls=bool(self.cfg.tls_cert) or None)
+
+    def _on_end(self, event, how: str) -> None:
+        rq = event.assoc.requestor
+        log_event(f"association.{how}", calling_ae=rq.ae_title, instances=self._assoc_counts.get(id(event.assoc), 0))
+
+    def _on_conn_close(self, event) -> None:
+        key = id(event.assoc)
+        if self._assoc_counts.pop(key, None) is not None:
+            self.tracker.closed(key, aborted=bool(event.assoc.is_aborted))
+
+    # -- C-STORE -------------------------------------------------------------------------------------------
+    def _on_store(self, event) -> int:
+        assoc = id(event.assoc)
+        try:
+            path, ds, for_job = self._store(event)
+        except Refused as exc:
+            log_event("instance.refused", logging.WARNING, calling_ae=event.assoc.requestor.ae_title,
+                      status=f"0x{exc.status:04X}", reason=str(exc))
+            return exc.status
+        self._assoc_counts[assoc] = self._assoc_counts.get(assoc, 0) + 1
+        series_uid = str(ds.SeriesInstanceUID)
+        if not for_job:
+            if (assoc, series_uid) not in self._ignored_logged:
+                self._ignored_logged.add((assoc, series_uid))
+                log_event("series.ignored", series=series_uid, sop_class=str(ds.SOPClassUID),
+                          modality=str(ds.get("Modality", "")), reason="not CT / Enhanced CT Image Storage")
+            return SUCCESS
+        self._track(event, ds, path)
+        return SUCCESS
+
+    def _store(self, event) -> tuple[Path, Dataset, bool]:
+        req = event.request
+        size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
+        if size > self.max_bytes:
+            raise Refused(OUT_OF_RESOURCES, f"instance of {size} bytes exceeds max_instance_mb")
+        sop_uid = safe_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
+        sop_class = str(req.AffectedSOPClassUID)
+        encoded = event.encoded_dataset()
+        try:
+            ds = pydicom.dcmread(io.BytesIO(encoded))
+            ds_sop_uid, ds_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
+            series_uid, study_uid = ds.get("SeriesInstanceUID"), ds.get("StudyInstanceUID")
+        except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
+            raise Refused(CANNOT_UNDERSTAND, f"data set cannot be decoded: {type(exc).__name__}") from None
+        if ds_sop_uid is None or str(ds_sop_uid) != sop_uid or str(ds_class) != sop_class:
+            raise Refused(DOES_NOT_MATCH, "SOP Class/Instance UID in the data set differ from the request")
+        series_uid = safe_uid(series_uid, "Series Instance UID")
+        safe_uid(study_uid, "Study Instance UID")
+        for_job = sop_class in JOB_SOP_CLASSES
+        if for_job:
+            try:
+                check_pixel_data(ds)
+            except Refused:
+                raise
+            except Exception as exc:
+                raise Refused(CANNOT_UNDERSTAND, f"Pixel Data cannot be checked: {type(exc).__name__}") from None
+        path = self.root / ("series" if for_job else "other") / series_uid / f"{sop_uid}.dcm"
+        if self.root not in path.resolve().parents:  # belt and braces: the regex already forbids this
+            raise Refused(CANNOT_UNDERSTAND, "path outside the storage directory")
+        try:
+            write_atomic(path, encoded)
+        except OSError as exc:
+            raise Refused(OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}") from None
+        return path, ds, for_job
+
+    def _track(self, event, ds: Dataset, path: Path) -> None:
+        series_uid = str(ds.SeriesInstanceUID)
+        expected = None
+        if "ImagesInAcquisition" in ds and str(ds.SOPClassUID) == str(CTImageStorage):
+            try:
+                expected = int(ds.ImagesInAcquisition) or None
+            except (TypeError, ValueError):
+                expected = None
+        elif str(ds.SOPClassUID) == str(EnhancedCTImageStorage) and int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            expected = 1
+        with self._series_lock:  # one job per series even when several associations send it at once
+            job_id = self.tracker.open_job(series_uid)
+            if job_id is None:
+                job, created = self.store.ensure_job(
+                    series_uid, str(ds.StudyInstanceUID), str(path.parent), state="received", **self.job_defaults
+                )
+                if job.state != "received":  # complete and queued, not yet claimed: it will read this file
+                    return
+                job_id = job.id
+                if created:
+                    log_event("job.received", job=job_id, series=series_uid, study=str(ds.StudyInstanceUID))
+            self.tracker.arrived(job_id, series_uid, id(event.assoc), expected)
