@@ -8,6 +8,7 @@ synthetic (no pixel data is needed to build the results); 16 landmarks at random
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -39,31 +40,44 @@ def main() -> None:
     _, volume = make_series("bench", with_pixels=False)
     landmarks = make_landmarks(volume, seed=0)
     alg = Algorithm("bench-model", "1.0")
-    steps = {"landmark SR": [], "measurements SR": [], "SEG": [], "write 3 files": [], "total": []}
+    names = ("landmark SR", "measurements SR", "SEG", "write SRs", "write SEG", "total")
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeat + 1):  # the first round warms imports and caches; not counted
-            t0 = time.perf_counter()
+            marks = [(time.perf_counter(), time.process_time())]
             sr = build_landmark_sr(volume, landmarks, alg)
-            t1 = time.perf_counter()
+            marks.append((time.perf_counter(), time.process_time()))
             msr = build_measurements_sr(volume, landmarks, alg, compute_measurements(landmarks))
-            t2 = time.perf_counter()
+            marks.append((time.perf_counter(), time.process_time()))
             seg = build_landmark_seg(volume, landmarks, alg)
-            t3 = time.perf_counter()
-            for name, ds in (("sr", sr), ("msr", msr), ("seg", seg)):
-                ds.save_as(Path(tmp) / f"{name}.dcm", enforce_file_format=True)
-            t4 = time.perf_counter()
-            for key, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
-                steps[key].append(value)
+            marks.append((time.perf_counter(), time.process_time()))
+            sr.save_as(Path(tmp) / "sr.dcm", enforce_file_format=True)
+            msr.save_as(Path(tmp) / "msr.dcm", enforce_file_format=True)
+            marks.append((time.perf_counter(), time.process_time()))
+            seg.save_as(Path(tmp) / "seg.dcm", enforce_file_format=True)
+            marks.append((time.perf_counter(), time.process_time()))
+            for n, key in enumerate(names[:-1]):
+                wall[key].append(marks[n + 1][0] - marks[n][0])
+                cpu[key].append(marks[n + 1][1] - marks[n][1])
+            wall["total"].append(marks[-1][0] - marks[0][0])
+            cpu["total"].append(marks[-1][1] - marks[0][1])
         frames = int(seg.NumberOfFrames)
         sizes = {n: (Path(tmp) / f"{n}.dcm").stat().st_size for n in ("sr", "msr", "seg")}
     print(f"series {args.size}x{args.size}x{args.slices}, pixel {args.pixel} mm, slices {args.thickness} mm; "
           f"SEG frames {frames}; sizes SR {sizes['sr'] // 1024} KiB, measurements SR {sizes['msr'] // 1024} KiB, "
           f"SEG {sizes['seg'] // 1024} KiB")
-    print(f"{'step':<18} {'median s':>9} {'min s':>7} {'max s':>7}")
-    for key, values in steps.items():
-        values = values[1:]
-        print(f"{key:<18} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
-
+    # CPU seconds are reported next to wall seconds: on a shared 2-core machine wall time mostly measures
+    # the neighbours.
+    print(f"{'step':<16} {'wall median s':>13} {'wall min s':>10} {'CPU median s':>12}")
+    for key in names:
+        w, c = wall[key][1:], cpu[key][1:]
+        print(f"{key:<16} {statistics.median(w):13.3f} {min(w):10.3f} {statistics.median(c):12.3f}")
+    try:
+        load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        load = "?"
+    print(f"load average during the run: {load} ({os.cpu_count()} CPUs)")
 
 if __name__ == "__main__":
     main()

@@ -16,17 +16,16 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates.common import (
-    SERIES,
     Algorithm,
     evidence_headers,
-    finish,
     observation_context,
     sr_algorithm_id,
+    sr_document,
 )
 from pacs_landmarks.sr_templates.geometry import nearest_plane, source_planes
 from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition
 from pacs_landmarks.sr_templates.measurements import PROCEDURE_CT_HEAD
-from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+from pacs_landmarks.sr_templates.uids import tracking_uid
 
 # Local concept for the model's confidence in a landmark (0..1), a TID 300 numeric with UCUM unit "1".
 CONFIDENCE = {"value": "CONF", "scheme": "99PACSLMK", "meaning": "Landmark detection confidence"}
@@ -50,7 +49,6 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
     import highdicom as hd
     from highdicom.sr import (
         CodedConcept,
-        Comprehensive3DSR,
         ImageRegion,
         ImageRegion3D,
         Measurement,
@@ -124,20 +122,6 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
         # Enhanced CT instance has no single position, so it is referenced from the content and evidence only.
         referenced_images=evidence_headers([h for h in referenced.values() if "NumberOfFrames" not in h]) or None,
     )
-    number, _ = SERIES["landmark-sr"]
     # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference
-    # the frame of reference, not instances. Listing all ~300 slices would only slow building and reading.
-    ds = Comprehensive3DSR(
-        evidence=evidence_headers(list(referenced.values())),
-        content=report,
-        series_instance_uid=result_uid(series, "landmark-sr", algorithm.name, algorithm.version, "series"),
-        series_number=number,
-        sop_instance_uid=result_uid(series, "landmark-sr", algorithm.name, algorithm.version, "instance"),
-        instance_number=1,
-        manufacturer="pacs-landmarks",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
-    ds.PreliminaryFlag = "PRELIMINARY"
-    return finish(ds, "landmark-sr", algorithm)
+    # the frame of reference, not instances.
+    return sr_document(report, evidence_headers(list(referenced.values())), "landmark-sr", algorithm, series)

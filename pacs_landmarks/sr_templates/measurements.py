@@ -13,15 +13,14 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates.common import (
-    SERIES,
     Algorithm,
     evidence_headers,
-    finish,
     observation_context,
     sr_algorithm_id,
+    sr_document,
 )
 from pacs_landmarks.sr_templates.landmark_sets import coded, load_landmark_set
-from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+from pacs_landmarks.sr_templates.uids import tracking_uid
 
 PROCEDURE_CT_HEAD = ("303653007", "SCT", "CT of head")
 _UCUM = {"mm": ("mm", "millimeter"), "deg": ("deg", "degree")}
@@ -119,7 +118,6 @@ def build_measurements_sr(
     import highdicom as hd
     from highdicom.sr import (
         CodedConcept,
-        Comprehensive3DSR,
         CoordinatesForMeasurement3D,
         Measurement,
         MeasurementReport,
@@ -164,18 +162,4 @@ def build_measurements_sr(
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
         imaging_measurements=groups,
     )
-    number, _ = SERIES["measurements-sr"]
-    ds = Comprehensive3DSR(
-        evidence=evidence_headers(volume.source_headers),
-        content=report,
-        series_instance_uid=result_uid(series, "measurements-sr", algorithm.name, algorithm.version, "series"),
-        series_number=number,
-        sop_instance_uid=result_uid(series, "measurements-sr", algorithm.name, algorithm.version, "instance"),
-        instance_number=1,
-        manufacturer="pacs-landmarks",
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
-    ds.PreliminaryFlag = "PRELIMINARY"
-    return finish(ds, "measurements-sr", algorithm)
+    return sr_document(report, evidence_headers(volume.source_headers), "measurements-sr", algorithm, series)
