@@ -16,7 +16,9 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSNearLossless,
     JPEGLSLossless,
     RLELossless,
     generate_uid,
@@ -112,6 +114,7 @@ def test_datasets_passed_in_are_not_modified():
 
 TRANSCODERS = {
     "JPEG Lossless SV1 (dcmcjpeg)": (JPEGLosslessSV1, ["dcmcjpeg", "--encode-lossless-sv1"]),
+    "JPEG Lossless P14 (dcmcjpeg)": (JPEGLossless, ["dcmcjpeg", "--encode-lossless", "--selection-value", "6"]),
     "JPEG-LS lossless (dcmcjpls)": (JPEGLSLossless, ["dcmcjpls", "--encode-lossless"]),
     "RLE (dcmcrle)": (RLELossless, ["dcmcrle"]),
     "Deflate (dcmconv)": (DeflatedExplicitVRLittleEndian, ["dcmconv", "--write-xfer-deflated"]),
@@ -135,6 +138,25 @@ def test_compressed_series_transcoded_by_dcmtk(tmp_path, name):
     np.testing.assert_array_equal(load_series(packed).array, load_series(plain).array)
 
 
+def test_jpeg_ls_near_lossless_series(tmp_path):
+    if shutil.which("dcmcjpls") is None:
+        pytest.fail("dcmcjpls (dcmtk) is not installed: run scripts/bootstrap")
+    series = ct_series(3)
+    for ds in series:  # dcmcjpls encodes near-lossless only for unsigned pixels; these stored values are >= 0
+        assert ds.pixel_array.min() >= 0
+        ds.PixelRepresentation = 0
+    plain = write(series, tmp_path / "plain")
+    packed = []
+    for path in plain:
+        out = tmp_path / f"nl-{path.name}"
+        subprocess.run(["dcmcjpls", "--encode-nearlossless", "--max-deviation", "2", str(path), str(out)],
+                       check=True, capture_output=True, timeout=60)
+        assert pydicom.dcmread(out, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSNearLossless
+        packed.append(out)
+    diff = np.abs(load_series(packed).array - load_series(plain).array)
+    assert diff.max() <= 2 and diff.mean() > 0  # lossy within the requested deviation, and really decoded
+
+
 def test_jpeg2000_series(tmp_path):
     """Encoded by pylibjpeg-openjpeg through pydicom, decoded by the loader."""
     series = ct_series(3)
@@ -148,6 +170,7 @@ def test_jpeg2000_series(tmp_path):
     "compressed, reference",
     [
         ("693_J2KR.dcm", "693_UNCR.dcm"),  # real CT, JPEG 2000 lossless
+        ("693_J2KI.dcm", "693_UNCI.dcm"),  # real CT, JPEG 2000 lossy; UNCI holds the decoded reference
         ("MR_small_RLE.dcm", "MR_small.dcm"),
         ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
         ("emri_small_jpeg_ls_lossless.dcm", "emri_small.dcm"),
@@ -460,6 +483,18 @@ def test_landmarks_map_to_the_same_content(options):
     # The output grid is orthogonal, with axes along the row/column directions and their normal.
     axes = vol.affine[:3, :3] / np.array(vol.spacing)
     np.testing.assert_allclose(axes.T @ axes, np.eye(3), atol=1e-9)
+
+
+@pytest.mark.parametrize("shift", [(-40.3, 0.0), (3.7, -2.2), (10.0, 0.25), (0.0, 0.0), (-600.5, 3.0)])
+def test_translate_matches_scipy(shift):
+    from scipy.ndimage import affine_transform
+
+    from pacs_landmarks.dicom.series import translate
+
+    image = np.random.default_rng(0).normal(size=(64, 48)).astype(np.float32)
+    want = affine_transform(image, np.ones(2), offset=shift, output_shape=(80, 50), order=1,
+                            mode="grid-constant", cval=-5.0)
+    np.testing.assert_allclose(translate(image, shift, (80, 50), -5.0), want, atol=1e-5)
 
 
 def test_resampled_slices_reference_the_nearest_real_image():

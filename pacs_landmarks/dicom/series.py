@@ -425,17 +425,15 @@ def _decode(ds: Dataset, source: str) -> np.ndarray:
     """Stored values of every frame, shape (frames, rows, columns), decoded once per instance."""
     from pydicom.pixels import get_decoder
 
+    if "PixelData" not in ds:
+        raise SeriesError(f"{source} has no Pixel Data")
     syntax = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
     try:
-        if syntax is None or not syntax.is_compressed:
-            arr = ds.pixel_array if "PixelData" in ds else None
-        else:
-            arr, _ = get_decoder(syntax).as_array(ds)
+        # The decoder's array is not cached on the dataset (ds.pixel_array would keep a copy on the caller's object).
+        arr = get_decoder(syntax).as_array(ds)[0] if syntax is not None else ds.pixel_array
     except Exception as exc:  # every decoder raises its own types; the reason is what matters
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise SeriesError(f"cannot decode pixel data of {source} ({name}): {exc}") from exc
-    if arr is None:
-        raise SeriesError(f"{source} has no Pixel Data")
     return arr.reshape((-1, int(ds.Rows), int(ds.Columns)))
 
 
@@ -469,6 +467,31 @@ def _hu_stack(plan: SeriesPlan) -> np.ndarray:
     return stack
 
 
+def translate(image: np.ndarray, shift: tuple[float, float], out_shape: tuple[int, int], fill: float) -> np.ndarray:
+    """``out[j, i] = image(j + shift[0], i + shift[1])``, bilinear, ``fill`` outside the image.
+
+    The same result as ``scipy.ndimage.affine_transform(image, [1, 1], offset=shift, order=1,
+    mode="grid-constant")`` (checked in the tests) but about five times faster: a pure translation is four
+    shifted views blended, with no per-pixel coordinates.
+    """
+    iy, ix = math.floor(shift[0]), math.floor(shift[1])
+    fy, fx = shift[0] - iy, shift[1] - ix
+    rows, cols = image.shape
+    canvas = np.full((out_shape[0] + 1, out_shape[1] + 1), fill, dtype=np.float32)
+    # canvas[j, i] = image[j + iy, i + ix] wherever that pixel exists.
+    j0, j1 = max(0, -iy), min(canvas.shape[0], rows - iy)
+    i0, i1 = max(0, -ix), min(canvas.shape[1], cols - ix)
+    if j0 < j1 and i0 < i1:
+        canvas[j0:j1, i0:i1] = image[j0 + iy:j1 + iy, i0 + ix:i1 + ix]
+    top, bottom = canvas[:-1], canvas[1:]
+    if fx > 1e-6:
+        top = top[:, :-1] * (1 - fx) + top[:, 1:] * fx
+        bottom = bottom[:, :-1] * (1 - fx) + bottom[:, 1:] * fx
+    else:
+        top, bottom = top[:, :-1], bottom[:, :-1]
+    return top * (1 - fy) + bottom * fy if fy > 1e-6 else np.ascontiguousarray(top)
+
+
 def _resample(plan: SeriesPlan, stack: np.ndarray) -> np.ndarray:
     """Interpolate the sorted source slices onto the plan's orthogonal grid.
 
@@ -476,8 +499,6 @@ def _resample(plan: SeriesPlan, stack: np.ndarray) -> np.ndarray:
     what gantry tilt looks like in patient coordinates), so each output slice is a linear blend, along the
     normal, of the two neighbouring source slices each translated by its own exact in-plane offset.
     """
-    from scipy.ndimage import affine_transform
-
     first = plan.frames[0]
     dy, dx = first.pixel_spacing
     distances = np.array([f.distance for f in plan.frames])
@@ -488,11 +509,14 @@ def _resample(plan: SeriesPlan, stack: np.ndarray) -> np.ndarray:
 
     def shifted(s: int) -> np.ndarray:
         if s not in cache:
+            if len(cache) > 2:
+                cache.clear()
             offset = plan.frames[s].position - first.position
             shift = ((row0 - offset @ first.col_dir) / dy, (col0 - offset @ first.row_dir) / dx)
-            cache.clear() if len(cache) > 2 else None
-            cache[s] = affine_transform(stack[s], np.ones(2), offset=shift, output_shape=out_shape,
-                                        order=1, mode="constant", cval=fill)
+            if max(abs(shift[0]), abs(shift[1])) < 1e-6 and out_shape == stack.shape[1:]:
+                cache[s] = stack[s]  # uneven gaps without tilt: the slice already lies on the output grid
+            else:
+                cache[s] = translate(stack[s], shift, out_shape, fill)
         return cache[s]
 
     out = np.empty(plan.shape, dtype=np.float32)
