@@ -169,9 +169,17 @@ def test_reads_a_foreign_tid1500_sr():
 
     datasets, volume = make_series("axial", with_pixels=False)
     groups = []
-    for name, point in [("N", (1.0, -80.0, 20.0)), ("Menton", (0.5, -70.0, -98.0)), ("Unknown thing", (0.0, 0.0, 0.0))]:
+    # A viewer-style group: the tool name as tracking identifier, the user's label as a free-text Finding.
+    probe = hd.sr.CodedConcept("CORNERSTONEFREETEXT", "CORNERSTONEJS", "Gonion R")
+    for name, point, finding in [
+        ("N", (1.0, -80.0, 20.0), None),
+        ("Menton", (0.5, -70.0, -98.0), None),
+        ("Cornerstone3DTools@^0.1.0:Probe", (-45.0, -10.0, -60.0), probe),
+        ("Unknown thing", (0.0, 0.0, 0.0), None),
+    ]:
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                finding_type=finding,
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=name),
                 referenced_region=hd.sr.ImageRegion3D(
                     graphic_type="POINT", graphic_data=np.array([point]), frame_of_reference_uid=volume.frame_of_reference_uid
@@ -195,7 +203,8 @@ def test_reads_a_foreign_tid1500_sr():
     )
     back = read_landmark_sr(sr)
     assert [(lm.name, lm.position_lps_mm) for lm in back] == [
-        ("Nasion", (1.0, -80.0, 20.0)), ("Menton", (0.5, -70.0, -98.0)), ("Unknown thing", (0.0, 0.0, 0.0))
+        ("Nasion", (1.0, -80.0, 20.0)), ("Menton", (0.5, -70.0, -98.0)), ("Gonion R", (-45.0, -10.0, -60.0)),
+        ("Unknown thing", (0.0, 0.0, 0.0)),
     ]
 
 

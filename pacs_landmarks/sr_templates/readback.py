@@ -1,8 +1,8 @@
 """Read landmarks back from a TID 1500 SR: ours, or one a person corrected in a viewer.
 
 Walks the content tree (PS3.3 C.17.3) for Measurement Group containers (DCM 125007) that carry a Tracking
-Identifier (DCM 112039) and a SCOORD3D POINT; the tracking identifier (or, failing that, a finding site code of
-the landmark set) names the landmark. Groups with only 2D points are skipped: they cannot give a 3D position.
+Identifier (DCM 112039) and a SCOORD3D POINT; the tracking identifier (or, failing that, the label or code of
+a Finding / Finding Site, where viewers keep the user's label) names the landmark. Groups with only 2D points are skipped: they cannot give a 3D position.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pacs_landmarks.sr_templates.landmark_sets import load_landmark_set
 _MEASUREMENT_GROUP = ("125007", "DCM")
 _TRACKING_ID = ("112039", "DCM")
 _FINDING_SITE = ("363698007", "SCT")
+_FINDING = ("121071", "DCM")
 _CONFIDENCE = ("CONF", "99PACSLMK")
 
 
@@ -32,12 +33,19 @@ def _walk(items):
         yield from _walk(item.get("ContentSequence"))
 
 
-def _resolve_name(identifier: str | None, site_codes: list[tuple[str, str]], set_def: dict) -> str | None:
+def _resolve_name(identifier: str | None, codes: list[tuple[str, str, str]], set_def: dict) -> str | None:
+    """The landmark a group is about: its tracking identifier, else a finding / finding site code or label
+    (viewers often keep the user's label there), matched to names, abbreviations and codes of the set."""
+    labels = [identifier] + [meaning for _, _, meaning in codes]
+    for label in labels:
+        if not label:
+            continue
+        key = label.strip().lower()
+        for lm in set_def["landmarks"]:
+            if key in (lm["name"].lower(), lm["abbreviation"].lower(), lm["code"]["meaning"].lower()):
+                return lm["name"]
     for lm in set_def["landmarks"]:
-        if identifier and identifier.strip().lower() in (lm["name"].lower(), lm["abbreviation"].lower()):
-            return lm["name"]
-    for lm in set_def["landmarks"]:
-        if (lm["code"]["value"], lm["code"]["scheme"]) in site_codes:
+        if any((value, scheme) == (lm["code"]["value"], lm["code"]["scheme"]) for value, scheme, _ in codes):
             return lm["name"]
     return identifier.strip() if identifier else None
 
@@ -63,9 +71,9 @@ def read_landmark_sr(dataset: Dataset, set_name: str = "craniofacial16") -> list
             elif vt == "SCOORD3D" and item.get("GraphicType") == "POINT" and point is None:
                 data = [float(v) for v in item.GraphicData]
                 point = (data[0], data[1], data[2])
-            elif concept == _FINDING_SITE and vt == "CODE":
+            elif concept in (_FINDING_SITE, _FINDING) and vt == "CODE":
                 code = item.ConceptCodeSequence[0]
-                sites.append((str(code.CodeValue), str(code.CodingSchemeDesignator)))
+                sites.append((str(code.get("CodeValue", "")), str(code.CodingSchemeDesignator), str(code.CodeMeaning)))
             elif concept == _CONFIDENCE and vt == "NUM":
                 confidence = float(item.MeasuredValueSequence[0].NumericValue)
         name = _resolve_name(identifier, sites, set_def)
