@@ -65,29 +65,8 @@ def phantom(tmp_path_factory):
     pytest.importorskip("pacs_landmarks.pipeline")
     out = tmp_path_factory.mktemp("phantom")
     case_dir = Path(phantom.write_case(phantom.make_case(11), out / "case", **PHANTOM_OPTIONS))
-    truth_file = case_dir / "landmarks.json"
-    if truth_file.exists():
-        truth = json.loads(truth_file.read_text())
-    else:  # write_case may leave the truth to the CLI; the case object has it
-        truth = None
-    files = sorted(case_dir.glob("*.dcm"))
-    assert files, f"no slices in {case_dir}"
-    if truth is None:
-        import pydicom
-
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-        case = phantom.make_case(11)
-        truth = {
-            "series_instance_uid": ds.SeriesInstanceUID,
-            "landmarks": [{"name": k, "position_lps_mm": list(map(float, v))} for k, v in case.landmarks.items()],
-        }
-    return case_dir, truth
-
-
-def series_uid_of(case_dir: Path) -> str:
-    import pydicom
-
-    return pydicom.dcmread(next(case_dir.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID
+    assert sorted(case_dir.glob("*.dcm")), f"no slices in {case_dir}"
+    return case_dir, json.loads((case_dir / "landmarks.json").read_text())
 
 
 def job_for(orthanc, series_uid: str, states=("done",)) -> dict | None:

@@ -158,10 +158,15 @@ class OrthancProcess:
 
     def storescu(self, files: list[Path] | Path, timeout: float = 300.0) -> subprocess.CompletedProcess[str]:
         """Send files (or a folder, recursively) with dcmtk's storescu."""
-        targets = [str(files)] if isinstance(files, Path) else [str(f) for f in files]
+        paths = [Path(files)] if isinstance(files, (str, Path)) else [Path(f) for f in files]
+        # A folder: its DICOM files only (a case folder also holds landmarks.json, which storescu would
+        # report as a failed file).
+        targets = [str(f) for p in paths for f in (sorted(q for q in p.rglob("*") if _is_dicom(q)) if p.is_dir() else [p])]
+        if not targets:
+            raise OrthancError(f"no DICOM files in {', '.join(map(str, paths))}")
         # -R: propose only the SOP classes of the files; the transfer syntax proposed is the first file's,
         # so compressed files go as they are (storescu would otherwise try to decompress them itself).
-        cmd = [_require("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "-R", "+sd", "+r", "-nh"]
+        cmd = [_require("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "-R", "-nh"]
         cmd += _storescu_ts_option(Path(targets[0]))
         proc = self.run_client(cmd + ["127.0.0.1", str(self.dicom_port), *targets], timeout=timeout)
         # storescu exits 0 even when some C-STORE failed: its "E:" lines are the truth.
@@ -198,6 +203,15 @@ _STORESCU_TS = {
 }
 
 
+def _is_dicom(path: Path) -> bool:
+    """A DICOM file (PS3.10 7.1: 128-byte preamble, then "DICM")."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(128)
+        return fh.read(4) == b"DICM"
+
+
 def _storescu_ts_option(target: Path) -> list[str]:
     import pydicom
 
@@ -225,5 +239,5 @@ def parse_findscu(output: str) -> list[dict[str, str]]:
             continue
         m = line_re.search(line)
         if m and current is not None:
-            current[m.group(4)] = (m.group(3) or "").strip()
+            current[m.group(4)] = (m.group(3) or "").strip("\x00 ")  # UI values are NUL-padded
     return matches
