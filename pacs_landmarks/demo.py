@@ -114,13 +114,17 @@ def run_demo(args: argparse.Namespace) -> None:
 
         t = time.perf_counter()
         orthanc.storescu(case_dir)
+        sent_at = time.time()
         progress(f"sent with storescu in {time.perf_counter() - t:.1f} s; waiting for the plugin (StableAge + cascade)")
 
         job = _wait_job(orthanc, truth["series_instance_uid"], args.timeout, progress)
-        timings = ", ".join(f"{k} {v:.1f} s" for k, v in job["timings"].items())
-        progress(f"job {job['id']} done ({timings})")
+        timings = ", ".join(
+            f"{k} {v:.1f} s" for k, v in {"stable wait": job["created_at"] - sent_at, **job["timings"]}.items()
+        )
+        progress(f"job {job['id']} done, {time.time() - sent_at:.1f} s after the last instance ({timings})")
 
         study_uid = job["study_instance_uid"]
+        study_id = orthanc.get_json(f"/series/{job['source']}")["ParentStudy"]
         found = {m: orthanc.findscu_series(study_uid, m) for m in ("SR", "SEG")}
         if not found["SR"] or not found["SEG"]:
             raise DemoError(f"findscu did not find the results in study {study_uid}: {found}")
@@ -141,9 +145,12 @@ def run_demo(args: argparse.Namespace) -> None:
         predicted = read_landmark_sr(landmark_sr)
         progress(f"landmark SR read back from Orthanc ({len(predicted)} landmarks) vs the phantom's truth:")
         print_landmark_table(predicted, truth)
+        if str(health["model"]["version"]).endswith("untrained"):
+            progress.note("NOTE: the shipped model is untrained (random weights): these errors are meaningless;")
+            progress.note("      train it with `make train-demo`.")
 
         progress("measurements (from the measurements SR):")
-        for line in measurement_lines(_read_dataset(paths[1])):
+        for line in measurement_lines(_read_dataset(paths[1]), truth):
             progress.note(line)
 
         html = results_dir / "landmarks-sr.html"
@@ -155,7 +162,7 @@ def run_demo(args: argparse.Namespace) -> None:
             "\nWhere to look:\n"
             f"  results (SR, measurements SR, SEG, HTML): {results_dir}\n"
             f"  the demo's archive in Orthanc Explorer: `.venv/bin/python -m pacs_landmarks.plugin.serve "
-            f"--storage {out}` then http://localhost:8042/app/explorer.html\n"
+            f"--storage {out}` then http://localhost:8042/app/explorer.html#study?uuid={study_id}\n"
             f"  plugin jobs: http://localhost:8042/pacs-landmarks/jobs (while it runs)",
             flush=True,
         )
@@ -248,21 +255,47 @@ def print_landmark_table(predicted: list[Any], truth: dict[str, Any]) -> list[fl
     return errors
 
 
-def measurement_lines(sr: Any) -> list[str]:
-    """One line per NUM content item of an SR (PS3.3 C.17.3.2.1): concept name, value, unit."""
-    lines: list[str] = []
+# The phantom's names for the measurements whose code value differs (landmarks.json "measurements").
+_TRUTH_KEYS = {"PoR-PoL": "inter-porion", "OrR-OrL": "inter-orbitale", "GoR-GoL": "bigonial"}
+
+
+def measurement_rows(sr: Any) -> list[tuple[str, str, float, str]]:
+    """(code value, meaning, value, UCUM unit) per NUM content item of an SR (PS3.3 C.17.3.2.1)."""
+    rows: list[tuple[str, str, float, str]] = []
 
     def walk(items: Any) -> None:
         for item in items or []:
             if getattr(item, "ValueType", None) == "NUM" and "MeasuredValueSequence" in item:
-                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                concept = item.ConceptNameCodeSequence[0]
                 mv = item.MeasuredValueSequence[0]
-                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue  # UCUM: mm, deg, ...
-                lines.append(f"{name:40s} {float(mv.NumericValue):8.1f} {unit}")
+                unit = mv.MeasurementUnitsCodeSequence[0].CodeValue
+                rows.append((concept.CodeValue, concept.CodeMeaning, float(mv.NumericValue), unit))
             walk(getattr(item, "ContentSequence", None))
 
     walk(getattr(sr, "ContentSequence", None))
-    return lines or ["(no numeric measurements in the SR)"]
+    return rows
+
+
+def measurement_lines(sr: Any, truth: dict[str, Any] | None = None) -> list[str]:
+    """The measurements of an SR with the landmark set's typical range and, for a phantom, the true value."""
+    from pacs_landmarks.sr_templates.landmark_sets import load_landmark_set
+
+    ranges = {m["code"]["value"]: m.get("range") for m in load_landmark_set().get("measurements", [])}
+    true = (truth or {}).get("measurements") or {}
+    rows = measurement_rows(sr)
+    if not rows:
+        return ["(no numeric measurements in the SR)"]
+    lines = [f"{'measurement':34s} {'value':>10s} {'typical':>13s} {'truth':>8s}"]
+    for code, meaning, value, unit in rows:
+        lo_hi = ranges.get(code)
+        typical = f"{lo_hi[0]:g}-{lo_hi[1]:g}" if lo_hi else ""
+        flag = " " if not lo_hi or lo_hi[0] <= value <= lo_hi[1] else "*"
+        t = true.get(_TRUTH_KEYS.get(code, code))
+        lines.append(
+            f"{meaning[:34]:34s} {value:7.1f} {unit:3s}{flag}{typical:>12s} {'' if t is None else f'{t:7.1f}':>8s}"
+        )
+    lines.append("* outside the typical range")
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""`make demo` end to end (Orthanc, storescu, findscu, dsr2html), on a small phantom."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("pacs_landmarks.inference.phantom")  # lands during the session
+
+
+def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacs_landmarks.demo", "--out", str(out), "--size", "128", "--timeout", "120"],
+        capture_output=True, text=True, timeout=400,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "[9/9" in text and "demo: Orthanc stopped" in text
+    assert "landmark SR read back from Orthanc (16 landmarks)" in text
+    assert text.count(" mm\n") >= 16 and "mean error" in text
+    assert "SEG series" in text and "SR  series" in text
+    html = (out / "results" / "landmarks-sr.html").read_text()
+    assert "Imaging Measurement Report" in html or "Nasion" in html
+    # Orthanc is gone: its log ends with the stop, and nothing of ours still runs from this folder.
+    assert "Orthanc has stopped" in (out / "orthanc.log").read_text()
+
+
+def test_demo_failure_is_clear_and_still_stops_orthanc(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacs_landmarks.demo", "--out", str(out), "--size", "64", "--timeout", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "demo: error: no results within 0 s" in proc.stderr
+    assert "demo: Orthanc stopped" in proc.stdout
+    assert "Orthanc has stopped" in (out / "orthanc.log").read_text()
