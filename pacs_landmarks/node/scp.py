@@ -323,6 +323,7 @@ class StorageSCP:
                 log_event("association.rejected", logging.WARNING, calling_ae=calling, address=address, reason=why)
                 # PS3.8 9.3.4: rejected-permanent, service-user, calling-AE-title-not-recognized
                 event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+                event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ
 
     def _on_established(self, event) -> None:
         self._assoc_counts[id(event.assoc)] = 0

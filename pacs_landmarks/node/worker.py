@@ -3,7 +3,7 @@
 A front end (the pynetdicom node, the Orthanc plugin) supplies two callables and a JobStore:
 
 - ``loader(job) -> Iterable[Dataset | str | Path]``: the series' instances, found through the opaque
-  ``job.source`` (paths are read with pydicom here). Raise any exception for an unreadable series: the job
+  ``job.source``; passed as they are to ``process_series`` (which reads paths itself). Raise any exception for an unreadable series: the job
   fails with that message as its reason.
 - ``deliver(job, destination, paths) -> None``: send the result files (``paths``: landmark SR, measurements
   SR, SEG, in that order) to one destination (an item of ``job.destinations``). Return only when the
@@ -24,7 +24,7 @@ Per job (``Worker.run_job``):
    answered Success. Otherwise the job stays ``delivering``, unowned until ``next_attempt_at``, so the worker
    goes on with other jobs meanwhile; the results stay on disk.
 
-``job.timings`` (seconds) gets ``queue_wait``, ``read``, the pipeline's own timings (``process_series``
+``job.timings`` (seconds) gets ``queue_wait``, ``read`` (the loader), the pipeline's own timings (``process_series``
 ``Results.timings``), ``write_results`` and ``delivery``; front ends add their own (e.g. ``completion_wait``).
 
 Usage::
@@ -119,14 +119,6 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _read(item: Any) -> Dataset:
-    if isinstance(item, Dataset):
-        return item
-    import pydicom
-
-    return pydicom.dcmread(item)
 
 
 class Worker(threading.Thread):
@@ -232,7 +224,7 @@ class Worker(threading.Thread):
         if job.queued_at:
             timings["queue_wait"] = max(0.0, (job.started_at or time.time()) - job.queued_at)
         t = time.perf_counter()
-        datasets = [_read(item) for item in self.loader(job)]
+        datasets = list(self.loader(job))
         timings["read"] = time.perf_counter() - t
         if not datasets:
             raise ValueError("no instances to analyse")
