@@ -593,3 +593,27 @@ def test_phantom_landmarks_map_to_the_same_content(phantom_reference, options, t
     for name, position in case.landmarks.items():
         shift = patch_shift(vol, straight, position)
         assert np.linalg.norm(shift) < half_voxel, (name, shift)
+
+
+def test_more_exclusion_reasons():
+    series = ct_series(4)
+    other_for = copy.deepcopy(series[0])
+    other_for.SOPInstanceUID, other_for.FrameOfReferenceUID = generate_uid(), generate_uid()
+    other_for.ImagePositionPatient = [0, 0, 123]
+    coarse = copy.deepcopy(series[1])
+    coarse.SOPInstanceUID, coarse.PixelSpacing = generate_uid(), [0.9, 0.9]
+    coarse.ImagePositionPatient = [0, 0, 124]
+    rgb = copy.deepcopy(series[2])
+    rgb.SOPInstanceUID, rgb.SamplesPerPixel, rgb.PhotometricInterpretation = generate_uid(), 3, "RGB"
+    skew = copy.deepcopy(series[3])
+    skew.SOPInstanceUID, skew.ImageOrientationPatient = generate_uid(), [1, 0, 0, 0.5, 0.5, 0]
+    short = copy.deepcopy(series[3])
+    short.SOPInstanceUID, short.ImagePositionPatient = generate_uid(), [1.0, 2.0]
+    vol = load_series([*series, other_for, coarse, rgb, skew, short])
+    got = reasons(vol)
+    assert vol.shape[0] == 4
+    assert "other Frame of Reference" in got[other_for.SOPInstanceUID]
+    assert "other pixel spacing (0.9x0.9 mm)" in got[coarse.SOPInstanceUID]
+    assert "not a grayscale image" in got[rgb.SOPInstanceUID]
+    assert "not perpendicular" in got[skew.SOPInstanceUID]
+    assert "Image Position (Patient) needs 3" in got[short.SOPInstanceUID]

@@ -24,6 +24,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from pacs_landmarks.dicom.volume import Exclusion, SliceSource, Volume
@@ -151,7 +152,7 @@ class SeriesPlan:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def _label(item: str | Path | Dataset, ds: Dataset | None = None) -> str:
+def _label(item: str | Path | Dataset) -> str:
     if isinstance(item, Dataset):
         return str(item.get("SOPInstanceUID", "<dataset without SOP Instance UID>"))
     return str(item)
@@ -199,6 +200,49 @@ def _functional(ds: Dataset, frame: int, sequence: str, keyword: str):
     return None
 
 
+def _floats(value, count: int, name: str) -> np.ndarray:
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    values = np.asarray([float(v) for v in items], dtype=np.float64)
+    if values.shape != (count,) or not np.isfinite(values).all():
+        raise ValueError(f"{name} needs {count} finite numbers")
+    return values
+
+
+def _frame(ds: Dataset, item: int, frame_index: int | None, label: str, pos, iop, spacing, slope, intercept) -> _Frame:
+    """One frame's geometry, checked: ValueError says what is wrong with it."""
+    iop = _floats(iop, 6, "Image Orientation (Patient)")
+    row_norm, col_norm = np.linalg.norm(iop[:3]), np.linalg.norm(iop[3:])
+    if min(row_norm, col_norm) < 0.5:
+        raise ValueError("Image Orientation (Patient) has a zero direction")
+    row_dir, col_dir = iop[:3] / row_norm, iop[3:] / col_norm
+    if abs(float(row_dir @ col_dir)) > 0.01:
+        raise ValueError("Image Orientation (Patient) row and column directions are not perpendicular")
+    spacing = _floats(spacing, 2, "Pixel Spacing")
+    if (spacing <= 0).any():
+        raise ValueError("Pixel Spacing must be positive")
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or columns < 1:
+        raise ValueError("Rows and Columns must be positive")
+    number = ds.get("InstanceNumber")
+    return _Frame(
+        source=label,
+        item=item,
+        frame_index=frame_index,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        instance_number=int(number) if number not in (None, "") else None,
+        position=_floats(pos, 3, "Image Position (Patient)"),
+        row_dir=row_dir,
+        col_dir=col_dir,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        rows=rows,
+        columns=columns,
+        slope=float(slope) if slope not in (None, "") else 1.0,
+        intercept=float(intercept) if intercept not in (None, "") else 0.0,
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
+    )
+
+
 def _frames_of(ds: Dataset, item: int, source: str) -> tuple[list[_Frame], list[Exclusion]]:
     """The 2-D frames of one CT instance, with their geometry and rescale."""
     frames: list[_Frame] = []
@@ -226,28 +270,10 @@ def _frames_of(ds: Dataset, item: int, source: str) -> tuple[list[_Frame], list[
         if missing:
             excluded.append(Exclusion(label, f"no image plane geometry ({', '.join(missing)} missing)"))
             continue
-        iop = np.asarray([float(v) for v in iop], dtype=np.float64)
-        row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
-        number = ds.get("InstanceNumber")
-        frames.append(
-            _Frame(
-                source=label,
-                item=item,
-                frame_index=f if multi else None,
-                sop_instance_uid=str(ds.SOPInstanceUID),
-                sop_class_uid=sop_class,
-                instance_number=int(number) if number not in (None, "") else None,
-                position=np.asarray([float(v) for v in pos], dtype=np.float64),
-                row_dir=row_dir,
-                col_dir=col_dir,
-                pixel_spacing=(float(spacing[0]), float(spacing[1])),
-                rows=int(ds.Rows),
-                columns=int(ds.Columns),
-                slope=float(slope) if slope not in (None, "") else 1.0,
-                intercept=float(intercept) if intercept not in (None, "") else 0.0,
-                frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")),
-            )
-        )
+        try:
+            frames.append(_frame(ds, item, f if multi else None, label, pos, iop, spacing, slope, intercept))
+        except (ValueError, TypeError, AttributeError) as exc:
+            excluded.append(Exclusion(label, f"invalid image plane geometry ({exc})"))
     return frames, excluded
 
 
@@ -431,10 +457,11 @@ def _decode(ds: Dataset, source: str) -> np.ndarray:
     try:
         # The decoder's array is not cached on the dataset (ds.pixel_array would keep a copy on the caller's object).
         arr = get_decoder(syntax).as_array(ds)[0] if syntax is not None else ds.pixel_array
+        arr = arr.reshape((-1, int(ds.Rows), int(ds.Columns)))
     except Exception as exc:  # every decoder raises its own types; the reason is what matters
         name = syntax.name if syntax is not None else "unknown transfer syntax"
         raise SeriesError(f"cannot decode pixel data of {source} ({name}): {exc}") from exc
-    return arr.reshape((-1, int(ds.Rows), int(ds.Columns)))
+    return arr
 
 
 def _header(ds: Dataset, owned: bool) -> Dataset:
@@ -592,7 +619,4 @@ def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclu
 
 def group_series(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
     """``{Series Instance UID: [files]}`` for the DICOM files under ``paths``; non-DICOM files are skipped."""
-    groups, unreadable = scan(paths)
-    for e in unreadable:
-        log.debug("skipped %s: %s", e.source, e.reason)
-    return groups
+    return scan(paths)[0]
