@@ -68,6 +68,8 @@ def _evaluate(m: dict, p: dict[str, np.ndarray], done: dict[str, float]) -> floa
     if kind == "distance":
         a, b = (p[n] for n in m["points"])
         return float(np.linalg.norm(b - a))
+    if kind == "mean_distance":  # a bilateral length: the mean of the two sides
+        return float(np.mean([np.linalg.norm(p[b] - p[a]) for a, b in m["pairs"]]))
     if kind == "angle":  # angle at the middle point
         a, vertex, b = (p[n] for n in m["points"])
         return _angle(a - vertex, b - vertex)
