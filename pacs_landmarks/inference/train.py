@@ -44,6 +44,7 @@ class TrainConfig:
     shift_mm: float = 15.0
     offset_floor_mm: tuple[float, ...] = (2.5, 1.0)  # minimum offset sigma per local stage
     ce_weight: float = 0.5
+    local_landmarks: int = 8  # crops per case per step for each local stage
     extra: dict = field(default_factory=dict)
 
 
@@ -126,7 +127,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         return min(frac, 1.0)
 
     def set_lr() -> float:
-        lr = config.lr * min(1.0, (step_count + 1) / 50) * 0.5 * (1 + math.cos(math.pi * progress_frac()))
+        lr = config.lr * min(1.0, (step_count + 1) / 20) * 0.5 * (1 + math.cos(math.pi * progress_frac()))
         for g in opt.param_groups:
             g["lr"] = lr
         return lr
@@ -228,22 +229,26 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             counts[0] += dist.numel()
             err_ema[0] = 0.9 * err_ema[0] + 0.1 * float(dist.mean()) if dist.numel() else err_ema[0]
             # local stages: crops around truth + offsets as large as the previous stage's error
+            # (a random subset of landmarks per case: the local stages cost most, and every landmark still
+            # comes round often)
             samplers = {int(i): VolumeSampler(train_cases[i].array, train_cases[i].affine) for i in idx}
-            lm_idx = torch.arange(n_lm).repeat(b)
-            t_flat = truth.reshape(-1, 3)
+            m = min(n_lm, config.local_landmarks)
+            lm_idx = torch.stack([torch.randperm(n_lm, generator=gen)[:m] for _ in range(b)])  # (B, m)
+            t_flat = torch.gather(truth, 1, lm_idx[..., None].expand(b, m, 3)).reshape(-1, 3)
+            lm_idx = lm_idx.reshape(-1)
             ok = torch.isfinite(t_flat).all(1)
             t_centre = torch.where(ok[:, None], t_flat, torch.as_tensor(
-                np.repeat(np.stack([centres[i] for i in idx]), n_lm, 0), dtype=torch.float32))
+                np.repeat(np.stack([centres[i] for i in idx]), m, 0), dtype=torch.float32))
             for k, st in enumerate(stages[1:], start=1):
                 floor = config.offset_floor_mm[min(k - 1, len(config.offset_floor_mm) - 1)]
-                sigma = max(floor, err_ema[k - 1])
-                off = torch.randn(b * n_lm, 3, generator=gen) * sigma
                 lim = 0.35 * st.extent_mm
+                sigma = min(max(floor, err_ema[k - 1]), 0.5 * lim)
+                off = torch.randn(b * m, 3, generator=gen) * sigma
                 off = off * (lim / off.norm(dim=1, keepdim=True).clamp_min(lim)).clamp(max=1.0)
-                rot = random_rotations(b * n_lm, 15.0, gen)
-                scl = 1 + (torch.rand(b * n_lm, generator=gen) * 2 - 1) * config.scale
+                rot = random_rotations(b * m, 15.0, gen)
+                scl = 1 + (torch.rand(b * m, generator=gen) * 2 - 1) * config.scale
                 pts = box_points(t_centre + off, st.size, st.spacing_mm, rot, scl)
-                hu = torch.cat([samplers[int(i)].sample(pts[j * n_lm:(j + 1) * n_lm], st.spacing_mm)
+                hu = torch.cat([samplers[int(i)].sample(pts[j * m:(j + 1) * m], st.spacing_mm)
                                 for j, i in enumerate(idx)])
                 logits = cascade.nets[k](local_input(_augment_hu(hu, gen)))
                 loss, dist, _ = _stage_loss(pick_channels(logits, lm_idx), pts, t_flat, st.spacing_mm,
