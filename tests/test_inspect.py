@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from tests.test_series import analytic_series, ct_series, write
@@ -67,3 +68,23 @@ def test_inspect_text(tmp_path):
 def test_inspect_missing_folder(tmp_path):
     proc = run_inspect(str(tmp_path / "nope"))
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
+
+
+def test_inspect_reads_headers_only(tmp_path):
+    """A series whose pixel data cannot be decoded is still inspected (geometry comes from headers), while
+    loading it fails: inspect does not decode pixels."""
+    from pydicom.uid import JPEG2000Lossless
+
+    from pacs_landmarks.dicom.series import SeriesError, load_series
+
+    series = ct_series(3)
+    for ds in series:
+        ds.compress(JPEG2000Lossless)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    paths = write(series, tmp_path / "broken")
+    proc = run_inspect(str(tmp_path / "broken"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (entry,) = json.loads(proc.stdout)["series"]
+    assert entry["shape"] == [3, 128, 128] and "error" not in entry
+    with pytest.raises(SeriesError, match="cannot decode pixel data"):
+        load_series(paths)
