@@ -617,3 +617,13 @@ def test_more_exclusion_reasons():
     assert "not a grayscale image" in got[rgb.SOPInstanceUID]
     assert "not perpendicular" in got[skew.SOPInstanceUID]
     assert "Image Position (Patient) needs 3" in got[short.SOPInstanceUID]
+
+
+def test_damaged_file_is_left_out_with_a_reason(tmp_path):
+    paths = write(ct_series(3), tmp_path)
+    damaged = tmp_path / "damaged.dcm"
+    damaged.write_bytes(paths[0].read_bytes()[:300])  # preamble, file meta and a cut-off dataset
+    vol = load_series([*paths, damaged])
+    assert vol.shape[0] == 3
+    reason = reasons(vol)[str(damaged)]
+    assert reason.startswith("incomplete dataset: no SOP Class UID"), reason

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
@@ -166,13 +165,16 @@ def _read(item: str | Path | Dataset, headers_only: bool) -> Dataset:
 
 
 def sop_class_name(uid: str) -> str:
+    """The SOP class's name from the PS3.6 UID registry, or the UID itself when it is not registered."""
     name = UID(uid).name if uid else ""
     return name if name and name != uid else (uid or "no SOP Class UID")
 
 
 def _classify(ds: Dataset) -> str | None:
     """Why this dataset is not a usable CT image, or None when it is one."""
-    sop_class = str(ds.get("SOPClassUID", ""))
+    if "SOPClassUID" not in ds:
+        return "incomplete dataset: no SOP Class UID (damaged or truncated file?)"
+    sop_class = str(ds.SOPClassUID)
     modality = str(ds.get("Modality", ""))
     if sop_class in SECONDARY_CAPTURE_CLASSES:
         return f"Secondary Capture ({sop_class_name(sop_class)}, Modality {modality or '-'}): not an acquired CT slice"
@@ -180,7 +182,10 @@ def _classify(ds: Dataset) -> str | None:
         if "Rows" in ds or "PixelData" in ds:
             return f"not a CT image ({sop_class_name(sop_class)}, Modality {modality or '-'})"
         return f"non-image object ({sop_class_name(sop_class)})"
-    image_type = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    if "SOPInstanceUID" not in ds:
+        return "no SOP Instance UID"
+    image_type = ds.get("ImageType") or []
+    image_type = [str(v).strip().upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
     if "LOCALIZER" in image_type:
         return "localizer (ImageType contains LOCALIZER)"
     if int(ds.get("SamplesPerPixel", 1)) != 1:
@@ -389,7 +394,7 @@ def _collect(
         label = _label(item)
         try:
             ds = _read(item, headers_only)
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- a damaged file raises anything from struct to KeyError
             excluded.append(Exclusion(label, f"not a readable DICOM file ({exc.__class__.__name__}: {exc})"))
             continue
         reason = _classify(ds)
@@ -610,7 +615,7 @@ def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclu
     for path in iter_files(paths):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- reported, never fatal: one bad file must not hide the rest
             unreadable.append(Exclusion(str(path), f"not a readable DICOM file ({exc.__class__.__name__})"))
             continue
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
