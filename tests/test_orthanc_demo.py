@@ -1,4 +1,4 @@
-"""`make demo` end to end (Orthanc, storescu, findscu, dsr2html), on a small phantom."""
+"""`make demo` end to end (Orthanc, storescu, findscu, dsr2html) on a small phantom, and `make serve`."""
 from __future__ import annotations
 
 import subprocess
@@ -6,10 +6,13 @@ import sys
 
 import pytest
 
-pytest.importorskip("pacs_landmarks.inference.phantom")  # lands during the session
+
+@pytest.fixture
+def phantom_module():
+    return pytest.importorskip("pacs_landmarks.inference.phantom")  # lands during the session
 
 
-def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path):
+def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path, phantom_module):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "pacs_landmarks.demo", "--out", str(out), "--size", "128", "--timeout", "120"],
@@ -27,7 +30,7 @@ def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path):
     assert "Orthanc has stopped" in (out / "orthanc.log").read_text()
 
 
-def test_demo_failure_is_clear_and_still_stops_orthanc(tmp_path):
+def test_demo_failure_is_clear_and_still_stops_orthanc(tmp_path, phantom_module):
     out = tmp_path / "demo"
     proc = subprocess.run(
         [sys.executable, "-m", "pacs_landmarks.demo", "--out", str(out), "--size", "64", "--timeout", "0"],
@@ -37,3 +40,35 @@ def test_demo_failure_is_clear_and_still_stops_orthanc(tmp_path):
     assert "demo: error: no results within 0 s" in proc.stderr
     assert "demo: Orthanc stopped" in proc.stdout
     assert "Orthanc has stopped" in (out / "orthanc.log").read_text()
+
+
+def test_serve_runs_orthanc_with_the_plugin_in_the_foreground(tmp_path):
+    """`make serve` (here inside a private network namespace, so nothing listens outside it)."""
+    import json
+    import signal
+    import time
+
+    script = 'ip link set lo up && exec "$@"'
+    proc = subprocess.Popen(
+        ["unshare", "-n", "--", "sh", "-c", script, "sh", sys.executable, "-m", "pacs_landmarks.plugin.serve",
+         "--storage", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline, health = time.monotonic() + 60, None
+        while time.monotonic() < deadline and health is None:
+            probe = subprocess.run(
+                ["nsenter", f"--net=/proc/{proc.pid}/ns/net", "--", "curl", "-sf",
+                 "http://127.0.0.1:8042/pacs-landmarks/health"], capture_output=True, text=True,
+            )
+            if probe.returncode == 0:
+                health = json.loads(probe.stdout)
+            time.sleep(0.3)
+        assert health is not None, "serve did not answer /pacs-landmarks/health"
+        assert "model" in health and "queue_depth" in health
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: Orthanc (which replaced python) stops cleanly
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert "Orthanc has stopped" in out
+    assert (tmp_path / "orthanc").is_dir() and (tmp_path / "pacs-landmarks" / "jobs.sqlite").exists()
