@@ -58,6 +58,12 @@ def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
     assert ds.SeriesNumber == 7701 and ds.SeriesDescription == "AI Landmarks"
     assert ds.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == LOCAL_SCHEME
 
+    # highdicom parses it back as a TID 1500 report: 2 planar ROI groups per tracking UID.
+    import highdicom as hd
+
+    parsed = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    assert len(parsed) == 2 * len(landmarks) and len({g.tracking_uid for g in parsed}) == len(landmarks)
+
     back = read_landmark_sr(ds)
     assert [lm.name for lm in back] == landmark_names()
     for want, got in zip(landmarks, back):

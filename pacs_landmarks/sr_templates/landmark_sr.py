@@ -45,6 +45,48 @@ def finding_sites(definition: dict) -> list:
     return sites
 
 
+def image_library(headers: list[Dataset]):
+    """TID 1600 Image Library of the referenced slices: one group sharing Modality and Frame of Reference
+    (TID 1602 descriptors at group level), one IMAGE entry per slice (TID 1601).
+
+    Per-entry descriptors (position, spacing, ...) are optional and left out: they doubled the size of the
+    document and its build + write time, and the slices are referenced by UID anyway.
+    """
+    from highdicom.sr import (
+        CodedConcept,
+        ContainerContentItem,
+        ContentSequence,
+        ImageContentItem,
+        RelationshipTypeValues,
+        UIDRefContentItem,
+        CodeContentItem,
+    )
+    from pydicom.sr.codedict import codes
+
+    contains = RelationshipTypeValues.CONTAINS
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
+    group.ContentSequence = ContentSequence()
+    acq = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    group.ContentSequence.append(
+        CodeContentItem(name=codes.DCM.Modality, value=CodedConcept("CT", "DCM", "Computed Tomography"), relationship_type=acq)
+    )
+    group.ContentSequence.append(
+        UIDRefContentItem(name=codes.DCM.FrameOfReferenceUID, value=headers[0].FrameOfReferenceUID, relationship_type=acq)
+    )
+    for h in headers:
+        group.ContentSequence.append(
+            ImageContentItem(
+                name=CodedConcept("260753009", "SCT", "Source"),
+                referenced_sop_class_uid=h.SOPClassUID,
+                referenced_sop_instance_uid=h.SOPInstanceUID,
+                relationship_type=contains,
+            )
+        )
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
 def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm) -> Dataset:
     import highdicom as hd
     from highdicom.sr import (
@@ -118,10 +160,11 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
         observation_context=observation_context(algorithm),
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
         imaging_measurements=groups,
-        # TID 1601 Image Library entries describe single-frame images (their position, spacing); an
-        # Enhanced CT instance has no single position, so it is referenced from the content and evidence only.
-        referenced_images=evidence_headers([h for h in referenced.values() if "NumberOfFrames" not in h]) or None,
     )
+    # TID 1500 row "Image Library" goes between Procedure Reported and Imaging Measurements.
+    content = report[0].ContentSequence
+    at = next(n for n, item in enumerate(content) if item.ValueType == "CONTAINER")
+    content.insert(at, image_library(list(referenced.values())))
     # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference
     # the frame of reference, not instances.
     return sr_document(report, evidence_headers(list(referenced.values())), "landmark-sr", algorithm, series)
