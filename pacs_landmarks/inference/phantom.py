@@ -41,6 +41,8 @@ MATERIALS: dict[str, float] = {
 MATERIAL_IDS = {name: i for i, name in enumerate(MATERIALS)}
 SKELETAL = frozenset(MATERIAL_IDS[m] for m in ("cortical", "diploe", "cancellous"))
 BONE = SKELETAL | {MATERIAL_IDS[m] for m in ("dentin", "enamel", "metal")}
+_SKEL_LUT = np.zeros(256, bool)
+_SKEL_LUT[list(SKELETAL)] = True
 
 # Ranges drawn per case (the issue's figures).
 PIXEL_SPACING_RANGE = (0.45, 1.0)  # mm at a 512 matrix; other matrices keep the field of view
@@ -48,6 +50,7 @@ SLICE_THICKNESSES = (0.625, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 5.0)
 NOISE_RANGE = (5.0, 30.0)  # HU, standard deviation
 PSF_FWHM_RANGE = (0.6, 1.3)  # mm, in-plane
 _UID_ROOT = "pacs-landmarks-phantom"
+NASION = (0.0, -69.5, 8.0)  # designed nasion (design frame, mm)
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -203,10 +206,13 @@ class PhantomCase:
         if len(flat) == 0:
             return out.reshape(pts.shape[:-1])
         plo, phi = flat.min(0), flat.max(0)
-        for s in self.shapes:
-            lo, hi = s.head_box()
-            if np.any(lo > phi) or np.any(hi < plo):
-                continue
+        boxes = self.__dict__.get("_boxes")
+        if boxes is None or len(boxes[0]) != len(self.shapes):
+            boxes = (np.array([s.head_box()[0] for s in self.shapes]), np.array([s.head_box()[1] for s in self.shapes]))
+            self.__dict__["_boxes"] = boxes
+        hit = np.flatnonzero(~(np.any(boxes[0] > phi, 1) | np.any(boxes[1] < plo, 1)))
+        for n in hit:
+            s = self.shapes[n]
             loc = flat @ s.M[:, :3].T + s.M[:, 3]
             mask = s.inside(loc[:, 0], loc[:, 1], loc[:, 2])
             out[mask] = s.material
@@ -293,15 +299,15 @@ def make_case(seed: int, **overrides) -> PhantomCase:
     ``missing_teeth=()``."""
     rng = np.random.default_rng(np.random.SeedSequence([0x5EED, int(seed)]))
     p: dict = {}
-    p["size"] = float(np.clip(rng.normal(1.0, 0.045), 0.87, 1.13))
+    p["size"] = float(np.clip(rng.normal(1.0, 0.04), 0.88, 1.12))
     p["proportions"] = [float(np.clip(rng.normal(1.0, 0.02), 0.95, 1.05)) for _ in range(3)]
     p["vault_scale"] = [float(rng.uniform(0.95, 1.05)) for _ in range(3)]
     p["vault_thickness_mm"] = float(rng.uniform(4.5, 8.0))
-    p["maxilla_shift_mm"] = float(rng.normal(0.0, 1.3))
-    p["mandible_shift_mm"] = float(rng.normal(0.0, 1.6))
+    p["maxilla_shift_mm"] = float(rng.normal(0.0, 1.0))
+    p["mandible_shift_mm"] = float(rng.normal(0.0, 1.2))
     p["mandible_scale"] = float(np.clip(rng.normal(1.0, 0.03), 0.93, 1.07))
     p["chin_prominence_mm"] = float(rng.uniform(-1.0, 2.0))
-    p["mouth_opening_deg"] = float(0.0 if rng.random() < 0.4 else rng.uniform(0.5, 6.0))
+    p["mouth_opening_deg"] = float(0.0 if rng.random() < 0.4 else rng.uniform(0.5, 4.5))
     p["ear_canal_radius_mm"] = float(rng.uniform(3.2, 4.5))
     p["asymmetry_mm"] = float(rng.normal(0.0, 1.0))
     p["rotation_deg"] = [float(rng.uniform(-15, 15)) for _ in range(3)]
@@ -355,9 +361,11 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     asym = p["asymmetry_mm"]
     mx = p["maxilla_shift_mm"]
     md = p["mandible_shift_mm"]
-    vc = np.array([0.0, 24.0, 16.0])  # vault centre
     va = np.array([73.0, 94.0, 96.0]) * vs  # half breadth, half length, height above centre
     vdown = 55.0
+    # The frontal bone's outer surface passes 3 mm in front of the designed nasion, whatever the vault size.
+    vc = np.array([0.0, 0.0, 16.0])
+    vc[1] = NASION[1] - 3.0 + va[1] * math.sqrt(1.0 - ((NASION[2] - vc[2]) / vdown) ** 2)
     # Soft tissue envelopes: skin, subcutaneous fat, muscle/galea.
     face_c, face_a = np.array([0.0, -36.0, -42.0]), np.array([63.0, 56.0, 82.0])
     neck_a, neck_b = np.array([0.0, 14.0, -62.0]), np.array([0.0, 18.0, -320.0])
@@ -376,7 +384,9 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     b.ell("brain", "brain", vc, va - t, down=vdown - t)
     for side in (-1, 1):
         b.ell("ventricle", "csf", (side * 9.0, 28.0, 38.0), (5.0, 26.0, 9.0), R=_rot("z", side * 8.0))
-    b.ell("frontal sinus", "air", (0, -66.5 + 3.5, 22.0), (13.0, 3.5, 8.0))
+    zs = NASION[2] + 13.0
+    y_outer = vc[1] - va[1] * math.sqrt(1.0 - ((zs - vc[2]) / va[2]) ** 2)
+    b.ell("frontal sinus", "air", (0, y_outer + t / 2, zs), (12.0, max(0.8, t / 2 - 1.8), 7.0))
     # Anterior skull base and midface (orbital floors, zygomas), sphenoid, petrous bones.
     b.sup("anterior skull base", "cancellous", (0, -40, -16), (47, 26, 20))
     b.sup("midface", "cancellous", (0, -44, -26), (50, 19, 22))
@@ -403,7 +413,10 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
         b.ell("globe", "eye", (x, -66.0, -1.0), (12.0, 12.0, 12.0))
         b.ell("lens", "lens", (x, -77.0, -1.0), (4.5, 1.8, 4.5))
     # Nasal bones, nasal cavity, maxillary sinuses.
-    b.cap("nasal bones", "cortical", (0, -66.0, 8.0), (0, -76.0, -14.0), (3.0, 7.0, 3.0))
+    # Nasion: the frontonasal concavity (deepest point = NASION), then the nasal bones below it.
+    nx, ny, nz = NASION
+    b.cap("frontonasal concavity", "muscle", (-10, ny - 8.0, nz), (10, ny - 8.0, nz), (8.0, 8.0, 8.0))
+    b.cap("nasal bones", "cortical", (0, ny + 2.0, nz - 4.0), (0, ny - 8.0, nz - 24.0), (3.0, 7.0, 3.0))
     b.ell("nasal cavity", "air", (0, -44.0, -24.0), (12.0, 27.0, 17.0))
     for side in (-1, 1):
         b.ell("maxillary sinus", "air", (side * 23.0, -45.0, -28.0), (11.0, 13.0, 12.0))
@@ -412,7 +425,7 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     b.cap("subspinale concavity", "muscle", (-12, -74.0 - mx, -48.5), (12, -74.0 - mx, -48.5), (7.0, 7.0, 7.0))
     b.cap("hard palate", "cortical", (0, -64.0 - mx, -42.5), (0, -25.0, -42.5), (3.0, 16.0, 3.2))
     b.cap("anterior nasal spine", "cortical", (0, -60.0 - mx, -41.5), (0, -71.5 - mx, -41.5), (2.2, 3.0, 2.2))
-    b.ell("oral cavity", "air", (0, -42.0, -62.0), (22.0, 22.0, 0.6 + 3.0 * p["mouth_opening_deg"] / 6.0))
+    b.ell("oral cavity", "air", (0, -42.0, -62.0), (22.0, 22.0, 0.6 + 3.0 * p["mouth_opening_deg"] / 4.5))
     upper = _arch(b, "upper", y_front=-66.0 - mx, z=-55.0, width=27.0, depth=44.0, crest_dz=-1.0, p=p)
     # Pharynx behind the palate.
     b.cap("pharynx", "air", (0, -14.0, -34.0), (0, -6.0, -200.0), (6.0, 11.0, 7.0))
@@ -432,12 +445,12 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     b.cap("symphysis", "cancellous", (0, -57.0 - md, -96.0), (0, -59.0 - md, -72.0), (7.0, 14.0, 8.5),
           hint=(1, 0, 0))
     b.cap("supramentale concavity", "muscle", (-12, -73.5 - md, -86.5), (12, -73.5 - md, -86.5), (9.0, 9.0, 9.0))
-    b.ell("chin", "cortical", (0, -56.0 - md, -97.0), (16.0, 10.5 + cp, 14.5), R=_rot("x", -8.0))
+    b.ell("chin", "cortical", (0, -59.0 - md, -96.0), (16.0, 7.5 + cp, 14.0))
     for side in (-1, 1):
-        g0 = np.array([side * 45.0, -13.0, -80.0])
-        b.cap("mandibular body", "cortical", (side * 13.0, -52.0 - md, -94.0), g0, (11.0, 5.5, 11.0))
-        b.cap("ramus", "cortical", g0, (side * 49.0, 0.0, -32.0), (11.0, 4.5, 11.0))
-        b.cap("coronoid", "cortical", (side * 47.0, -10.0, -50.0), (side * 45.0, -22.0, -33.0), (4.0, 4.0, 4.0))
+        g0 = np.array([side * 47.5, -14.0, -79.0])
+        b.cap("mandibular body", "cortical", (side * 13.0, -54.0 - md, -93.0), g0, (11.0, 5.5, 11.0))
+        b.cap("ramus", "cortical", g0, (side * 50.0, -1.0, -32.0), (11.0, 4.5, 11.0))
+        b.cap("coronoid", "cortical", (side * 49.0, -12.0, -50.0), (side * 46.0, -24.0, -33.0), (4.0, 4.0, 4.0))
         b.ell("condyle", "cortical", (side * 50.0, 2.0, -24.0), (9.5, 5.0, 5.5))
         b.cap("mandibular canal", "cancellous", (side * 15.0, -52.0 - md, -92.0), g0 + (0, 0, 3), (2.0, 2.0, 2.0))
     lower = _arch(b, "lower", y_front=-62.0 - md, z=-73.0, width=25.0, depth=44.0, crest_dz=1.0, p=p)
@@ -517,7 +530,7 @@ def _front_outline(case, x, ylo, yhi, zlo, zhi, step=0.1):
     """Per z row, the most anterior (smallest y) skeletal point in [ylo, yhi]; NaN where there is none."""
     ys = np.arange(ylo, yhi, step)
     zs = np.arange(zlo, zhi, step)
-    bone = np.isin(case.labels_head(_grid2(x, ys, zs)), list(SKELETAL))
+    bone = _SKEL_LUT[case.labels_head(_grid2(x, ys, zs))]
     has = bone.any(0)
     first = np.argmax(bone, 0)
     yfront = np.where(has, ys[first], np.nan)
@@ -530,7 +543,7 @@ def _refine_edge(case, p_out, p_in, rounds=2, n=64):
     for _ in range(rounds):
         ts = np.linspace(0.0, 1.0, n)
         pts = a + ts[:, None] * (b - a)
-        bone = np.isin(case.labels_head(pts), list(SKELETAL))
+        bone = _SKEL_LUT[case.labels_head(pts)]
         k = int(np.argmax(bone)) if bone.any() else n - 1
         a, b = pts[max(k - 1, 0)], pts[k]
     return (a + b) / 2
@@ -539,14 +552,17 @@ def _refine_edge(case, p_out, p_in, rounds=2, n=64):
 def _deepest(case, x, ylo, yhi, zlo, zhi) -> np.ndarray:
     """Deepest (most posterior) point of the anterior bone outline between two heights (A point, B point,
     nasion): the row whose first bone from the front lies furthest back."""
-    yf, zs = _front_outline(case, x, ylo, yhi, zlo, zhi)
+    yf, zs = _front_outline(case, x, ylo, yhi, zlo, zhi, step=0.25)
     if np.all(np.isnan(yf)):
         raise RuntimeError("no bone in landmark window")
+    k = int(np.nanargmax(yf))
+    zc, yc = zs[k], yf[k]
+    yf, zs = _front_outline(case, x, yc - 0.5, yc + 1.0, max(zlo, zc - 0.75), min(zhi, zc + 0.75), step=0.02)
     k = int(np.nanargmax(yf))
     best = yf[k]
     ties = np.flatnonzero(np.abs(yf - best) < 1e-6)
     z = float(zs[ties].mean())
-    return _refine_edge(case, (x, best - 0.2, z), (x, best + 0.1, z))
+    return _refine_edge(case, (x, best - 0.05, z), (x, best + 0.03, z))
 
 
 def _support(case, centre, half, direction, plane_x=None, step=0.25) -> np.ndarray:
@@ -555,12 +571,12 @@ def _support(case, centre, half, direction, plane_x=None, step=0.25) -> np.ndarr
     d /= np.linalg.norm(d)
     c = np.asarray(centre, float)
     h = np.asarray(half, float)
-    for _ in range(3):
+    for _ in range(2):
         axes = [np.arange(c[i] - h[i], c[i] + h[i] + 1e-9, step) for i in range(3)]
         if plane_x is not None:
             axes[0] = np.array([plane_x])
         P = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-        bone = np.isin(case.labels_head(P), list(SKELETAL))
+        bone = _SKEL_LUT[case.labels_head(P)]
         if not bone.any():
             raise RuntimeError("no bone in landmark window")
         Pb = P[bone]
@@ -568,8 +584,8 @@ def _support(case, centre, half, direction, plane_x=None, step=0.25) -> np.ndarr
         top = score >= score.max() - 1e-9
         c = Pb[top].mean(0)
         h = np.full(3, 2.0 * step)
-        step /= 5.0
-    return _refine_edge(case, c + 0.2 * d, c - 0.05 * d)
+        step /= 8.0
+    return _refine_edge(case, c + 0.1 * d, c - 0.05 * d)
 
 
 def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
@@ -582,8 +598,8 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
     aux: dict[str, np.ndarray] = {}
     lm["Sella"] = h((0, 0, 0))  # centre of the pituitary fossa sphere
     # Nasion: deepest point of the midline profile between glabella and the nasal bones.
-    g, nb = h((0, -70, 22)), h((0, -72, -6))
-    lm["Nasion"] = _deepest(case, 0.0, g[1] - 15, g[1] + 25, nb[2], g[2])
+    n = h(NASION)
+    lm["Nasion"] = _deepest(case, 0.0, n[1] - 15, n[1] + 15, n[2] - 6, n[2] + 10)
     for side, sgn in (("R", -1), ("L", 1)):
         o = h((sgn * 33.0, -62.5, -17.5))
         lm[f"Orbitale {side}"] = _support(case, o, (0, 8, 8), (0, -1, 1), plane_x=o[0])
@@ -593,7 +609,7 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
         inner = h((sgn * 40.0, 0, 0))[0]
         xs = np.arange(inner, sgn * 90.0 * D[0, 0], sgn * 0.05)
         line = np.stack([xs, np.full_like(xs, top[1]), np.full_like(xs, top[2] + 0.15)], 1)
-        bone = np.isin(case.labels_head(line), list(SKELETAL))
+        bone = _SKEL_LUT[case.labels_head(line)]
         gone = np.flatnonzero(~bone)
         edge = xs[gone[0] - 1] if len(gone) and gone[0] > 0 else xs[-1]
         lm[f"Porion {side}"] = np.array([edge, top[1], top[2]])
@@ -606,7 +622,7 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
     lm["A point"] = _deepest(case, 0.0, lm["ANS"][1] - 2, lm["ANS"][1] + 20, aux["Prosthion"][2], lm["ANS"][2] - 2.5)
     chin = hj((0, -66, -97))
     lm["Pogonion"] = _support(case, chin, (0, 8, 7), (0, -1, 0), plane_x=0.0)
-    me = hj((0, -56, -111.5))
+    me = hj((0, -59, -110.0))
     lm["Menton"] = _support(case, me, (0, 10, 6), (0, 0, -1), plane_x=0.0)
     lm["Gnathion"] = _support(case, (lm["Pogonion"] + lm["Menton"]) / 2, (0, 8, 8), (0, -1, -1), plane_x=0.0)
     idl = hj((0, -67, -74))
@@ -614,14 +630,14 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
     lm["B point"] = _deepest(case, 0.0, lm["Pogonion"][1] - 2, lm["Pogonion"][1] + 22, lm["Pogonion"][2] + 1.0,
                              aux["Infradentale"][2] - 1.0)
     for side, sgn in (("R", -1), ("L", 1)):
-        g0 = hj((sgn * 45.0, -13.0, -80.0))
-        u1 = g0 - hj((sgn * 13.0, -52.0, -94.0))
-        u2 = g0 - hj((sgn * 49.0, 0.0, -32.0))
+        g0 = hj((sgn * 47.5, -14.0, -79.0))
+        u1 = g0 - hj((sgn * 13.0, -54.0, -93.0))
+        u2 = g0 - hj((sgn * 50.0, -1.0, -32.0))
         d = u1 / np.linalg.norm(u1) + u2 / np.linalg.norm(u2)
         d[0] = 0.0
-        lm[f"Gonion {side}"] = _support(case, g0 + 8 * d / np.linalg.norm(d), (9, 9, 9), d, step=0.4)
+        lm[f"Gonion {side}"] = _support(case, g0 + 8 * d / np.linalg.norm(d), (9, 9, 9), d, step=0.6)
         cond = hj((sgn * 50.0, 2.0, -24.0))
-        aux[f"Condylion {side}"] = _support(case, cond, (10, 6, 7), (0, 0, 1), step=0.4)
+        aux[f"Condylion {side}"] = _support(case, cond, (10, 6, 7), (0, 0, 1), step=0.6)
     ba = h((0, 24, -38))
     lm["Basion"] = _support(case, ba, (0, 6, 5), (0, 1, -1), plane_x=0.0)
     return {n: lm[n] for n in NAMES}, aux
@@ -666,10 +682,13 @@ def measurements(landmarks: dict[str, np.ndarray], aux: dict[str, np.ndarray] | 
     out["SN-FH"] = 90.0 - math.degrees(math.acos(abs(float(np.dot(sn, fh)))))
     del po, go
     if aux:
+        # As on a lateral cephalogram: projected on the plane normal to the porion axis.
+        axis = (L["Porion L"] - L["Porion R"]) / np.linalg.norm(L["Porion L"] - L["Porion R"])
+        proj = lambda q: q - np.dot(q, axis) * axis  # noqa: E731
         angles = []
         for side in ("R", "L"):
             co = np.asarray(aux[f"Condylion {side}"], float)
-            angles.append(_angle(co, L[f"Gonion {side}"], L["Menton"]))
+            angles.append(_angle(proj(co), proj(L[f"Gonion {side}"]), proj(L["Menton"])))
         out["gonial angle"] = float(np.mean(angles))
     return out
 

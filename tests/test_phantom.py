@@ -1,0 +1,160 @@
+"""Synthetic head-CT phantoms: valid CT Image IODs, deterministic, landmarks on the anatomy, plausible sizes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_landmarks.inference import phantom as ph
+from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+
+SMALL = dict(size=128, slice_thickness=4.0)
+CLI = str(Path(sys.executable).with_name("pacs-landmarks"))
+
+
+@pytest.fixture(scope="module")
+def case7():
+    return ph.make_case(7)
+
+
+@pytest.fixture(scope="module")
+def written7(case7, tmp_path_factory):
+    return ph.write_case(case7, tmp_path_factory.mktemp("ph7"), **SMALL)
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_landmark_names_match_the_shared_set():
+    assert list(ph.NAMES) == landmark_names("craniofacial16")
+
+
+def test_slices_pass_dciodvfy(written7, validate_dicom):
+    files = sorted(written7.glob("*.dcm"))
+    assert len(files) > 20
+    for f in (files[0], files[len(files) // 2], files[-1]):
+        warnings = validate_dicom(f)
+        assert not warnings, warnings
+
+
+def test_ct_attributes_and_geometry(written7, case7):
+    doc = json.loads((written7 / "landmarks.json").read_text())
+    assert doc["landmark_set"] == "craniofacial16"
+    assert [lm["name"] for lm in doc["landmarks"]] == list(ph.NAMES)
+    dss = [pydicom.dcmread(f) for f in sorted(written7.glob("*.dcm"))]
+    ds = dss[0]
+    assert ds.SOPClassUID == pydicom.uid.CTImageStorage
+    assert list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert float(ds.RescaleIntercept) == -1024 and float(ds.RescaleSlope) == 1
+    assert ds.BitsAllocated == 16 and str(ds.PatientName) == "PHANTOM^0007"
+    assert {d.SeriesInstanceUID for d in dss} == {doc["series_instance_uid"]}
+    assert {d.FrameOfReferenceUID for d in dss} == {doc["frame_of_reference_uid"]}
+    assert len({d.SOPInstanceUID for d in dss}) == len(dss)
+    z = sorted(float(d.ImagePositionPatient[2]) for d in dss)
+    assert np.allclose(np.diff(z), 4.0)
+    assert sorted(d.InstanceNumber for d in dss) == list(range(1, len(dss) + 1))
+
+
+def test_same_seed_same_bytes(tmp_path, written7):
+    again = ph.write_case(ph.make_case(7), tmp_path / "again", **SMALL)
+    assert _hashes(again) == _hashes(written7)
+    other = ph.make_case(8)
+    assert not np.allclose(other.landmarks["Nasion"], ph.make_case(7).landmarks["Nasion"])
+
+
+def test_rendered_volume_matches_case_evaluation(written7, case7):
+    """The pixel at a landmark's voxel agrees with hu_at (the image IS the analytic shape)."""
+    dss = sorted((pydicom.dcmread(f) for f in written7.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    vol = np.stack([d.pixel_array.astype(np.float32) - 1024 for d in dss])
+    ps = float(dss[0].PixelSpacing[0])
+    origin = np.array(dss[0].ImagePositionPatient, float)
+    # Check the brain centre and air outside: large homogeneous regions survive blur.
+    brain = case7.landmarks["Sella"] + case7.head_to_lps[:3, :3] @ np.array([0, 25.0, 45.0])
+    k = int(round((brain[2] - origin[2]) / 4.0))
+    j, i = (int(round((brain[1] - origin[1]) / ps)), int(round((brain[0] - origin[0]) / ps)))
+    assert case7.hu_at(brain) == pytest.approx(ph.MATERIALS["brain"], abs=1)
+    assert abs(np.median(vol[k, j - 1:j + 2, i - 1:i + 2]) - ph.MATERIALS["brain"]) < 40
+    assert np.median(vol[k, :3, :3]) < -900
+
+
+def test_landmarks_sit_on_the_anatomy(case7):
+    """Each landmark is a boundary point of the bone it names, measured in the anatomical head frame."""
+    H = case7.head_landmarks
+    lab = lambda p: case7.labels_head(np.asarray(p, float)[None])[0]  # noqa: E731
+    bone = ph.SKELETAL
+    eps = 0.6
+    # Menton: bone just above, none below; Pogonion: bone just behind, none in front.
+    assert lab(H["Menton"] + (0, 0, eps)) in bone and lab(H["Menton"] - (0, 0, eps)) not in bone
+    assert lab(H["Pogonion"] + (0, eps, 0)) in bone and lab(H["Pogonion"] - (0, eps, 0)) not in bone
+    assert lab(H["ANS"] + (0, eps, 0)) in bone and lab(H["ANS"] - (0, eps, 0)) not in bone
+    assert lab(H["PNS"] - (0, eps, 0)) in bone and lab(H["PNS"] + (0, eps, 0)) not in bone
+    for name in ("A point", "B point", "Nasion"):
+        assert lab(H[name] + (0, eps, 0)) in bone and lab(H[name] - (0, eps, 0)) not in bone, name
+    # Porion: air of the ear canal just below, bone just above and medial.
+    for side, sgn in (("R", -1), ("L", 1)):
+        po = H[f"Porion {side}"]
+        assert case7.hu[lab(po - (sgn * 1.0, 0, 0.8))] < -900
+        assert lab(po + (-sgn * 1.0, 0, 0.8)) in bone
+        assert lab(po + (sgn * 1.0, 0, 0.8)) not in bone
+        go = H[f"Gonion {side}"]
+        assert lab(go + (0, -1.0, 1.0)) in bone and lab(go + (0, 1.0, -1.0)) not in bone
+    # Sella: the centre of the soft-tissue pocket, with bone below it.
+    assert lab(H["Sella"]) == ph.MATERIAL_IDS["pituitary"]
+    assert lab(H["Sella"] - (0, 0, 7.0)) in bone
+    # Basion: bone anteriorly-up, soft tissue posteriorly-down.
+    assert lab(H["Basion"] + (0, -eps, eps)) in bone and lab(H["Basion"] + (0, eps, -eps)) not in bone
+
+
+def test_rendered_hu_near_chin_is_bone(written7, case7):
+    dss = sorted((pydicom.dcmread(f) for f in written7.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    assert case7.hu_at(case7.landmarks["Menton"] + case7.head_to_lps[:3, :3] @ np.array([0, 0, 2.0])) > 1000
+    assert case7.hu_at(case7.landmarks["Pogonion"] + case7.head_to_lps[:3, :3] @ np.array([0, 2.0, 0])) > 1000
+    assert len(dss) > 0
+
+
+# Usual adult ranges from the design reference; phantoms must land in them (within a small margin).
+RANGES = {
+    "SNA": (78, 86), "SNB": (76, 84), "ANB": (0, 4), "S-N": (63, 80), "N-Me": (105, 135), "Go-Me": (65, 85),
+    "FMA": (18, 32), "gonial angle": (115, 135), "Ba-N": (95, 115), "S-Ba": (40, 52), "inter-porion": (105, 125),
+    "inter-orbitale": (58, 72), "bigonial": (85, 105), "SN-FH": (4, 10),
+}
+
+
+def test_measurements_in_typical_ranges():
+    values = {k: [] for k in RANGES}
+    for seed in range(20):
+        case = ph.make_case(seed)
+        m = ph.measurements(case.landmarks, case.aux_points)
+        for k in RANGES:
+            values[k].append(m[k])
+    report = {k: (round(min(v), 1), round(float(np.median(v)), 1), round(max(v), 1)) for k, v in values.items()}
+    for k, (lo, hi) in RANGES.items():
+        v = np.asarray(values[k])
+        margin = 2.0 if k in ("SNA", "SNB", "ANB", "FMA", "gonial angle", "SN-FH") else 0.04 * hi
+        assert lo <= np.median(v) <= hi, (k, report[k])
+        assert np.all((v >= lo - margin) & (v <= hi + margin)), (k, report[k])
+        assert np.mean((v >= lo) & (v <= hi)) >= 0.75, (k, report[k])
+
+
+def test_cli_writes_cases(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [CLI, "phantom", str(out), "--count", "2", "--seed", "5",
+         "--size", "64", "--slice-thickness", "5", "--pixel-spacing", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in ("case-0001", "case-0002"):
+        doc = json.loads((out / name / "landmarks.json").read_text())
+        assert len(doc["landmarks"]) == 16
+        assert len(list((out / name).glob("*.dcm"))) == doc["slices"]
+    bad = subprocess.run([CLI, "phantom", str(out), "--count", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "count" in bad.stderr
