@@ -250,7 +250,7 @@ def test_unknown_calling_ae_is_rejected(node, phantom):
 def test_bad_instances_get_failure_status_and_node_keeps_serving(node, phantom, tmp_path, monkeypatch):
     from pynetdicom import AE, _config
 
-    good = sorted(phantom.glob("*.dcm"))[0]
+    good = clone_series(phantom, tmp_path / "fresh")[0]  # UIDs this node has not stored yet
     raw = good.read_bytes()
     ds = pydicom.dcmread(good)
     meta_end = 132 + 12 + int.from_bytes(raw[140:144], "little")  # (0002,0000) group length
@@ -306,7 +306,6 @@ def test_mr_series_and_ct_secondary_capture_start_no_job(node, phantom, tmp_path
     assert len(ignored) >= 2
 
 
-@pytest.mark.slow
 def test_four_senders_at_once(node, archive, phantom, tmp_path):
     series = [clone_series(phantom, tmp_path / f"s{n}") for n in range(4)]
     uids = [series_uid_of(tmp_path / f"s{n}") for n in range(4)]
@@ -326,7 +325,6 @@ def test_four_senders_at_once(node, archive, phantom, tmp_path):
 
 # -- crash, restart, destination down -----------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_kill_during_receive_and_during_inference_then_resume(phantom, tmp_path):
     archive = Archive(tmp_path / "archive").start()
     files = sorted(phantom.glob("*.dcm"))
@@ -354,7 +352,6 @@ def test_kill_during_receive_and_during_inference_then_resume(phantom, tmp_path)
         archive.stop()
 
 
-@pytest.mark.slow
 def test_destination_down_then_back(phantom, tmp_path):
     archive = Archive(tmp_path / "archive")  # not started: the destination is down
     files = sorted(phantom.glob("*.dcm"))
