@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from pydicom.uid import generate_uid  # noqa: E402
 from sr_helpers import GEOMETRIES, make_landmarks, make_series  # noqa: E402
 
 from pacs_landmarks.sr_templates.common import Algorithm  # noqa: E402

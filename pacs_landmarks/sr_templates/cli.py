@@ -61,11 +61,14 @@ def landmarks_json(landmarks, volume=None, model=None, measurements=()) -> dict:
     }
 
 
-def format_tables(landmarks, measurements) -> str:
+def format_tables(landmarks, measurements, low_confidence: float = 0.3) -> str:
+    """The landmark table (LPS mm, confidence; LOW below ``low_confidence``) and the measurement table
+    (with the set's typical range; OUTSIDE when the value is not in it)."""
     lines = [f"{'landmark':<12} {'x (L)':>9} {'y (P)':>9} {'z (S)':>9} {'conf':>5}"]
     for lm in landmarks:
         x, y, z = lm.position_lps_mm
-        lines.append(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:5.2f}")
+        flag = "  LOW" if lm.confidence < low_confidence else ""
+        lines.append(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:5.2f}{flag}")
     lines.append("")
     lines.append(f"{'measurement':<30} {'value':>8} {'unit':<4} {'typical range':<14}")
     for m in measurements:
@@ -103,7 +106,9 @@ def infer(args: argparse.Namespace) -> int:
     results.seg.save_as(args.out / OUTPUT_FILES["seg"], enforce_file_format=True)
     doc = landmarks_json(results.landmarks, results.volume, model, results.measurements)
     (args.out / OUTPUT_FILES["landmarks_json"]).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    print(format_tables(results.landmarks, results.measurements))
+    from pacs_landmarks.inference.model import LOW_CONFIDENCE
+
+    print(format_tables(results.landmarks, results.measurements, LOW_CONFIDENCE))
     print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
     print(f"wrote {', '.join(OUTPUT_FILES.values())} to {args.out}")
     return 0
