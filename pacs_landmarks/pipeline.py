@@ -5,6 +5,7 @@ load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, with
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,9 @@ def build_outputs(volume, landmarks: list[Landmark], algorithm) -> tuple[Dataset
     from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
     from pacs_landmarks.sr_templates.seg import build_landmark_seg
 
+    for lm in landmarks:
+        if len(lm.position_lps_mm) != 3 or not all(math.isfinite(v) for v in lm.position_lps_mm):
+            raise ValueError(f"landmark {lm.name!r} has no finite 3D position: {lm.position_lps_mm!r}")
     values = compute_measurements(landmarks, algorithm.landmark_set)
     return (
         build_landmark_sr(volume, landmarks, algorithm),
@@ -44,8 +48,9 @@ def build_outputs(volume, landmarks: list[Landmark], algorithm) -> tuple[Dataset
 def process_series(datasets: Iterable[str | Path | Dataset], model) -> Results:
     """Assemble the series, run the model's cascade, build the DICOM results.
 
-    Raises ``pacs_landmarks.dicom.series.SeriesError`` for a series that cannot be assembled (clear reason);
-    nothing is written here: the caller decides where results go.
+    Raises ``pacs_landmarks.dicom.series.SeriesError`` for a series that cannot be assembled (clear reason),
+    ``ValueError`` if the model gives a landmark without a finite position. Nothing is written here: the
+    caller decides where results go. Result UIDs are deterministic (same series + model -> same UIDs).
     """
     from pacs_landmarks.dicom.series import load_series
     from pacs_landmarks.sr_templates.common import Algorithm

@@ -168,3 +168,13 @@ def test_outputs_on_phantom_truth(tmp_path, validate_dicom, tilt_deg):
         lo, hi = v.range
         slack = (hi - lo) / 2
         assert lo - slack <= v.value <= hi + slack, (v.name, v.value)
+
+
+def test_non_finite_landmark_is_refused():
+    from pacs_landmarks.inference.landmark import Landmark
+    from pacs_landmarks.pipeline import build_outputs
+    from pacs_landmarks.sr_templates.common import Algorithm
+
+    _, volume = make_series("axial", with_pixels=False)
+    with pytest.raises(ValueError, match="Nasion.*no finite 3D position"):
+        build_outputs(volume, [Landmark("Nasion", (float("nan"), 0.0, 0.0))], Algorithm("m", "1"))
