@@ -629,3 +629,11 @@ def test_damaged_file_is_left_out_with_a_reason(tmp_path):
     assert vol.shape[0] == 3
     reason = reasons(vol)[str(damaged)]
     assert reason.startswith("incomplete dataset: no SOP Class UID"), reason
+
+
+def test_folder_is_read_recursively(tmp_path):
+    series = ct_series(4)
+    write(series[:2], tmp_path / "a")
+    write(series[2:], tmp_path / "b" / "c")
+    vol = load_series([tmp_path])
+    assert [s.sop_instance_uid for s in vol.slice_sources] == [ds.SOPInstanceUID for ds in series]

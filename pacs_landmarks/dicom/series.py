@@ -157,6 +157,15 @@ def _label(item: str | Path | Dataset) -> str:
     return str(item)
 
 
+def _expand(items: Iterable[str | Path | Dataset]) -> Iterator[str | Path | Dataset]:
+    """Datasets and files as given; folders replaced by the files under them."""
+    for item in items:
+        if not isinstance(item, Dataset) and Path(item).is_dir():
+            yield from iter_files([item])
+        else:
+            yield item
+
+
 def _read(item: str | Path | Dataset, headers_only: bool) -> Dataset:
     """One read per file: the whole file for loading, up to Pixel Data for planning."""
     if isinstance(item, Dataset):
@@ -390,7 +399,7 @@ def _collect(
     excluded: list[Exclusion] = []
     owned: list[bool] = []
     seen: dict[tuple[str, int | None], str] = {}
-    for item in items:
+    for item in _expand(items):
         label = _label(item)
         try:
             ds = _read(item, headers_only)
@@ -566,7 +575,7 @@ def _resample(plan: SeriesPlan, stack: np.ndarray) -> np.ndarray:
 
 
 def load_series(items: Iterable[str | Path | Dataset], *, min_slices: int = MIN_SLICES) -> Volume:
-    """Load one CT series (file paths and/or datasets, any order) into a :class:`Volume` in HU.
+    """Load one CT series (file paths, folders and/or datasets, any order) into a :class:`Volume` in HU.
 
     Each file is read once. Datasets passed in are not modified. Raises :class:`SeriesError` with the
     reason when no volume can be made; what was left out and why is in ``Volume.excluded``.
