@@ -637,3 +637,11 @@ def test_folder_is_read_recursively(tmp_path):
     write(series[2:], tmp_path / "b" / "c")
     vol = load_series([tmp_path])
     assert [s.sop_instance_uid for s in vol.slice_sources] == [ds.SOPInstanceUID for ds in series]
+
+
+def test_ct_images_without_usable_slices():
+    series = ct_series(3)
+    for ds in series:
+        del ds.PixelSpacing
+    with pytest.raises(SeriesError, match="none of the 3 CT image"):
+        load_series(series)

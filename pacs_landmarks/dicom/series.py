@@ -437,6 +437,8 @@ def plan_series(
     if not frames:
         reasons = "; ".join(f"{e.source}: {e.reason}" for e in excluded[:5]) or "no input"
         more = f" (and {len(excluded) - 5} more)" if len(excluded) > 5 else ""
+        if datasets:
+            raise SeriesError(f"none of the {len(datasets)} CT image(s) has a usable slice: {reasons}{more}", excluded)
         raise SeriesError(f"no CT image among {len(excluded)} input(s): {reasons}{more}", excluded)
     series = sorted({str(datasets[f.item].get("SeriesInstanceUID", "")) for f in frames})
     if len(series) > 1:
