@@ -122,8 +122,8 @@ def storescu(port: int, files, *, aet: str = SENDER, extra=(), check=True) -> su
     cmd = [require_tool("storescu"), "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
            *[str(f) for f in files]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    if check:  # storescu can exit 0 after a failed C-STORE: its "E:" lines are the truth
+        assert proc.returncode == 0 and "E:" not in proc.stderr, proc.stdout + proc.stderr
     return proc
 
 
@@ -398,3 +398,81 @@ def test_print_config_and_jobs_command(tmp_path):
     assert store.get(job.id).state == "queued"
     bad = subprocess.run(cli + ["retry", "999"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no job 999" in bad.stderr
+
+
+# -- transfer syntaxes and TLS ------------------------------------------------------------------------------
+
+def _encode(src: Path, dst: Path, syntax: str) -> Path:
+    """One instance in a given transfer syntax, encoded by dcmtk (or pydicom for JPEG 2000)."""
+    tools = {
+        "deflate": ["dcmconv", "+td"],
+        "rle": ["dcmcrle"],
+        "jpeg-lossless": ["dcmcjpeg", "+e1"],
+        "jpeg-ls": ["dcmcjpls", "+el"],
+    }
+    if syntax == "jpeg2000":
+        from pydicom.uid import JPEG2000Lossless
+
+        ds = pydicom.dcmread(src)
+        ds.compress(JPEG2000Lossless)
+        ds.save_as(dst, enforce_file_format=True)
+    else:
+        subprocess.run([require_tool(tools[syntax][0]), *tools[syntax][1:], str(src), str(dst)], check=True,
+                       capture_output=True)
+    return dst
+
+
+def test_compressed_transfer_syntaxes_are_stored_as_sent(node, phantom, tmp_path):
+    files = clone_series(phantom, tmp_path / "ts")[:5]
+    sent = [_encode(f, tmp_path / f"{name}.dcm", name)
+            for f, name in zip(files, ("deflate", "rle", "jpeg-lossless", "jpeg-ls", "jpeg2000"))]
+    # storescu proposes exactly that compressed syntax (-x?), so the node must accept it as is.
+    for f, option in zip(sent, ("-xd", "-xr", "-xs", "-xt", "-xv")):
+        proc = storescu(node.port, [f], extra=("-R", option))
+        assert "E:" not in proc.stderr, proc.stderr
+    uid = series_uid_of(tmp_path / "ts")
+    for f in sent:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        stored = node.storage / "series" / uid / f"{ds.SOPInstanceUID}.dcm"
+        assert stored.exists(), f.name
+        assert pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == \
+            ds.file_meta.TransferSyntaxUID, f.name
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run([require_tool("openssl"), *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    """A self-signed CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(d / f"{name}.key"),
+                 "-out", str(d / f"{name}.csr"))
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
+                 "-CAcreateserial", "-days", "2", "-extfile", str(d / "san.ext"), "-out", str(d / f"{name}.crt"))
+    return d
+
+
+def test_dicom_tls_with_client_certificates(certs, tmp_path):
+    n = NodeProc(tmp_path / "storage", "--tls-cert", str(certs / "server.crt"), "--tls-key",
+                 str(certs / "server.key"), "--tls-ca", str(certs / "ca.crt"), "--allow-ae", SENDER)
+    echo = [require_tool("echoscu"), "-aet", SENDER, "-aec", NODE_AET]
+    tls = ["+tls", str(certs / "client.key"), str(certs / "client.crt"), "+cf", str(certs / "ca.crt")]
+    try:
+        n.start()
+        ok = subprocess.run(echo + tls + ["127.0.0.1", str(n.port)], env=ENV, capture_output=True, text=True,
+                            timeout=60)
+        assert ok.returncode == 0, ok.stderr
+        plain = subprocess.run(echo + ["127.0.0.1", str(n.port)], env=ENV, capture_output=True, text=True, timeout=60)
+        assert plain.returncode != 0  # no TLS: refused
+        anonymous = subprocess.run(echo + ["+tla", "+cf", str(certs / "ca.crt"), "127.0.0.1", str(n.port)], env=ENV,
+                                   capture_output=True, text=True, timeout=60)
+        assert anonymous.returncode != 0  # TLS without a client certificate signed by the CA: refused
+        assert any(e.get("event") == "association.accepted" and e.get("tls") for e in n.events())
+    finally:
+        n.kill()
