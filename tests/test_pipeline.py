@@ -128,10 +128,14 @@ def test_infer_command_bad_input(tmp_path):
     assert proc.returncode == 2 and "not a folder" in proc.stderr
 
 
-@pytest.mark.parametrize("tilt_deg", [0.0, 12.0])
-def test_outputs_on_phantom_truth(tmp_path, validate_dicom, tilt_deg):
-    """The phantom's true landmarks through the real loader and the builders (5 mm slices, oblique tilt):
-    valid objects, exact round trip, sphere centroids within half a voxel, plausible measurements."""
+def _gaps(k: int) -> float:
+    return 2.5 if k % 9 == 4 else 0.0
+
+
+@pytest.mark.parametrize("geometry", [{"tilt_deg": 0.0}, {"tilt_deg": 12.0}, {"gaps": _gaps}], ids=["axial", "tilt", "gaps"])
+def test_outputs_on_phantom_truth(tmp_path, validate_dicom, geometry):
+    """The phantom's true landmarks through the real loader and the builders (5 mm slices; oblique tilt;
+    uneven gaps): valid objects, exact round trip, sphere centroids within half a voxel, plausible values."""
     from pacs_landmarks.dicom.series import load_series
     from pacs_landmarks.inference.landmark import Landmark
     from pacs_landmarks.inference.phantom import make_case, write_case
@@ -140,10 +144,11 @@ def test_outputs_on_phantom_truth(tmp_path, validate_dicom, tilt_deg):
     from test_seg import segment_centroids
 
     case = make_case(3)
-    folder = write_case(case, tmp_path / "case", size=128, slice_thickness=5.0, tilt_deg=tilt_deg)
+    folder = write_case(case, tmp_path / "case", size=128, slice_thickness=5.0, **geometry)
     truth = json.loads((folder / "landmarks.json").read_text())
     volume = load_series(sorted(folder.glob("*.dcm")))
     assert truth["frame_of_reference_uid"] == volume.frame_of_reference_uid
+    assert volume.resampled == bool(geometry.get("gaps") or geometry.get("tilt_deg"))
     landmarks = [Landmark(lm["name"], tuple(lm["position_lps_mm"])) for lm in truth["landmarks"]]
     sr, msr, seg, values = build_outputs(volume, landmarks, Algorithm("phantom-truth", "1"))
     for name, ds in (("sr", sr), ("msr", msr), ("seg", seg)):

@@ -83,7 +83,8 @@ def _plane(source: SliceSource, header: Dataset) -> SourcePlane:
 
 
 def source_planes(volume: Volume) -> list[SourcePlane]:
-    """One plane per distinct source slice / frame of the volume, in the volume's slice order."""
+    """One plane per distinct source slice / frame of the volume: those its slices came from, plus any other
+    single-frame source image it used (a resampled volume may name only the nearest ones)."""
     headers = {str(h.SOPInstanceUID): h for h in volume.source_headers}
     planes: list[SourcePlane] = []
     seen: set[tuple[str, int | None]] = set()
@@ -93,6 +94,10 @@ def source_planes(volume: Volume) -> list[SourcePlane]:
             continue
         seen.add(key)
         planes.append(_plane(src, headers[src.sop_instance_uid]))
+    for uid, header in headers.items():
+        if (uid, None) not in seen and "ImagePositionPatient" in header and int(header.get("NumberOfFrames", 1) or 1) == 1:
+            seen.add((uid, None))
+            planes.append(_plane(SliceSource(uid, str(header.SOPClassUID)), header))
     if not planes:
         raise ValueError("the volume carries no source image headers to reference")
     return planes
