@@ -64,6 +64,9 @@ def test_seg_valid_and_centred(tmp_path, validate_dicom, geometry):
         assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "711101009"
         assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "309825002"
         assert segment.SegmentAlgorithmType == "AUTOMATIC"
+        if lm.name.endswith((" R", " L")):
+            laterality = segment.AnatomicRegionSequence[0].AnatomicRegionModifierSequence[-1]
+            assert laterality.CodeValue == ("24028007" if lm.name.endswith(" R") else "7771000")
         assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
         # Centroid within half a voxel of the point, in voxel units of the volume (any axis).
         offset_voxels = inv @ (centroids[n] - np.asarray(lm.position_lps_mm))

@@ -155,4 +155,18 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
         omit_empty_frames=True,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
+    # Laterality and topographic modifier of the structure (Anatomic Region Modifier Sequence, PS3.3 10.5
+    # Basic Code Sequence Macro inside C.8.20.2 Segment Description); highdicom takes codes only.
+    for segment, lm in zip(ds.SegmentSequence, landmarks):
+        definition = landmark_definition(lm.name, algorithm.landmark_set)
+        modifiers = [definition[k] for k in ("modifier", "laterality") if definition.get(k)]
+        if modifiers:
+            items = []
+            for entry in modifiers:
+                item = Dataset()
+                item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = (
+                    entry["value"], entry["scheme"], entry["meaning"]
+                )
+                items.append(item)
+            segment.AnatomicRegionSequence[0].AnatomicRegionModifierSequence = items
     return finish(ds, "seg", algorithm)
