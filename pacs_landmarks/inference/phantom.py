@@ -108,6 +108,32 @@ class Shape:
             mask &= (u, v, w)[self.clip[0]] >= self.clip[1]
         return mask
 
+    def row_interval(self, base: np.ndarray, slope: np.ndarray):
+        """For lines p(i) = base + slope * i in local coordinates (base: (3, ...)), the interval of i inside
+        the solid as (lo, hi) arrays (lo > hi when empty); None when there is no closed form. Every solid here
+        is convex, so a line meets it in one interval: the union of its convex parts' intervals."""
+        if self.kind == "super":
+            return None
+        if self.kind == "ellipsoid":
+            if self.down == 1.0:
+                lo, hi = _quad(base, slope, (1.0, 1.0, 1.0))
+            else:
+                up = _intersect(_quad(base, slope, (1.0, 1.0, 1.0)), _half(base[2], slope[2], 0.0, True))
+                dn = _intersect(_quad(base, slope, (1.0, 1.0, self.down)), _half(base[2], slope[2], 0.0, False))
+                lo, hi = _union(up, dn)
+        else:
+            cyl = _intersect(_quad(base, slope, (0.0, 1.0, 1.0)), _half(base[0], slope[0], 0.0, True))
+            cyl = _intersect(cyl, _half(base[0], slope[0], self.length, False))
+            cap0 = _quad(base, slope, (1.0, 1.0, 1.0))
+            shifted = base.copy()
+            shifted[0] = base[0] - self.length
+            cap1 = _quad(shifted, slope, (1.0, 1.0, 1.0))
+            lo, hi = _union(_union(cyl, cap0), cap1)
+        if self.clip is not None:
+            axis, minimum = self.clip
+            lo, hi = _intersect((lo, hi), _half(base[axis], slope[axis], minimum, True))
+        return lo, hi
+
     def support(self, direction: np.ndarray) -> np.ndarray:
         """The head-frame point of this (unclipped) solid furthest along ``direction``."""
         A, b = self.M[:, :3], self.M[:, 3]
@@ -120,6 +146,45 @@ class Shape:
             if np.dot(other, direction) > np.dot(best, direction):
                 best = other
         return best
+
+
+def _quad(base: np.ndarray, slope: np.ndarray, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Interval where sum_r weights_r² (base_r + slope_r i)² <= 1."""
+    a = sum((w * sl) ** 2 for w, sl in zip(weights, slope))
+    b = sum(w * w * sl * bs for w, sl, bs in zip(weights, slope, base))
+    c = sum((w * bs) ** 2 for w, bs in zip(weights, base)) - 1.0
+    if a < 1e-15:  # the line runs along the solid's free axis: all in or all out
+        inside = c <= 0
+        return np.where(inside, -np.inf, np.inf), np.where(inside, np.inf, -np.inf)
+    disc = b * b - a * c
+    root = np.sqrt(np.maximum(disc, 0.0))
+    empty = disc < 0
+    return np.where(empty, np.inf, (-b - root) / a), np.where(empty, -np.inf, (-b + root) / a)
+
+
+def _half(base: np.ndarray, slope: float, value: float, above: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Interval where base + slope i >= value (``above``) or <= value."""
+    sign = 1.0 if above else -1.0
+    sl, bs = sign * slope, sign * (base - value)  # want bs + sl i >= 0
+    if abs(sl) < 1e-15:
+        ok = bs >= 0
+        return np.where(ok, -np.inf, np.inf), np.where(ok, np.inf, -np.inf)
+    t = -bs / sl
+    if sl > 0:
+        return t, np.full_like(t, np.inf)
+    return np.full_like(t, -np.inf), t
+
+
+def _intersect(p, q):
+    return np.maximum(p[0], q[0]), np.minimum(p[1], q[1])
+
+
+def _union(p, q):
+    """Union of two intervals known to overlap or touch when both are non-empty (parts of a convex solid)."""
+    pe, qe = p[0] > p[1], q[0] > q[1]
+    lo = np.where(pe, q[0], np.where(qe, p[0], np.minimum(p[0], q[0])))
+    hi = np.where(pe, q[1], np.where(qe, p[1], np.maximum(p[1], q[1])))
+    return lo, hi
 
 
 def _frame(axis: np.ndarray, hint: Sequence[float] = (1.0, 0.0, 0.0)) -> np.ndarray:
@@ -244,15 +309,27 @@ class PhantomCase:
             k1, j1, i1 = np.minimum(np.ceil(idx.max(0)).astype(int) + 1, shape)
             if k0 >= k1 or j0 >= j1 or i0 >= i1:
                 continue
-            kk = np.arange(k0, k1, dtype=np.float32)
-            jj = np.arange(j0, j1, dtype=np.float32)
-            ii = np.arange(i0, i1, dtype=np.float32)
-            A32 = A.astype(np.float32)
-            coords = []
-            for r in range(3):
-                plane = (A32[r, 0] * kk + A32[r, 3])[:, None] + (A32[r, 1] * jj)[None, :]
-                coords.append(plane[:, :, None] + (A32[r, 2] * ii)[None, None, :])
-            mask = s.inside(*coords)
+            kk = np.arange(k0, k1, dtype=np.float64)
+            jj = np.arange(j0, j1, dtype=np.float64)
+            # Local coordinates along a row are linear in i: base (at i = 0) plus slope * i.
+            base = (A[:, 0, None] * kk + A[:, 3, None])[:, :, None] + (A[:, 1, None] * jj)[:, None, :]
+            interval = s.row_interval(base, A[:, 2])
+            if interval is None:  # no closed form (superellipsoid): evaluate the block
+                ii = np.arange(i0, i1, dtype=np.float32)
+                coords = [(base[r].astype(np.float32))[:, :, None] + np.float32(A[r, 2]) * ii for r in range(3)]
+                mask = s.inside(*coords)
+            else:
+                lo_i = np.clip(np.ceil(interval[0] - 1e-9), i0, i1).astype(np.int32)
+                hi_i = np.clip(np.floor(interval[1] + 1e-9) + 1, i0, i1).astype(np.int32)
+                rows = hi_i > lo_i
+                if not rows.any():
+                    continue
+                ks, js = np.flatnonzero(rows.any(1)), np.flatnonzero(rows.any(0))
+                ka, kb, ja, jb = ks[0], ks[-1] + 1, js[0], js[-1] + 1
+                ia, ib = int(lo_i[rows].min()), int(hi_i[rows].max())
+                ii = np.arange(ia, ib, dtype=np.int32)
+                mask = (ii >= lo_i[ka:kb, ja:jb, None]) & (ii < hi_i[ka:kb, ja:jb, None])
+                k0, k1, j0, j1, i0, i1 = k0 + ka, k0 + kb, j0 + ja, j0 + jb, ia, ib
             block = out[k0:k1, j0:j1, i0:i1]
             block[mask] = s.material
         return out
@@ -263,14 +340,15 @@ class PhantomCase:
         from scipy.ndimage import gaussian_filter
 
         spacing = np.linalg.norm(index_to_lps[:3, :3], axis=0)
-        nk = shape[0]
         thick = float(slice_thickness or spacing[0])
         # Partial volume: average sub-slices spread over the nominal thickness (slice sensitivity profile).
         n_sub = max(1, int(math.ceil(thick / 1.25)))
         if n_sub == 1:
             vol = self.hu.astype(np.float32)[self.render_labels(index_to_lps, shape)]
         else:
-            normal = index_to_lps[:3, 0] / spacing[0]
+            # Spread sub-slices across the thickness along the image plane's normal (row x column).
+            normal = np.cross(index_to_lps[:3, 2], index_to_lps[:3, 1])
+            normal /= np.linalg.norm(normal)
             vol = np.zeros(shape, np.float32)
             for s in range(n_sub):
                 off = ((s + 0.5) / n_sub - 0.5) * thick
@@ -287,7 +365,6 @@ class PhantomCase:
         if noise:
             rng = rng or np.random.default_rng(self.seed)
             vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(self.params["noise_hu"])
-        del nk
         return vol
 
 
