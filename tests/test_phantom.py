@@ -188,3 +188,32 @@ def test_tilted_gapped_shuffled_geometry(tmp_path):
         assert np.mean(np.abs(hu[same] - np.round(expected[same])) <= 1.0) > 0.999
         checked += int(same.sum())
     assert checked > 10000
+
+
+def test_noise_level_and_psf(case7):
+    """Noise has the drawn standard deviation after the PSF, and the PSF correlates neighbouring pixels."""
+    aff = np.diag([1.0, 0.5, 0.5, 1.0])
+    aff[:3, 3] = [400.0, 400.0, 400.0]  # far outside the head: pure air
+    case = ph.make_case(7, noise_hu=25.0, psf_fwhm_mm=1.2)
+    vol = case.render(aff, (4, 128, 128))
+    assert vol.mean() == pytest.approx(-1000, abs=2)
+    assert vol.std() == pytest.approx(25.0, rel=0.1)
+    d = vol - vol.mean()
+    corr = float(np.mean(d[:, :, 1:] * d[:, :, :-1]) / d.var())
+    assert corr > 0.3
+    white = case.render(aff, (4, 128, 128), blur=False)
+    assert abs(float(np.mean((white - white.mean())[:, :, 1:] * (white - white.mean())[:, :, :-1]) / white.var())) < 0.05
+
+
+def test_rle_transfer_syntax_same_pixels(tmp_path, validate_dicom):
+    case = ph.make_case(3)
+    kw = dict(pixel_spacing=4.0, slice_thickness=5.0, size=64)
+    a = ph.write_case(case, tmp_path / "explicit", **kw)
+    b = ph.write_case(case, tmp_path / "rle", transfer_syntax=pydicom.uid.RLELossless, **kw)
+    fa, fb = sorted(a.glob("*.dcm")), sorted(b.glob("*.dcm"))
+    assert [f.name for f in fa] == [f.name for f in fb]
+    mid = len(fa) // 2
+    db = pydicom.dcmread(fb[mid])
+    assert db.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
+    assert np.array_equal(pydicom.dcmread(fa[mid]).pixel_array, db.pixel_array)
+    validate_dicom(fb[mid])

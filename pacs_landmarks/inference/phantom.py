@@ -356,16 +356,34 @@ class PhantomCase:
                 aff[:3, 3] = aff[:3, 3] + normal * off
                 vol += self.hu.astype(np.float32)[self.render_labels(aff, shape)]
             vol /= n_sub
+        sig = [0.0, 0.0, 0.0]
         if blur:
             sigma_mm = self.params["psf_fwhm_mm"] / 2.3548
             sig = [sigma_mm / spacing[0] if n_sub == 1 else 0.0, sigma_mm / spacing[1], sigma_mm / spacing[2]]
             sig = [s if s > 0.25 else 0.0 for s in sig]
-            if any(sig):
-                vol = gaussian_filter(vol, sig, mode="nearest", truncate=3.0)
         if noise:
+            # Noise goes in before the PSF so it comes out correlated like reconstructed CT noise; scaled up
+            # by the filter's variance reduction so its final standard deviation is the drawn one.
             rng = rng or np.random.default_rng(self.seed)
-            vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(self.params["noise_hu"])
+            gain = 1.0 / math.sqrt(np.prod([_gauss_sq_sum(s) for s in sig]))
+            vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(self.params["noise_hu"] * gain)
+        if any(sig):
+            vol = gaussian_filter(vol, sig, mode="nearest", truncate=_TRUNCATE)
         return vol
+
+
+_TRUNCATE = 3.0
+
+
+def _gauss_sq_sum(sigma: float) -> float:
+    """Sum of squared weights of scipy's 1-D Gaussian kernel (the factor by which it scales white-noise
+    variance); 1 for no filtering."""
+    if sigma <= 0:
+        return 1.0
+    r = int(_TRUNCATE * sigma + 0.5)
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w /= w.sum()
+    return float(np.sum(w * w))
 
 
 # --------------------------------------------------------------------------------------------- anatomy
@@ -465,7 +483,7 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     y_outer = vc[1] - va[1] * math.sqrt(1.0 - ((zs - vc[2]) / va[2]) ** 2)
     b.ell("frontal sinus", "air", (0, y_outer + t / 2, zs), (12.0, max(0.8, t / 2 - 1.8), 7.0))
     # Anterior skull base and midface (orbital floors, zygomas), sphenoid, petrous bones.
-    b.sup("anterior skull base", "cancellous", (0, -40, -16), (47, 26, 20))
+    b.sup("anterior skull base", "cancellous", (0, -40, -11), (47, 26, 25))
     b.sup("midface", "cancellous", (0, -44, -26), (50, 19, 22))
     for side in (-1, 1):
         b.cap("zygomatic arch", "cortical", (side * 46.0, -36, -20), (side * 54.0, 2, -20), (4.0, 4.0, 6.0))
