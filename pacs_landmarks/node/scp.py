@@ -49,7 +49,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.jobs import JobStore
@@ -239,9 +239,36 @@ class SeriesTracker:
         self.on_queued(s.job_id)
 
 
+class _FastRecvSocket(AssociationSocket):
+    """pynetdicom reads a PDU 4 KB per recv() into a growing bytearray; one preallocated buffer filled with
+    recv_into() is ~30% faster for CT-sized PDUs (bench/node.py)."""
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view, n = memoryview(buf), 0
+        while n < nr_bytes:
+            got = self.socket.recv_into(view[n:], nr_bytes - n)
+            if not got:  # connection closed: return what arrived, as pynetdicom does
+                del view
+                return buf[:n]
+            n += got
+        return buf
+
+
+class _Handler(RequestHandler):
+    def _create_association(self):
+        assoc = super()._create_association()
+        assoc.dul.socket.__class__ = _FastRecvSocket
+        return assoc
+
+
 class _NoDelayServer(ThreadedAssociationServer):
     """Sets TCP_NODELAY on each accepted socket (before any TLS wrap): DIMSE is request/response, and
     Nagle's algorithm would hold back the last small segment of every PDU."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("request_handler", _Handler)
+        super().__init__(*args, **kwargs)
 
     def get_request(self):  # type: ignore[override]
         client, address = self.socket.accept()
