@@ -84,39 +84,75 @@ def test_rendered_volume_matches_case_evaluation(written7, case7):
     assert np.median(vol[k, :3, :3]) < -900
 
 
-def test_landmarks_sit_on_the_anatomy(case7):
+@pytest.mark.parametrize("seed", [0, 7, 13, 42, 99])
+def test_landmarks_sit_on_the_anatomy(seed):
     """Each landmark is a boundary point of the bone it names, measured in the anatomical head frame."""
-    H = case7.head_landmarks
-    lab = lambda p: case7.labels_head(np.asarray(p, float)[None])[0]  # noqa: E731
+    case = ph.make_case(seed)
+    H = case.head_landmarks
+    lab = lambda p: case.labels_head(np.asarray(p, float)[None])[0]  # noqa: E731
     bone = ph.SKELETAL
     eps = 0.6
-    # Menton: bone just above, none below; Pogonion: bone just behind, none in front.
-    assert lab(H["Menton"] + (0, 0, eps)) in bone and lab(H["Menton"] - (0, 0, eps)) not in bone
-    assert lab(H["Pogonion"] + (0, eps, 0)) in bone and lab(H["Pogonion"] - (0, eps, 0)) not in bone
-    assert lab(H["ANS"] + (0, eps, 0)) in bone and lab(H["ANS"] - (0, eps, 0)) not in bone
-    assert lab(H["PNS"] - (0, eps, 0)) in bone and lab(H["PNS"] + (0, eps, 0)) not in bone
+    # Menton: bone just above, none below; Pogonion: bone just behind, none in front; and so on.
+    inside_outside = {
+        "Menton": ((0, 0, eps), (0, 0, -eps)), "Pogonion": ((0, eps, 0), (0, -eps, 0)),
+        "ANS": ((0, eps, 0), (0, -eps, 0)), "PNS": ((0, -eps, 0), (0, eps, 0)),
+        "A point": ((0, eps, 0), (0, -eps, 0)), "B point": ((0, eps, 0), (0, -eps, 0)),
+        "Nasion": ((0, eps, 0), (0, -eps, 0)), "Basion": ((0, -eps, eps), (0, eps, -eps)),
+        "Gonion R": ((0, -1.0, 1.0), (0, 1.0, -1.0)), "Gonion L": ((0, -1.0, 1.0), (0, 1.0, -1.0)),
+        "Orbitale R": ((0, eps, -eps), (0, -eps, eps)), "Orbitale L": ((0, eps, -eps), (0, -eps, eps)),
+    }
+    for name, (into, out) in inside_outside.items():
+        assert lab(H[name] + into) in bone, name
+        assert lab(H[name] + out) not in bone, name
+    # A, B and nasion are the deepest points of their concavities: the outline is further forward above and below.
     for name in ("A point", "B point", "Nasion"):
-        assert lab(H[name] + (0, eps, 0)) in bone and lab(H[name] - (0, eps, 0)) not in bone, name
-    # Porion: air of the ear canal just below, bone just above and medial.
+        for dz in (-3.0, 3.0):
+            assert lab(H[name] + (0, -0.25, dz)) in bone, (name, dz)
+    # Porion: air of the ear canal just below, bone just above and medial, none lateral.
     for side, sgn in (("R", -1), ("L", 1)):
         po = H[f"Porion {side}"]
-        assert case7.hu[lab(po - (sgn * 1.0, 0, 0.8))] < -900
+        assert case.hu[lab(po - (sgn * 1.0, 0, 0.8))] < -900
         assert lab(po + (-sgn * 1.0, 0, 0.8)) in bone
         assert lab(po + (sgn * 1.0, 0, 0.8)) not in bone
-        go = H[f"Gonion {side}"]
-        assert lab(go + (0, -1.0, 1.0)) in bone and lab(go + (0, 1.0, -1.0)) not in bone
     # Sella: the centre of the soft-tissue pocket, with bone below it.
     assert lab(H["Sella"]) == ph.MATERIAL_IDS["pituitary"]
     assert lab(H["Sella"] - (0, 0, 7.0)) in bone
-    # Basion: bone anteriorly-up, soft tissue posteriorly-down.
-    assert lab(H["Basion"] + (0, -eps, eps)) in bone and lab(H["Basion"] + (0, eps, -eps)) not in bone
+    # Head frame and LPS agree through the pose.
+    for name in ph.NAMES:
+        assert np.allclose(case.head_to_lps[:3, :3] @ H[name] + case.head_to_lps[:3, 3], case.landmarks[name])
 
 
-def test_rendered_hu_near_chin_is_bone(written7, case7):
-    dss = sorted((pydicom.dcmread(f) for f in written7.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
-    assert case7.hu_at(case7.landmarks["Menton"] + case7.head_to_lps[:3, :3] @ np.array([0, 0, 2.0])) > 1000
-    assert case7.hu_at(case7.landmarks["Pogonion"] + case7.head_to_lps[:3, :3] @ np.array([0, 2.0, 0])) > 1000
-    assert len(dss) > 0
+def _sample(folder: Path, points: np.ndarray) -> np.ndarray:
+    """Trilinear HU of a straight (untilted) written series at LPS points, from the DICOM headers alone."""
+    from scipy.ndimage import map_coordinates
+
+    dss = sorted((pydicom.dcmread(f) for f in folder.glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    vol = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in dss])
+    o = np.array(dss[0].ImagePositionPatient, float)
+    ps = float(dss[0].PixelSpacing[0])
+    dz = float(dss[1].ImagePositionPatient[2]) - o[2]
+    idx = np.stack([(points[:, 2] - o[2]) / dz, (points[:, 1] - o[1]) / ps, (points[:, 0] - o[0]) / ps])
+    return map_coordinates(vol, idx, order=1)
+
+
+def test_rendered_images_show_the_landmarks(tmp_path):
+    """In the written pixels: bone on Menton's and Pogonion's inner side, soft tissue outside; air under Porion."""
+    case = ph.make_case(21, noise_hu=5.0)
+    R = case.head_to_lps[:3, :3]  # anatomical directions in LPS
+    up, back, med = R @ (0, 0, 1.0), R @ (0, 1.0, 0), R @ (1.0, 0, 0)
+    me, pog = case.landmarks["Menton"], case.landmarks["Pogonion"]
+    chin = ph.write_case(case, tmp_path / "chin", pixel_spacing=0.6, slice_thickness=0.75, size=384,
+                         z_range=(min(me[2], pog[2]) - 8, max(me[2], pog[2]) + 8))
+    hu = _sample(chin, np.array([me + 2.5 * up, me - 2.5 * up, pog + 2.5 * back, pog - 2.5 * back]))
+    assert hu[0] > 700 and hu[2] > 700, hu
+    assert hu[1] < 200 and hu[3] < 200, hu
+    for side, sgn in (("R", -1.0), ("L", 1.0)):
+        po = case.landmarks[f"Porion {side}"]
+        ear = ph.write_case(case, tmp_path / f"ear{side}", pixel_spacing=0.6, slice_thickness=0.75, size=384,
+                            z_range=(po[2] - 10, po[2] + 10))
+        hu = _sample(ear, np.array([po - 2.0 * up - sgn * 2.0 * med, po + 2.5 * up - sgn * 2.5 * med]))
+        assert hu[0] < -500, (side, hu)  # inside the canal, below its top
+        assert hu[1] > 700, (side, hu)  # bone above the canal's roof
 
 
 # Usual adult ranges from the design reference; phantoms must land in them (within a small margin).
