@@ -306,6 +306,25 @@ def test_mr_series_and_ct_secondary_capture_start_no_job(node, phantom, tmp_path
     assert len(ignored) >= 2
 
 
+def test_aborted_association_completes_with_what_arrived(node, phantom, tmp_path):
+    from pynetdicom import AE
+
+    files = clone_series(phantom, tmp_path / "ab")
+    uid = series_uid_of(tmp_path / "ab")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ae = AE(ae_title=SENDER)
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+    half = files[: len(files) // 2]
+    for f in half:
+        assert assoc.send_c_store(f).Status == 0x0000
+    assoc.abort()
+    job = wait_for(lambda: next((j for j in node.jobs() if j.series_instance_uid == uid and j.state != "received"),
+                                None), 60, "the aborted series to complete")
+    assert job.instances == len(half) and job.details.get("aborted") is True
+    assert any(e.get("event") == "association.aborted" for e in node.events())
+
+
 def test_four_senders_at_once(node, archive, phantom, tmp_path):
     series = [clone_series(phantom, tmp_path / f"s{n}") for n in range(4)]
     uids = [series_uid_of(tmp_path / f"s{n}") for n in range(4)]

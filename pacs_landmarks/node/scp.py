@@ -150,7 +150,8 @@ class _OpenSeries:
     series_uid: str
     count: int = 0
     last_arrival: float = field(default_factory=time.monotonic)
-    associations: set[int] = field(default_factory=set)
+    associations: set[int] = field(default_factory=set)  # open ones that sent instances of the series
+    seen: set[int] = field(default_factory=set)  # every one that did
     expected: int | None = None
     aborted: bool = False
 
@@ -192,6 +193,7 @@ class SeriesTracker:
             s.count += 1
             s.last_arrival = time.monotonic()
             s.associations.add(assoc)
+            s.seen.add(assoc)
             if expected:
                 s.expected = expected
             done = s.expected is not None and s.count >= s.expected
@@ -202,7 +204,7 @@ class SeriesTracker:
         """An association ended: its series complete after the idle timeout (or now, if idle already)."""
         with self._lock:
             for s in self._open.values():
-                if assoc in s.associations:
+                if assoc in s.seen:  # EVT_ABORTED may come after the connection closed
                     s.associations.discard(assoc)
                     s.aborted = s.aborted or aborted
 
@@ -368,6 +370,8 @@ class StorageSCP:
     def _on_end(self, event, how: str) -> None:
         rq = event.assoc.requestor
         log_event(f"association.{how}", calling_ae=rq.ae_title, instances=self._assoc_counts.get(id(event.assoc), 0))
+        if how == "aborted":
+            self.tracker.closed(id(event.assoc), aborted=True)
 
     def _on_conn_close(self, event) -> None:
         key = id(event.assoc)
