@@ -237,8 +237,9 @@ def test_noise_level_and_psf(case7):
     d = vol - vol.mean()
     corr = float(np.mean(d[:, :, 1:] * d[:, :, :-1]) / d.var())
     assert corr > 0.3
-    white = case.render(aff, (4, 128, 128), blur=False)
-    assert abs(float(np.mean((white - white.mean())[:, :, 1:] * (white - white.mean())[:, :, :-1]) / white.var())) < 0.05
+    w = case.render(aff, (4, 128, 128), blur=False)
+    w = w - w.mean()
+    assert abs(float(np.mean(w[:, :, 1:] * w[:, :, :-1]) / w.var())) < 0.05
 
 
 def test_rle_transfer_syntax_same_pixels(tmp_path, validate_dicom):
@@ -253,3 +254,16 @@ def test_rle_transfer_syntax_same_pixels(tmp_path, validate_dicom):
     assert db.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     assert np.array_equal(pydicom.dcmread(fa[mid]).pixel_array, db.pixel_array)
     validate_dicom(fb[mid])
+
+
+@pytest.mark.parametrize("bad", [dict(order="sideways"), dict(size=4), dict(tilt_deg=60.0), dict(pixel_spacing=-1.0),
+                                 dict(slice_thickness=0.0), dict(gaps=[-2.0])])
+def test_write_case_refuses_bad_parameters(tmp_path, bad):
+    with pytest.raises(ValueError):
+        ph.write_case(ph.make_case(1), tmp_path / "bad", **{"size": 32, "slice_thickness": 5.0, **bad})
+    assert not list(tmp_path.glob("**/*.dcm"))
+
+
+def test_make_case_refuses_unknown_parameters():
+    with pytest.raises(TypeError, match="mouth_open"):
+        ph.make_case(1, mouth_open=3)

@@ -820,6 +820,13 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
 
     if order not in ("ascending", "reversed", "shuffled"):
         raise ValueError(f"order must be ascending, reversed or shuffled, not {order!r}")
+    if not 8 <= int(size) <= 4096:
+        raise ValueError(f"size must be 8-4096 pixels, not {size}")
+    if abs(tilt_deg) >= 45:
+        raise ValueError(f"gantry tilt must be under 45 degrees, not {tilt_deg}")
+    for name, value in (("pixel_spacing", pixel_spacing), ("slice_thickness", slice_thickness)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of mm, not {value}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = case.params
@@ -835,7 +842,9 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
     steps[0] = 0.0
     if gaps is not None:
         extra = [float(gaps(k)) for k in range(n - 1)] if callable(gaps) else [float(g) for g in gaps]
-        steps[1:len(extra) + 1] += np.asarray(extra[: n - 1])
+        if any(not math.isfinite(g) or g < 0 for g in extra):
+            raise ValueError("gaps must be finite, non-negative extra spacings in mm")
+        steps[1:len(extra[: n - 1]) + 1] += np.asarray(extra[: n - 1])
     zs = z0 + np.cumsum(steps)
     t = math.radians(tilt_deg)
     row = np.array([1.0, 0.0, 0.0])
