@@ -194,6 +194,9 @@ def test_cli_writes_cases(tmp_path):
     bad = subprocess.run([CLI, "phantom", str(out), "--count", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "count" in bad.stderr
+    tilt = subprocess.run([CLI, "phantom", str(tmp_path / "t"), "--size", "32", "--tilt", "60"],
+                          capture_output=True, text=True, timeout=60)
+    assert tilt.returncode == 2 and "tilt" in tilt.stderr and "Traceback" not in tilt.stderr
 
 
 def test_tilted_gapped_shuffled_geometry(tmp_path):

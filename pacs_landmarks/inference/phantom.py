@@ -214,6 +214,7 @@ class _Builder:
         self.D = design_to_head
         self.group = np.eye(4)
         self.shapes: list[Shape] = []
+        self.design: dict = {}  # named design-frame parameters the landmark measurement needs
 
     def _add(self, name, material, kind, L, origin, **kw) -> Shape:
         local = np.eye(4)
@@ -954,7 +955,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder")
     p.add_argument("--count", type=int, default=1, help="number of cases (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first case; case k uses seed+k")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of case-0001; case-0002 uses SEED+1, and so on (default 0)")
     p.add_argument("--slice-thickness", type=float, default=None, metavar="MM",
                    help="slice thickness and spacing in mm (default: drawn per case, 0.625-5)")
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
@@ -982,8 +984,11 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for k in tqdm(range(args.count), desc="phantoms", unit="case", disable=args.count < 2):
         case = make_case(args.seed + k)
-        write_case(case, args.out / f"case-{k + 1:04d}", pixel_spacing=args.pixel_spacing,
-                   slice_thickness=args.slice_thickness, size=args.size, tilt_deg=args.tilt, order=args.order,
-                   progress=args.count < 2)
+        try:
+            write_case(case, args.out / f"case-{k + 1:04d}", pixel_spacing=args.pixel_spacing,
+                       slice_thickness=args.slice_thickness, size=args.size, tilt_deg=args.tilt, order=args.order,
+                       progress=args.count < 2)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
     print(f"wrote {args.count} case(s) to {args.out}")
     return 0
