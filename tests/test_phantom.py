@@ -270,3 +270,17 @@ def test_write_case_refuses_bad_parameters(tmp_path, bad):
 def test_make_case_refuses_unknown_parameters():
     with pytest.raises(TypeError, match="mouth_open"):
         ph.make_case(1, mouth_open=3)
+
+
+def test_slice_writer_clips_and_formats(tmp_path, validate_dicom):
+    """write.py on its own: HU outside the 12-bit range is clipped, decimal strings stay short and exact."""
+    from pacs_landmarks.dicom.write import SeriesInfo, _ds, read_hu, save, slice_dataset
+
+    assert _ds(0.1 + 0.2) == "0.3" and _ds(-0.0) == "0" and _ds(1024) == "1024"
+    info = SeriesInfo("PHANTOM^TEST", "PHTEST", "1.2.3.4", "1.2.3.4.5", "1.2.3.4.6")
+    hu = np.array([[-3000.0, -1024.0, 0.4, 3071.0], [5000.0, 12.6, -12.6, 100.0]])
+    ds = slice_dataset(hu, info=info, sop_instance_uid="1.2.3.4.7", instance_number=1, position=(0, 0, 0),
+                       orientation=(1, 0, 0, 0, 1, 0), pixel_spacing=(0.5, 0.5), slice_thickness=1.0)
+    path = save(ds, tmp_path / "one.dcm")
+    assert np.array_equal(read_hu(path), [[-1024, -1024, 0, 3071], [3071, 13, -13, 100]])
+    validate_dicom(path)
