@@ -179,7 +179,8 @@ def archive(tmp_path_factory):
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, archive):
     n = NodeProc(tmp_path_factory.mktemp("node") / "storage", "--allow-ae", SENDER, "--allow-ae", "SENDER2",
-                 "--allow-ae", "SENDER3", "--allow-ae", "SENDER4", "--destination", archive.destination,
+                 "--allow-ae", "SENDER3", "--allow-ae", "SENDER4", "--allow-ae", "FARAWAY@10.9.9.9",
+                 "--destination", archive.destination,
                  "--idle-timeout", "0.5").start()
     yield n
     n.kill(signal.SIGTERM)
@@ -245,6 +246,10 @@ def test_unknown_calling_ae_is_rejected(node, phantom):
     assert proc.returncode != 0
     assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr or "Rejected" in proc.stdout + proc.stderr
     assert any(e.get("event") == "association.rejected" and e.get("calling_ae") == "STRANGER" for e in node.events())
+    # An allowed AE title from an address it is not allowed from.
+    proc = subprocess.run([require_tool("echoscu"), "-aet", "FARAWAY", "-aec", NODE_AET, "127.0.0.1",
+                           str(node.port)], env=ENV, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Rejected" in proc.stderr
 
 
 def test_bad_instances_get_failure_status_and_node_keeps_serving(node, phantom, tmp_path, monkeypatch):
