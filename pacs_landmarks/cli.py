@@ -55,4 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so that CommandError raised by commands is this module's class.
+    from pacs_landmarks.cli import main as package_main
+
+    sys.exit(package_main())
