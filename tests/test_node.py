@@ -509,3 +509,33 @@ def test_dicom_tls_with_client_certificates(certs, tmp_path):
         assert any(e.get("event") == "association.accepted" and e.get("tls") for e in n.events())
     finally:
         n.kill()
+
+
+def test_delivery_over_tls_to_a_tls_archive(certs, phantom, tmp_path):
+    """Destination with tls = true (node.toml): the node verifies the archive's certificate against tls_ca and
+    presents its own client certificate, which the archive (dcmtk storescp +tls) requires."""
+    port = free_port()
+    archive_dir = tmp_path / "archive"
+    archive_dir.mkdir()
+    scp = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "-od", str(archive_dir), "+B",
+                            "+tls", str(certs / "server.key"), str(certs / "server.crt"), "+cf", str(certs / "ca.crt"),
+                            str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        "idle_timeout = 0.5\n[[destinations]]\nae_title = 'ARCHIVE'\nhost = '127.0.0.1'\n"
+        f"port = {port}\ntls = true\ntls_ca = '{certs / 'ca.crt'}'\ntls_cert = '{certs / 'client.crt'}'\n"
+        f"tls_key = '{certs / 'client.key'}'\n"
+    )
+    files = clone_series(phantom, tmp_path / "s")
+    n = NodeProc(tmp_path / "storage", "--config", str(cfg))
+    try:
+        wait_for(lambda: listening(port), 10, "storescp to listen")
+        n.start()
+        storescu(n.port, files)
+        job = wait_for(lambda: next((j for j in n.jobs() if j.finished), None), 180, "delivery over TLS")
+        assert job.state == "done", job.reason
+        assert len(list(archive_dir.iterdir())) == 3
+    finally:
+        n.kill()
+        scp.terminate()
+        scp.wait(10)
