@@ -320,6 +320,18 @@ def test_mr_series_and_ct_secondary_capture_start_no_job(node, phantom, tmp_path
     assert len(ignored) >= 2
 
 
+def test_series_complete_at_once_when_expected_count_reached(node, phantom, tmp_path):
+    files = clone_series(phantom, tmp_path / "n", ImagesInAcquisition=len(list(phantom.glob("*.dcm"))))
+    uid = series_uid_of(tmp_path / "n")
+    storescu(node.port, files)
+    job = wait_for(lambda: next((j for j in node.jobs() if j.series_instance_uid == uid and j.finished), None),
+                   180, "the job")
+    assert job.state == "done", job.reason
+    assert job.timings["completion_wait"] < 0.25  # the idle timeout (0.5 s) was not waited for
+    assert any(e.get("event") == "series.complete" and e.get("series") == uid and e.get("why") ==
+               "expected count reached" for e in node.events())
+
+
 def test_aborted_association_completes_with_what_arrived(node, phantom, tmp_path):
     from pynetdicom import AE
 
