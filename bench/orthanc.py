@@ -120,7 +120,7 @@ def main() -> int:
     node = REPO / "bench" / "node.py"
     if node.exists() and not args.no_node:
         print("\nbench/node.py, same run, for comparison:", flush=True)
-        subprocess.run([sys.executable, str(node)], check=False)
+        subprocess.run([sys.executable, str(node), "--slices", str(args.slices), "--size", str(args.size), "--repeat", "1"], check=False)
     return 0
 
 
