@@ -328,6 +328,7 @@ class LandmarkPlugin:
                 "model": {
                     "loaded": self.model is not None, "name": name, "version": version,
                     "error": self.model_error, "loading": not self._model_ready.is_set(),
+                    "torch_threads": self._torch_threads(),
                 },
                 "worker": {"enabled": self.settings.worker, "alive": self.worker_alive},
                 "queue_depth": counts.get("queued", 0) + counts.get("running", 0) + self.events.qsize(),
@@ -336,6 +337,13 @@ class LandmarkPlugin:
                 "last_error": last_error,
             },
         )
+
+    @staticmethod
+    def _torch_threads() -> int | None:
+        import sys
+
+        torch = sys.modules.get("torch")  # only once the model loaded it: health must stay cheap
+        return int(torch.get_num_threads()) if torch is not None else None
 
     @property
     def worker_alive(self) -> bool:
