@@ -96,4 +96,7 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
+    assert model.trained and model.version == "1.0.0"
+    training = model.metadata["training"]
+    assert training["cases"] >= 60 and training["pixel_spacing_mm"] == [1.0]
     assert np.isfinite([p.abs().sum().item() for p in model.cascade.parameters()]).all()

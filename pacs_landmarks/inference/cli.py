@@ -66,13 +66,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pacs_landmarks.dicom.series import SeriesError, load_series
-    from pacs_landmarks.inference.data import _dicom_files, _image_files
+    from pacs_landmarks.inference.data import dicom_files
 
     model = _load_model(args.model)
     series = Path(args.series)
     if not series.exists():
         raise _error(f"not found: {series}")
-    files = _image_files(_dicom_files(series)) if series.is_dir() else [series]
+    files = dicom_files(series) if series.is_dir() else [series]
     if not files:
         raise _error(f"no DICOM files in {series}")
     try:

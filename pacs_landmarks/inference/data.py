@@ -51,7 +51,8 @@ def find_cases(data_dir: str | Path) -> list[Path]:
     return cases
 
 
-def _dicom_files(case_dir: Path) -> list[Path]:
+def dicom_files(case_dir: Path) -> list[Path]:
+    """Files of a case directory that may be DICOM (*.dcm or no suffix)."""
     return sorted(p for p in case_dir.iterdir() if p.is_file() and p.suffix.lower() in (".dcm", ""))
 
 
@@ -86,21 +87,6 @@ def _truth_from_sr(files: list[Path], names: list[str]) -> np.ndarray | None:
     return None
 
 
-def _image_files(files: list[Path]) -> list[Path]:
-    import pydicom
-
-    out = []
-    for f in files:
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Modality", "SOPClassUID"])
-        except Exception:  # not DICOM: leave it to the loader's report
-            out.append(f)
-            continue
-        if getattr(ds, "Modality", "") not in ("SR", "SEG"):
-            out.append(f)
-    return out
-
-
 def _cache_key(files: list[Path], truth_file: Path | None) -> str:
     h = hashlib.sha1(str(CACHE_VERSION).encode())
     for f in files + ([truth_file] if truth_file else []):
@@ -113,7 +99,7 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
               cache_dir: str | Path | None = None) -> Case:
     """Decode (or read from the cache) one case. The cache goes to ``cache_dir`` or ``case_dir/.cache``."""
     case_dir = Path(case_dir)
-    files = _dicom_files(case_dir)
+    files = dicom_files(case_dir)
     truth_file = case_dir / "landmarks.json"
     truth_file = truth_file if truth_file.is_file() else None
     key = _cache_key(files, truth_file)
@@ -123,12 +109,14 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
         z = np.load(cpath)
         return Case(case_dir.name, z["array"], z["affine"], z["landmarks"], float(z["slice_thickness"]))
 
-    from pacs_landmarks.dicom.series import load_series
+    from pacs_landmarks.dicom.series import SeriesError, load_series
 
-    images = _image_files(files)
-    if not images:
-        raise DataError(f"{case_dir}: no DICOM images")
-    volume = load_series(images)
+    if not files:
+        raise DataError(f"{case_dir}: no DICOM files")
+    try:
+        volume = load_series(files)  # leaves out non-image instances (e.g. a truth SR) by itself
+    except SeriesError as exc:
+        raise DataError(f"{case_dir}: {exc}") from None
     if truth_file is not None:
         truth = _truth_from_json(truth_file, names, landmark_set)
     else:

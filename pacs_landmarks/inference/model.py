@@ -9,7 +9,8 @@ no pickled code)::
 
 metadata JSON: ``name``, ``version``, ``landmark_set``, ``landmark_names`` (in output order), ``stages``
 (list of StageConfig: name, kind, size, spacing_mm, width), ``intensity`` (how HU are normalised),
-``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``created``.
+``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``fuse_stages``
+(inference option, see ``cascade.run_cascade``), ``created``.
 Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
 """
 from __future__ import annotations
@@ -162,7 +163,8 @@ class LandmarkModel:
             raise ValueError(f"volume must be 3D and non-empty, got shape {volume.array.shape}")
         with self._lock:
             sampler = VolumeSampler(volume.array, volume.affine, self.device)
-            return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda")
+            return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
+                               fuse=bool(self.metadata.get("fuse_stages", False)))
 
     def predict(self, volume) -> list[Landmark]:
         """Landmarks (patient LPS mm) of one Volume, with confidence and every stage's position."""
@@ -188,6 +190,8 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
         "landmark_set": landmark_set,
         "landmark_names": landmark_names(landmark_set),
         "intensity": {"unit": "HU", "clip": [-1000, 2500], "scale": 1000.0, "outside": -1000},
+        # local stages fuse their point with the previous stage's (see cascade.run_cascade)
+        "fuse_stages": True,
         "training": training,
         "description": "Coarse-to-fine 3D landmark cascade. Trained on synthetic phantoms only: "
                        "not for clinical use.",

@@ -139,12 +139,13 @@ class VolumeSampler:
 def soft_argmax(logits: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integral regression over a box.
 
-    ``logits`` (N, D, H, W), ``points`` (N, D, H, W, 3) LPS -> (position (N, 3) mm, spread (N,) mm = RMS
-    distance of the probability mass from the position, probabilities (N, D*H*W)).
+    ``logits`` (N, D, H, W), ``points`` (N, D, H, W, 3) LPS -> (position (N, 3) mm, variance (N, 3) mm^2 of the
+    probability mass along x, y, z about the position, probabilities (N, D*H*W)).  The spread (RMS distance
+    of the mass from the position) is ``variance.sum(-1).sqrt()``.
     """
     n = logits.shape[0]
     prob = torch.softmax(logits.reshape(n, -1).float(), dim=1)
     pts = points.reshape(n, -1, 3)
     pos = torch.einsum("np,npc->nc", prob, pts)
-    var = torch.einsum("np,np->n", prob, ((pts - pos[:, None, :]) ** 2).sum(-1))
-    return pos, var.clamp_min(0).sqrt(), prob
+    var = torch.einsum("np,npc->nc", prob, (pts - pos[:, None, :]) ** 2)
+    return pos, var.clamp_min(0), prob
