@@ -201,3 +201,25 @@ def test_predict_cli_bad_model(tiny_cases, tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     proc = _run_cli("predict", str(tiny_cases), "--model", str(tmp_path / "bad.pt"))
     assert proc.returncode == 2 and "not a readable model file" in proc.stderr
+
+
+def test_truth_from_a_landmark_sr_when_there_is_no_json(tiny_cases, tmp_path):
+    """A case may carry its truth as a TID 1500 SR (here: the SR that `infer` writes) instead of JSON."""
+    import shutil
+
+    from pacs_landmarks.inference.data import load_case
+    from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+
+    src = sorted(p for p in tiny_cases.iterdir() if p.is_dir())[0]
+    proc = _run_cli("infer", str(src), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    for f in src.glob("*.dcm"):
+        shutil.copy(f, case_dir / f.name)
+    shutil.copy(tmp_path / "out" / "landmarks-sr.dcm", case_dir / "landmarks-sr.dcm")
+    case = load_case(case_dir, landmark_names(), cache_dir=tmp_path / "cache")
+    predicted = json.loads((tmp_path / "out" / "landmarks.json").read_text())["landmarks"]
+    assert case.array.ndim == 3 and case.landmarks.shape == (16, 3)
+    for i, item in enumerate(predicted):
+        assert np.allclose(case.landmarks[i], item["position_lps_mm"], atol=0.01)
