@@ -285,14 +285,15 @@ def measurement_lines(sr: Any, truth: dict[str, Any] | None = None) -> list[str]
     rows = measurement_rows(sr)
     if not rows:
         return ["(no numeric measurements in the SR)"]
-    lines = [f"{'measurement':34s} {'value':>10s} {'typical':>13s} {'truth':>8s}"]
+    width = max(len("measurement"), *(len(meaning) for _, meaning, _, _ in rows))
+    lines = [f"{'measurement':{width}s} {'value':>10s} {'typical':>13s} {'truth':>8s}"]
     for code, meaning, value, unit in rows:
         lo_hi = ranges.get(code)
         typical = f"{lo_hi[0]:g}-{lo_hi[1]:g}" if lo_hi else ""
         flag = " " if not lo_hi or lo_hi[0] <= value <= lo_hi[1] else "*"
         t = true.get(_TRUTH_KEYS.get(code, code))
         lines.append(
-            f"{meaning[:34]:34s} {value:7.1f} {unit:3s}{flag}{typical:>12s} {'' if t is None else f'{t:7.1f}':>8s}"
+            f"{meaning:{width}s} {value:7.1f} {unit:3s}{flag}{typical:>12s} {'' if t is None else f'{t:7.1f}':>8s}"
         )
     lines.append("* outside the typical range")
     return lines
