@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 LEGACY_ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.2"
+# PS3.4 B.5: the CT image SOP classes assembled into volumes; the node and the Orthanc plugin start jobs
+# for series of these classes alone.
 CT_CLASSES = frozenset({CT_IMAGE, ENHANCED_CT_IMAGE, LEGACY_ENHANCED_CT_IMAGE})
 # Secondary Capture family (PS3.4 B.5): screenshots and derived pictures, never acquisition geometry.
 SECONDARY_CAPTURE_CLASSES = frozenset(

@@ -51,6 +51,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from pacs_landmarks.dicom.series import CT_CLASSES
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.jobs import JobStore
 from pacs_landmarks.node.logs import log_event
@@ -68,7 +69,7 @@ TRANSFER_SYNTAXES = [
     JPEGLSLossless,
     JPEGLSNearLossless,
 ]
-JOB_SOP_CLASSES = {str(CTImageStorage), str(EnhancedCTImageStorage)}
+JOB_SOP_CLASSES = CT_CLASSES  # the CT image classes the loader assembles into volumes
 
 # PS3.5 9.1: digits and dots, at most 64 characters. Leading zeros (invalid but seen in the wild) are
 # tolerated: what matters here is that the UID is safe as a file name.

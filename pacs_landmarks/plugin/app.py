@@ -26,21 +26,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pacs_landmarks.dicom.series import CT_CLASSES as CT_IMAGE_SOP_CLASSES
 from pacs_landmarks.node.jobs import Job, JobStore, UNFINISHED
 from pacs_landmarks.node.logs import log_event
 from pacs_landmarks.plugin.config import PluginSettings
 
 LOGGER = logging.getLogger("pacs_landmarks.plugin")
 
-# PS3.4 B.5: the CT image storage SOP classes the cascade reads (others of Modality CT -- secondary
-# captures, dose reports -- are not volumes).
-CT_IMAGE_SOP_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT Image Storage
-        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT Image Storage
-    }
-)
 ORTHANC_DESTINATION = {"name": "orthanc"}
 
 
