@@ -101,6 +101,39 @@ def test_result_uids_are_deterministic():
     assert len({a.SOPInstanceUID, m.SOPInstanceUID, a.SeriesInstanceUID, m.SeriesInstanceUID}) == 4
 
 
+def _unmark(ds):
+    for elem in ds.elements():
+        if elem.VR == "SQ":
+            for item in elem.value:
+                item.set_original_encoding(None, None, "")
+                _unmark(item)
+
+
+def test_encoding_marks_do_not_change_the_bytes(tmp_path):
+    """finish() marks nested items as Explicit VR Little Endian to spare pydicom's writer its per-item
+    ambiguous-VR pass; the file must be byte for byte what the unmarked tree gives."""
+    _, volume = make_series("tilted")
+    landmarks = make_landmarks(volume)
+    for ds in (build_landmark_sr(volume, landmarks, ALG), build_measurements_sr(volume, landmarks, ALG)):
+        item = ds.ContentSequence[0]
+        assert (item.original_encoding, item.original_character_set) == ((False, True), ds._character_set)
+        marked = _save(ds, tmp_path / "marked.dcm").read_bytes()
+        _unmark(ds)
+        assert ds.ContentSequence[0].original_encoding == (None, None)
+        assert _save(ds, tmp_path / "plain.dcm").read_bytes() == marked
+
+
+def test_source_planes_are_per_volume():
+    _, a = make_series("axial")
+    _, b = make_series("tilted")
+    planes_a = source_planes(a)
+    assert source_planes(a) is planes_a  # the SR and the SEG of one series share them
+    planes_b = source_planes(b)
+    assert planes_b is not planes_a and planes_b[0].source in b.slice_sources
+    assert source_planes(a) is not planes_a  # only the last volume is kept
+    assert [p.source for p in source_planes(a)] == [p.source for p in planes_a]
+
+
 def _sagittal(angle_deg: float, length: float, origin: np.ndarray) -> np.ndarray:
     """A point ``length`` mm from ``origin`` at ``angle_deg`` from +y (posterior), turning towards -y via -z."""
     a = np.radians(angle_deg)

@@ -60,7 +60,23 @@ def finish(ds: Dataset, kind: str, alg: Algorithm) -> Dataset:
     ds.SoftwareVersions = [__version__, f"{alg.name} {alg.version}"]
     ds.ManufacturerModelName = MANUFACTURER
     ds.CodingSchemeIdentificationSequence = coding_scheme_identification(alg.landmark_set)
+    _mark_items_encoded(ds)
     return ds
+
+
+def _mark_items_encoded(ds: Dataset) -> None:
+    """Mark every nested item as already in Explicit VR Little Endian, the transfer syntax we write.
+
+    pydicom's writer runs its ambiguous-VR correction (itself recursive) for each item whose original
+    encoding differs from the file's, i.e. for every item built in memory: quadratic in the nesting depth of
+    an SR content tree. The top level stays unmarked, so the correction still runs once over the whole tree.
+    The bytes written are the same (tests/test_outputs_*).
+    """
+    for elem in ds.elements():
+        if elem.VR == "SQ":
+            for item in elem.value:
+                item.set_original_encoding(False, True, item._character_set)
+                _mark_items_encoded(item)
 
 
 def evidence_headers(headers: list[Dataset]) -> list[Dataset]:

@@ -6,6 +6,7 @@ volume: a tilted or gappy series is described exactly as it was acquired.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,9 +83,24 @@ def _plane(source: SliceSource, header: Dataset) -> SourcePlane:
     )
 
 
+# The planes of the last volume asked for: the landmark SR and the SEG of one series share them (reading
+# 300 headers' geometry through pydicom costs ~15 ms). A weak reference, so a volume is not kept alive.
+_last_planes: tuple[weakref.ref, list[SourcePlane]] | None = None
+
+
 def source_planes(volume: Volume) -> list[SourcePlane]:
     """One plane per distinct source slice / frame of the volume: those its slices came from, plus any other
     single-frame source image it used (a resampled volume may name only the nearest ones)."""
+    global _last_planes
+    last = _last_planes
+    if last is not None and last[0]() is volume:
+        return last[1]
+    planes = _source_planes(volume)
+    _last_planes = (weakref.ref(volume), planes)
+    return planes
+
+
+def _source_planes(volume: Volume) -> list[SourcePlane]:
     headers = {str(h.SOPInstanceUID): h for h in volume.source_headers}
     planes: list[SourcePlane] = []
     seen: set[tuple[str, int | None]] = set()

@@ -105,6 +105,7 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
         raise ValueError("no landmarks to report")
     planes = source_planes(volume)
     series = volume.series_instance_uid
+    algorithm_id = sr_algorithm_id(algorithm)  # the same items in every group: built once
     groups = []
     referenced: dict[str, Dataset] = {}
     for lm in landmarks:
@@ -115,13 +116,13 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
             finding_type=codes.SCT.AnatomicalPoint,
             finding_category=codes.SCT.AnatomicalStructure,
             finding_sites=finding_sites(definition),
-            algorithm_id=sr_algorithm_id(algorithm),
+            algorithm_id=algorithm_id,
         )
         confidence = Measurement(
             name=coded(CONFIDENCE),
             value=round(float(lm.confidence), 4),
             unit=CodedConcept("1", "UCUM", "no units"),
-            algorithm_id=sr_algorithm_id(algorithm),
+            algorithm_id=algorithm_id,
         )
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
