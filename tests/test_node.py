@@ -222,8 +222,8 @@ def test_series_in_results_out(node, archive, phantom, validate_dicom):
     for value in (str(src.get("PatientName", "")), str(src.get("PatientID", ""))):
         assert not value or value not in log, value
     events = {e.get("event") for e in node.events()}
-    assert {"association.accepted", "series.complete", "job.queued", "job.delivering", "delivery",
-            "job.done"} <= events
+    assert {"worker.warm_up", "association.accepted", "series.complete", "job.queued", "job.delivering",
+            "delivery", "job.done"} <= events
 
 
 def test_sr_points_within_3mm_of_phantom_truth(node, archive, tmp_path):

@@ -183,3 +183,17 @@ def test_non_finite_landmark_is_refused():
     _, volume = make_series("axial", with_pixels=False)
     with pytest.raises(ValueError, match="Nasion.*no finite 3D position"):
         build_outputs(volume, [Landmark("Nasion", (float("nan"), 0.0, 0.0))], Algorithm("m", "1"))
+
+
+def test_warm_up_runs_the_pipeline_quietly(model, caplog):
+    """The worker's warm-up (pipeline.warm_up) runs the real pipeline on a blank series without failing and
+    without the model's "not a head CT" warning in the node's log."""
+    import logging
+
+    from pacs_landmarks.pipeline import warm_up
+
+    with caplog.at_level(logging.INFO):
+        seconds = warm_up(model)
+    assert seconds > 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
+    assert logging.getLogger("pacs_landmarks.inference.model").level == logging.NOTSET  # restored

@@ -139,6 +139,7 @@ class Worker(threading.Thread):
         poll_interval_s: float = 1.0,
         process_series: Callable[[list[Dataset], Any], Any] | None = None,
         name: str = "landmark-worker",
+        warm_up: bool = True,
     ):
         super().__init__(name=name, daemon=True)
         self.store = store
@@ -153,6 +154,8 @@ class Worker(threading.Thread):
         self.poll_interval_s = poll_interval_s
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._process_series = process_series
+        # Only the real pipeline is warmed up: an injected one (tests) is called for jobs only.
+        self._warm_up = warm_up and process_series is None
         self._wake = threading.Event()
         self._stopping = threading.Event()
 
@@ -169,6 +172,8 @@ class Worker(threading.Thread):
             self.join(timeout)
 
     def run(self) -> None:
+        if self._warm_up:
+            self._run_warm_up()
         while not self._stopping.is_set():
             try:
                 busy = self.run_once()
@@ -183,6 +188,16 @@ class Worker(threading.Thread):
                 wait = max(0.0, min(wait, nxt - time.time()))
             self._wake.wait(wait)
             self._wake.clear()
+
+    def _run_warm_up(self) -> None:
+        """One blank series through the pipeline before the first job (see pipeline.warm_up): a job queued
+        meanwhile waits for it, and would otherwise pay the same one-off costs itself."""
+        from pacs_landmarks.pipeline import warm_up
+
+        try:
+            log_event("worker.warm_up", seconds=warm_up(self.model))
+        except Exception as exc:  # the first job then pays the one-off costs itself; nothing else changes
+            log_event("worker.warm_up_failed", logging.WARNING, reason=f"{type(exc).__name__}: {exc}")
 
     def run_once(self) -> bool:
         """Claim one job and work on it; False when there was nothing to claim."""
