@@ -51,7 +51,8 @@ def warm_up(model) -> float:
 
     The first series after a start otherwise pays one-off costs on its critical path: importing highdicom,
     pydicom's code dictionaries, highdicom's IOD tables, torch's first kernels. Measured on the first job: SR +
-    SEG build 1.05 s in the node and 2.07 s inside Orthanc, against 0.45 s once warm (bench/orthanc.py).
+    SEG build 1.05 s in the node and 2.07 s inside Orthanc, against 0.3 s once warm (bench/node.py,
+    bench/orthanc.py).
     Returns the seconds it took.
     """
     import numpy as np

@@ -70,7 +70,7 @@ def _mark_items_encoded(ds: Dataset) -> None:
     pydicom's writer runs its ambiguous-VR correction (itself recursive) for each item whose original
     encoding differs from the file's, i.e. for every item built in memory: quadratic in the nesting depth of
     an SR content tree. The top level stays unmarked, so the correction still runs once over the whole tree.
-    The bytes written are the same (tests/test_outputs_*).
+    The bytes written are the same (tests/test_sr.py::test_encoding_marks_do_not_change_the_bytes).
     """
     for elem in ds.elements():
         if elem.VR == "SQ":
