@@ -75,7 +75,12 @@ def _mark_items_encoded(ds: Dataset) -> None:
     for elem in ds.elements():
         if elem.VR == "SQ":
             for item in elem.value:
-                item.set_original_encoding(False, True, item._character_set)
+                # pydicom 3's charset of an item (its own or its parent's); without it, leave the item as it
+                # is: written the same, only slower.
+                charset = getattr(item, "_character_set", None)
+                if charset is None:
+                    return
+                item.set_original_encoding(False, True, charset)
                 _mark_items_encoded(item)
 
 
