@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pacs-landmarks-bench")
     args = ap.parse_args()
 
-    from pacs_landmarks.node.jobs import JobStore
+    from pacs_landmarks.jobs.store import JobStore
     from pydicom.uid import generate_uid
     import pydicom
 

@@ -278,7 +278,7 @@ def measurement_rows(sr: Any) -> list[tuple[str, str, float, str]]:
 
 def measurement_lines(sr: Any, truth: dict[str, Any] | None = None) -> list[str]:
     """The measurements of an SR with the landmark set's typical range and, for a phantom, the true value."""
-    from pacs_landmarks.sr_templates.landmark_sets import load_landmark_set
+    from pacs_landmarks.landmark_sets import load_landmark_set
 
     ranges = {m["code"]["value"]: m.get("range") for m in load_landmark_set().get("measurements", [])}
     true = (truth or {}).get("measurements") or {}

@@ -12,7 +12,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pacs_landmarks.dicom.volume import SliceSource, Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates.common import evidence_headers
-from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+from pacs_landmarks.landmark_sets import landmark_names
 
 GEOMETRIES = {
     "axial": dict(size=64, pixel=(1.0, 1.0), thickness=1.5, slices=48, tilt_deg=0.0),

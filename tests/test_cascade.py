@@ -208,7 +208,7 @@ def test_truth_from_a_landmark_sr_when_there_is_no_json(tiny_cases, tmp_path):
     import shutil
 
     from pacs_landmarks.inference.data import load_case
-    from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+    from pacs_landmarks.landmark_sets import landmark_names
 
     src = sorted(p for p in tiny_cases.iterdir() if p.is_dir())[0]
     proc = _run_cli("infer", str(src), "--out", str(tmp_path / "out"))

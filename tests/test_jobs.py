@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pacs_landmarks.node.jobs import JobStateError, JobStore, destination_key
+from pacs_landmarks.jobs.store import JobStateError, JobStore, destination_key
 
 
 def _new(store: JobStore, series: str = "1.2.3", state: str = "queued"):

@@ -10,7 +10,7 @@ import torch
 from pacs_landmarks.inference.cascade import DEFAULT_STAGES, Cascade
 from pacs_landmarks.inference.model import (DEFAULT_MODEL, FORMAT, LandmarkModel, ModelError, make_untrained,
                                             new_metadata, save_model_file)
-from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+from pacs_landmarks.landmark_sets import landmark_names
 
 
 def test_round_trip_keeps_weights_and_metadata(tmp_path):

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_landmarks.node.jobs import JobStore
+from pacs_landmarks.jobs.store import JobStore
 from conftest import require_tool
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}

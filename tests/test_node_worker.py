@@ -15,8 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs_landmarks.inference.landmark import Landmark
-from pacs_landmarks.node.jobs import JobStore
-from pacs_landmarks.node.worker import PermanentDeliveryError, Worker
+from pacs_landmarks.jobs.store import JobStore
+from pacs_landmarks.jobs.worker import PermanentDeliveryError, Worker
 
 
 def _obj(kind: str) -> Dataset:

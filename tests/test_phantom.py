@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from pacs_landmarks.inference import phantom as ph
-from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+from pacs_landmarks.landmark_sets import landmark_names
 
 SMALL = dict(size=128, slice_thickness=4.0)
 CLI = str(Path(sys.executable).with_name("pacs-landmarks"))

@@ -12,7 +12,7 @@ import pytest
 from sr_helpers import make_series
 
 from pacs_landmarks.sr_templates import read_landmark_sr
-from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+from pacs_landmarks.landmark_sets import landmark_names
 
 LOCAL_SCHEME = "99PACSLMK"
 

@@ -13,7 +13,7 @@ from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates import read_landmark_sr
 from pacs_landmarks.sr_templates.common import Algorithm
 from pacs_landmarks.sr_templates.geometry import source_planes
-from pacs_landmarks.sr_templates.landmark_sets import landmark_names, load_landmark_set
+from pacs_landmarks.landmark_sets import landmark_names, load_landmark_set
 from pacs_landmarks.sr_templates.landmark_sr import build_landmark_sr
 from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
 

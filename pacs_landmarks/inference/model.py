@@ -123,7 +123,7 @@ class LandmarkModel:
         import torch
 
         from pacs_landmarks.inference.cascade import Cascade, stages_from_json
-        from pacs_landmarks.sr_templates.landmark_sets import landmark_names, load_landmark_set
+        from pacs_landmarks.landmark_sets import landmark_names, load_landmark_set
 
         path = Path(path) if path is not None else DEFAULT_MODEL
         meta, weights = read_model_file(path)
@@ -182,7 +182,7 @@ class LandmarkModel:
 
 def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", name: str | None = None,
                  training: dict | None = None) -> dict[str, Any]:
-    from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+    from pacs_landmarks.landmark_sets import landmark_names
 
     return {
         "name": name or f"{landmark_set}-cascade",

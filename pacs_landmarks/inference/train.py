@@ -91,7 +91,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     from pacs_landmarks.inference.data import DataError, load_cases
     from pacs_landmarks.inference.model import LandmarkModel, new_metadata, save_model_file
     from pacs_landmarks.inference.sampling import VolumeSampler, box_points, random_rotations
-    from pacs_landmarks.sr_templates.landmark_sets import landmark_names
+    from pacs_landmarks.landmark_sets import landmark_names
 
     t_start = time.monotonic()
     torch.set_num_threads(config.threads)

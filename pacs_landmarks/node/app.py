@@ -2,7 +2,7 @@
 
 Storage layout (``storage`` setting)::
 
-    jobs.sqlite                    the durable job store (node/jobs.py)
+    jobs.sqlite                    the durable job store (jobs/store.py)
     series/<SeriesUID>/<SOP>.dcm   received CT / Enhanced CT instances (a job's ``source`` is this directory)
     other/<SeriesUID>/<SOP>.dcm    everything else a PACS sent (kept, no job)
     results/job-<id>-<attempt>/    landmarks-sr.dcm, measurements-sr.dcm, seg.dcm, landmarks.json
@@ -17,11 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pacs_landmarks.node.config import NodeConfig
-from pacs_landmarks.node.delivery import StoreSCU
-from pacs_landmarks.node.jobs import JobStore
-from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.jobs.delivery import StoreSCU
+from pacs_landmarks.jobs.store import JobStore
+from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.node.scp import SeriesTracker, StorageSCP, series_files
-from pacs_landmarks.node.worker import Worker
+from pacs_landmarks.jobs.worker import Worker
 
 
 class ModelLoadError(Exception):

@@ -87,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from pacs_landmarks.cli import CommandError
-    from pacs_landmarks.node import logs
+    from pacs_landmarks.jobs import logs
     from pacs_landmarks.node.app import ModelLoadError, Node
 
     cfg = effective_config(args)
@@ -115,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> int:
     from pacs_landmarks.cli import CommandError
-    from pacs_landmarks.node.jobs import JobStateError, JobStore
+    from pacs_landmarks.jobs.store import JobStateError, JobStore
 
     cfg = effective_config(args)
     path = cfg.storage_path / "jobs.sqlite"

@@ -53,8 +53,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from pacs_landmarks.dicom.series import CT_CLASSES
 from pacs_landmarks.node.config import NodeConfig
-from pacs_landmarks.node.jobs import JobStore
-from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.jobs.store import JobStore
+from pacs_landmarks.jobs.logs import log_event
 
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,

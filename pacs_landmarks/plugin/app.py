@@ -6,7 +6,7 @@ Loaded by ``entry.py`` inside Orthanc's embedded Python. Threads:
   delay every later Orthanc event);
 - the *dispatcher* thread turns a stable series into a job (``JobStore.ensure_job``, state ``queued``) when it
   is a CT image series not yet analysed by this model version;
-- the shared ``Worker`` (pacs_landmarks.node.worker) claims jobs, reads the instances back from Orthanc
+- the shared ``Worker`` (pacs_landmarks.jobs.worker) claims jobs, reads the instances back from Orthanc
   (``/instances/{id}/file``), runs ``process_series`` and stores the SR, measurements SR and SEG with
   ``POST /instances``.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pacs_landmarks.dicom.series import CT_CLASSES as CT_IMAGE_SOP_CLASSES
-from pacs_landmarks.node.jobs import Job, JobStore, UNFINISHED
-from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.jobs.store import Job, JobStore, UNFINISHED
+from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.plugin.config import PluginSettings
 
 LOGGER = logging.getLogger("pacs_landmarks.plugin")
@@ -147,7 +147,7 @@ class LandmarkPlugin:
         if not self.settings.worker:
             log_event("plugin.worker_disabled")
             return
-        from pacs_landmarks.node.worker import Worker
+        from pacs_landmarks.jobs.worker import Worker
 
         self.worker = Worker(
             self.store, self.model, loader=self.load_instances, deliver=self.store_results,

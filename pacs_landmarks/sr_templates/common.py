@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pydicom.dataset import Dataset
 
 from pacs_landmarks import __version__
-from pacs_landmarks.sr_templates.landmark_sets import coding_scheme_identification
+from pacs_landmarks.landmark_sets import coding_scheme_identification
 from pacs_landmarks.sr_templates.uids import derived_uid
 
 MANUFACTURER = "pacs-landmarks"

@@ -23,7 +23,7 @@ from pacs_landmarks.sr_templates.common import (
     sr_document,
 )
 from pacs_landmarks.sr_templates.geometry import nearest_plane, source_planes
-from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition
+from pacs_landmarks.landmark_sets import coded, landmark_definition
 from pacs_landmarks.sr_templates.measurements import PROCEDURE_CT_HEAD
 from pacs_landmarks.sr_templates.uids import tracking_uid
 

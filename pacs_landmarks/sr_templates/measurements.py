@@ -19,7 +19,7 @@ from pacs_landmarks.sr_templates.common import (
     sr_algorithm_id,
     sr_document,
 )
-from pacs_landmarks.sr_templates.landmark_sets import coded, load_landmark_set
+from pacs_landmarks.landmark_sets import coded, load_landmark_set
 from pacs_landmarks.sr_templates.uids import tracking_uid
 
 PROCEDURE_CT_HEAD = ("303653007", "SCT", "CT of head")

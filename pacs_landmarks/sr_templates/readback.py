@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from pacs_landmarks.inference.landmark import Landmark
-from pacs_landmarks.sr_templates.landmark_sets import load_landmark_set
+from pacs_landmarks.landmark_sets import load_landmark_set
 
 _MEASUREMENT_GROUP = ("125007", "DCM")
 _TRACKING_ID = ("112039", "DCM")

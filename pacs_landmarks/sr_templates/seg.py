@@ -17,7 +17,7 @@ from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish
 from pacs_landmarks.sr_templates.geometry import SourcePlane, plane_distances, source_planes
-from pacs_landmarks.sr_templates.landmark_sets import coded, landmark_definition, rgb_to_cielab
+from pacs_landmarks.landmark_sets import coded, landmark_definition, rgb_to_cielab
 from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
 
 MIN_RADIUS_MM = 2.0

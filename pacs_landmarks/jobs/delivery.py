@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.transport import AssociationSocket
 
-from pacs_landmarks.node.worker import PermanentDeliveryError
+from pacs_landmarks.jobs.worker import PermanentDeliveryError
 
 
 class DeliveryError(ConnectionError):

@@ -15,7 +15,7 @@ from importlib import resources
 @lru_cache(maxsize=None)
 def load_landmark_set(name: str = "craniofacial16") -> dict:
     """The parsed JSON definition of a landmark set; ``KeyError`` if there is none of that name."""
-    path = resources.files("pacs_landmarks.sr_templates") / "sets" / f"{name}.json"
+    path = resources.files("pacs_landmarks") / "sets" / f"{name}.json"
     if not path.is_file():
         raise KeyError(f"unknown landmark set {name!r}")
     return json.loads(path.read_text(encoding="utf-8"))

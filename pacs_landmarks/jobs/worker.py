@@ -51,8 +51,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacs_landmarks.node.jobs import Job, JobStateError, JobStore, destination_key
-from pacs_landmarks.node.logs import log_event
+from pacs_landmarks.jobs.store import Job, JobStateError, JobStore, destination_key
+from pacs_landmarks.jobs.logs import log_event
 
 Loader = Callable[[Job], Iterable[Any]]
 Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
