@@ -114,11 +114,17 @@ class LandmarkPlugin:
         if resumed:
             log_event("plugin.resume", unfinished=len(resumed))
         self._dispatcher.start()
-        threading.Thread(target=self._start_worker, name="landmark-start", daemon=True).start()
+        self._starter = threading.Thread(target=self._start_worker, name="landmark-start", daemon=True)
+        self._starter.start()
 
     def stop(self) -> None:
         self._stopping.set()
         self.events.put(None)
+        # Orthanc finalizes its Python interpreter right after ORTHANC_STOPPED; a thread still importing torch or
+        # starting the worker then aborts the whole process (SIGABRT). Let them finish first, bounded.
+        for thread in (self._loader_thread, getattr(self, "_starter", None)):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=60.0)
         if self.worker is not None:
             # The current step finishes or is abandoned: an unfinished job is resumed at the next start.
             self.worker.stop(timeout=10.0)
@@ -142,7 +148,7 @@ class LandmarkPlugin:
 
     def _start_worker(self) -> None:
         self._model_ready.wait()
-        if self.model is None:
+        if self.model is None or self._stopping.is_set():
             return  # jobs stay queued; health says why
         if not self.settings.worker:
             log_event("plugin.worker_disabled")
