@@ -1,0 +1,216 @@
+"""The node's receive path under pynetdicom: wake on events instead of polling, and durable writes with group commit.
+
+pynetdicom 3.0 runs two threads per association that poll: the DUL thread checks the socket and its outgoing
+queue, then sleeps ``DULServiceProvider._run_loop_delay`` (1 ms) when neither had anything; the association
+thread sleeps 1 ms before each look at its DIMSE message queue. Measured on the node, about half of pynetdicom's
+time around each C-STORE was those sleeps (docs/benchmarks.md, "Node"). :func:`install_wakeups` makes both
+threads *wait* for the thing they poll for, with the hooks pynetdicom itself provides:
+
+- the transport (``AssociationSocket``, which pynetdicom lets a server replace per association) answers
+  ``ready`` by waiting in ``select`` on the socket *and* a wake-up descriptor, for at most ``WAIT_S``; the
+  DUL's loop delay (``_run_loop_delay``, "setting it higher uses less CPU when idle", pynetdicom's own
+  comment) is 0, so the thread waits in ``select`` instead of sleeping;
+- the DUL's outgoing queue (``DULServiceProvider.to_provider_queue``) signals the wake-up descriptor on
+  ``put``, so a C-STORE response is sent as soon as the association thread queues it;
+- the DIMSE message queue (``DIMSEServiceProvider.msg_queue``) lets the association reactor's non-blocking
+  ``get`` wait up to ``WAIT_S`` for the next message, so the reactor's fixed 1 ms sleep overlaps the time the
+  sender needs for its next instance instead of adding to it.
+
+Every timer and state check pynetdicom does each loop still runs at least every ``WAIT_S``. What this relies
+on is checked when an association is set up (:func:`install_wakeups` raises if an attribute is gone) and by
+tests/test_node_receive.py against the pinned pynetdicom range in pyproject.toml.
+
+:class:`DurableWriter` makes each instance durable before its Success: file data flushed (``fdatasync``) before
+the rename, the rename made durable by an ``fsync`` of the folder. The folder fsync is a group commit: a
+thread whose rename is already covered by an fsync another thread *started after* that rename returns at once,
+so concurrent associations share one folder fsync instead of queueing one each.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import select
+import ssl
+import threading
+from pathlib import Path
+
+from pynetdicom.transport import AssociationSocket
+
+WAIT_S = 0.01  # longest wait of either thread: bounds the delay of pynetdicom's timer and state checks
+
+
+class WakingSocket(AssociationSocket):
+    """``ready`` waits for data or a wake-up (see the module docstring); ``recv`` fills one buffer.
+
+    pynetdicom reads a PDU 4 KB per ``recv()`` into a growing bytearray; one preallocated buffer filled with
+    ``recv_into()`` is ~30 % faster for CT-sized PDUs (bench/node.py).
+    """
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (AttributeError, OSError):  # not installed yet, or closed: the DUL loop wakes by itself
+            pass
+
+    def _open_wake_pipe(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # TLS may hold decrypted bytes that select() cannot see (pynetdicom #528)
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own ``ready`` does
+            return False
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        return sock in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view, n = memoryview(buf), 0
+        while n < nr_bytes:
+            got = self.socket.recv_into(view[n:], nr_bytes - n)
+            if not got:  # connection closed: return what arrived, as pynetdicom does
+                del view
+                return buf[:n]
+            n += got
+        return buf
+
+    def close(self) -> None:
+        super().close()
+        for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = None
+
+
+class _WakingQueue(queue.Queue):
+    """The DUL's outgoing queue: every ``put`` wakes the DUL thread out of its ``select``."""
+
+    def __init__(self, wake) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _WaitingQueue(queue.Queue):
+    """The DIMSE message queue: the association reactor's non-blocking ``get`` waits up to ``WAIT_S``."""
+
+    def get(self, block=True, timeout=None):
+        if not block:
+            block, timeout = True, WAIT_S
+        return super().get(block, timeout)
+
+
+def install_wakeups(assoc) -> None:
+    """Set an acceptor association (before its threads start) to wait instead of poll; see the docstring."""
+    dul, dimse = assoc.dul, assoc.dimse
+    for owner, name in ((dul, "_run_loop_delay"), (dul, "to_provider_queue"), (dimse, "msg_queue"),
+                        (dul, "socket")):
+        if not hasattr(owner, name):  # pynetdicom changed: fail loudly rather than poll silently
+            raise RuntimeError(f"pynetdicom {type(owner).__name__}.{name} is gone: update node/receive.py")
+    sock = dul.socket
+    if not isinstance(sock, AssociationSocket):
+        raise RuntimeError("pynetdicom's association has no AssociationSocket: update node/receive.py")
+    if dul.to_provider_queue.qsize() or dimse.msg_queue.qsize():
+        raise RuntimeError("install_wakeups() must run before the association starts")
+    sock.__class__ = WakingSocket
+    sock._open_wake_pipe()
+    dul.to_provider_queue = _WakingQueue(sock.wake)
+    dimse.msg_queue = _WaitingQueue()
+    dul._run_loop_delay = 0
+
+
+class DurableWriter:
+    """Atomic, durable instance files with the folder fsync shared between concurrent writers.
+
+    ``write(path, data)``: temporary file in the same folder, ``fdatasync``, rename, then the folder's fsync
+    (PS3.4 B.2.3's Success means stored: on return the file survives a crash or power loss, whole or not at
+    all). Folder fsyncs are group-committed per folder: each rename takes a ticket; an fsync started after
+    ticket N makes every rename up to N durable, so a writer waits for such an fsync (running one itself if
+    none is running) instead of always issuing its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._folders: dict[Path, _Folder] = {}
+
+    def write(self, path: Path, data: bytes | memoryview) -> None:
+        folder = self._folder(path.parent)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder was removed since we first saw it (an operator's purge)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        folder.sync_after_rename()
+
+    def _folder(self, directory: Path) -> "_Folder":
+        folder = self._folders.get(directory)
+        if folder is None:
+            with self._lock:
+                folder = self._folders.get(directory)
+                if folder is None:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    folder = self._folders[directory] = _Folder(directory)
+        return folder
+
+
+class _Folder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._issued = 0  # tickets handed out (renames done)
+        self._durable = 0  # every ticket up to this one is covered by a completed fsync
+        self._syncing = False
+        self.fsyncs = 0  # folder fsyncs run (tests/test_node_receive.py: fewer than renames when shared)
+
+    def sync_after_rename(self) -> None:
+        with self._cond:
+            self._issued += 1
+            ticket = self._issued
+            while self._durable < ticket:
+                if self._syncing:  # the running fsync may have started before our rename: wait, re-check
+                    self._cond.wait()
+                    continue
+                self._syncing, covered = True, self._issued
+                self._cond.release()
+                try:
+                    fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                        self.fsyncs += 1
+                    finally:
+                        os.close(fd)
+                finally:
+                    self._cond.acquire()
+                    self._syncing = False
+                    self._cond.notify_all()
+                self._durable = max(self._durable, covered)

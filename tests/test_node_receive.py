@@ -1,0 +1,106 @@
+"""The node's receive path (node/receive.py): what it relies on in pynetdicom, the wake-ups, the group commit."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pynetdicom
+import pytest
+from pynetdicom import AE
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+from pacs_landmarks.node import receive
+from pacs_landmarks.node.receive import DurableWriter, WakingSocket, install_wakeups
+
+
+@pytest.fixture
+def acceptor():
+    """A real pynetdicom acceptor association on one end of a socket pair, as the node's server makes it."""
+    ours, peer = socket.socketpair()
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assoc.set_socket(AssociationSocket(assoc, client_socket=ours))
+    yield assoc, peer
+    assoc.dul.socket.close()
+    peer.close()
+
+
+def test_pinned_pynetdicom_has_what_receive_relies_on(acceptor):
+    major, minor = (int(x) for x in pynetdicom.__version__.split(".")[:2])
+    assert (major, minor) == (3, 0), "node/receive.py is checked against pynetdicom 3.0: re-check, then re-pin"
+    assoc, _ = acceptor
+    assert assoc.dul._run_loop_delay == 0.001  # the polling delay install_wakeups turns off
+    install_wakeups(assoc)
+    assert isinstance(assoc.dul.socket, WakingSocket)
+    assert assoc.dul._run_loop_delay == 0
+    assert isinstance(assoc.dul.to_provider_queue, receive._WakingQueue)
+    assert isinstance(assoc.dimse.msg_queue, receive._WaitingQueue)
+
+
+def test_install_refuses_a_changed_pynetdicom(acceptor):
+    assoc, _ = acceptor
+    del assoc.dimse.msg_queue
+    with pytest.raises(RuntimeError, match="msg_queue is gone"):
+        install_wakeups(assoc)
+
+
+def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monkeypatch):
+    assoc, peer = acceptor
+    install_wakeups(assoc)
+    sock = assoc.dul.socket
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)  # only data or a wake-up can end the wait now
+    peer.sendall(b"x")
+    assert sock.ready is True and bytes(sock.recv(1)) == b"x"
+
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(sock.ready))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # nothing to read, nothing queued: still waiting
+    assoc.dul.to_provider_queue.put("primitive")  # what pynetdicom does to send a C-STORE response
+    waiter.join(10)
+    assert not waiter.is_alive() and answers == [False]
+    assert assoc.dul.to_provider_queue.get(False) == "primitive"  # pynetdicom's non-blocking get still works
+
+
+def test_reactor_get_waits_for_a_message(acceptor, monkeypatch):
+    assoc, _ = acceptor
+    install_wakeups(assoc)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    threading.Timer(0.2, assoc.dimse.msg_queue.put, args=[(1, "C-STORE-RQ")]).start()
+    assert assoc.dimse.get_msg(block=False) == (1, "C-STORE-RQ")  # the reactor's call: waited, not empty
+
+
+def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
+    writer, n_threads, per_thread = DurableWriter(), 8, 15
+    payload = {f"{t}.{i}": os.urandom(64 * 1024) for t in range(n_threads) for i in range(per_thread)}
+    folder = tmp_path / "series" / "1.2.3"
+
+    def send(t):
+        for i in range(per_thread):
+            writer.write(folder / f"{t}.{i}.dcm", payload[f"{t}.{i}"])
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"{k}.dcm" for k in payload)  # every file, no temporary file left behind
+    assert all((folder / f"{k}.dcm").read_bytes() == v for k, v in payload.items())
+    synced = writer._folders[folder]
+    assert synced._durable == synced._issued == len(payload)  # every rename covered by a finished fsync
+    assert synced.fsyncs < len(payload)  # ... with fewer folder fsyncs than files: shared between writers
+
+
+def test_durable_writer_recreates_a_purged_folder(tmp_path):
+    import shutil
+
+    writer, folder = DurableWriter(), tmp_path / "other" / "1.2"
+    writer.write(folder / "a.dcm", b"one")
+    shutil.rmtree(folder)
+    writer.write(folder / "b.dcm", b"two")
+    assert (folder / "b.dcm").read_bytes() == b"two"
