@@ -104,3 +104,33 @@ def test_durable_writer_recreates_a_purged_folder(tmp_path):
     shutil.rmtree(folder)
     writer.write(folder / "b.dcm", b"two")
     assert (folder / "b.dcm").read_bytes() == b"two"
+
+
+def test_durable_writer_replaces_an_earlier_copy(tmp_path):
+    writer, path = DurableWriter(), tmp_path / "series" / "1.2" / "1.2.3.dcm"
+    writer.write(path, b"first")
+    writer.write(path, b"second")  # a resend: flushed before it replaces the acknowledged copy
+    assert path.read_bytes() == b"second" and [p.name for p in path.parent.iterdir()] == ["1.2.3.dcm"]
+
+
+def test_files_a_power_loss_cut_short_are_set_aside_at_start(tmp_path):
+    """What a power loss can leave of a never-acknowledged instance (renamed before its flush): moved aside,
+    whole files stay."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from pacs_landmarks.node.app import set_aside_incomplete
+
+    folder = tmp_path / "series" / "1.2.3"
+    folder.mkdir(parents=True)
+    whole = folder / "1.1.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), whole)
+    data = whole.read_bytes()
+    (folder / "1.2.dcm").write_bytes(b"")
+    (folder / "1.3.dcm").write_bytes(data[: len(data) * 2 // 3])  # header whole, pixel data cut
+    (folder / "1.4.dcm").write_bytes(data[:300])  # cut inside the header
+    moved = set_aside_incomplete(folder, tmp_path / "incomplete")
+    assert sorted(p.name for p in moved) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
+    assert [p.name for p in folder.iterdir()] == ["1.1.dcm"] and whole.read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "incomplete" / "1.2.3").iterdir()) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
