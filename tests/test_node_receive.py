@@ -92,7 +92,7 @@ def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
     assert names == sorted(f"{k}.dcm" for k in payload)  # every file, no temporary file left behind
     assert all((folder / f"{k}.dcm").read_bytes() == v for k, v in payload.items())
     synced = writer._folders[folder]
-    assert synced._durable == synced._issued == len(payload)  # every rename covered by a finished fsync
+    assert synced.durable == synced.issued == len(payload)  # every rename covered by a finished fsync
     assert synced.fsyncs < len(payload)  # ... with fewer folder fsyncs than files: shared between writers
 
 
