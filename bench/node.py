@@ -8,8 +8,8 @@
       index entry and the C-STORE response), no plugin, in a private network namespace;
     * ``pacs-landmarks serve``: every instance durable before its Success (docs/node.md, "Durability").
   Target: node/Orthanc >= 1.0 for 1, 4 and 8 senders (aggregate instances per second). The "fsync floor" is
-  the rate one sender could reach if the durable write of one instance (temp file, fsync, rename, fsync of
-  the folder) were the only cost.
+  the rate one sender could reach if the node's durable write of one instance (``receive.DurableWriter``:
+  temp file, rename, fdatasync beside the folder fsync) were the only cost.
 - latency: last instance acknowledged -> every result acknowledged by the destination (a storescp), with the
   per-step breakdown recorded by the job. Target: <= 5 s for 300 slices on the 2-core CPU.
 - memory: the node's peak RSS (VmHWM) after receiving and analysing a --rss-slices (600) slice series.
@@ -243,8 +243,8 @@ def main() -> None:
         for n in senders:
             for r, (scp, orth, nd) in enumerate(rates[n], 1):
                 print(f"| {n} | {r} | {scp:.0f} | {orth:.0f} | {nd:.0f} | {nd / orth:.2f} |")
-        print(f"\nfsync floor: durable write of one {mb / len(files):.2f} MB instance (temp file, fdatasync, rename, fsync "
-              f"of the folder) {durable:.2f} ms on this disk = {1000 / durable:.0f} inst/s for one sender\n")
+        print(f"\nfsync floor: durable write of one {mb / len(files):.2f} MB instance (temp file, rename, fdatasync "
+              f"beside the folder fsync: node/receive.py) {durable:.2f} ms on this disk = {1000 / durable:.0f} inst/s for one sender\n")
         print("| senders | storescp | Orthanc | node | node / Orthanc (range) | target |")
         print("|---|---|---|---|---|---|")
         for n in senders:
