@@ -134,3 +134,17 @@ def test_files_a_power_loss_cut_short_are_set_aside_at_start(tmp_path):
     assert sorted(p.name for p in moved) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
     assert [p.name for p in folder.iterdir()] == ["1.1.dcm"] and whole.read_bytes() == data
     assert sorted(p.name for p in (tmp_path / "incomplete" / "1.2.3").iterdir()) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
+
+
+def test_quiet_pynetdicom_binds_no_per_pdu_log_formatting(monkeypatch):
+    from pynetdicom import _config, evt
+
+    from pacs_landmarks.node.receive import quiet_pynetdicom
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")  # restored after the test
+    noisy = Association(AE(), MODE_ACCEPTOR)
+    assert noisy.get_handlers(evt.EVT_PDU_RECV)  # pynetdicom's default: a formatter on every PDU
+    quiet_pynetdicom()
+    quiet = Association(AE(), MODE_ACCEPTOR)
+    for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+        assert not quiet.get_handlers(event)

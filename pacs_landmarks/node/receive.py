@@ -122,6 +122,22 @@ class _WaitingQueue(queue.Queue):
         return super().get(block, timeout)
 
 
+def quiet_pynetdicom() -> None:
+    """Turn off pynetdicom's "standard" logging handlers, process-wide, with its own switch
+    (``pynetdicom._config.LOG_HANDLER_LEVEL = "none"``, its documented way).
+
+    Those handlers format a multi-line summary of every PDU and DIMSE message sent and received, for its
+    logger, which the node keeps at WARNING anyway (PDU dumps would show patient attributes): CPU spent on
+    every instance for nothing. Warnings and errors are still logged. Call before any AE or server is made:
+    the handlers are bound when an association or server is created.
+    """
+    from pynetdicom import _config
+
+    if not hasattr(_config, "LOG_HANDLER_LEVEL"):
+        raise RuntimeError("pynetdicom _config.LOG_HANDLER_LEVEL is gone: update node/receive.py")
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
 def install_wakeups(assoc) -> None:
     """Set an acceptor association (before its threads start) to wait instead of poll; see the docstring."""
     dul, dimse = assoc.dul, assoc.dimse
