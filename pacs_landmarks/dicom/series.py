@@ -242,6 +242,17 @@ def read_directory(source: str | Path, ds: Dataset | None = None) -> Directory:
     return Directory(str(source), files, missing)
 
 
+def _new_files(files: list[Path], known: set[str]) -> list[Path]:
+    """The files not yet in ``known`` (real paths), which they are added to."""
+    new = []
+    for path in files:
+        key = os.path.realpath(path)
+        if key not in known:
+            known.add(key)
+            new.append(path)
+    return new
+
+
 def _expand(items: Iterable[str | Path | Dataset]) -> Iterator[str | Path | Dataset]:
     """Datasets and files as given; folders replaced by the files under them."""
     for item in items:
@@ -485,14 +496,10 @@ def _collect(
     owned: list[bool] = []
     seen: dict[tuple[str, int | None], str] = {}
     pending = deque(_expand(items))
-    visited: set[str] = set()  # files reached twice (a folder and a DICOMDIR naming its files) count once
+    # A DICOMDIR's references that are also among the inputs (the folder walk found them) are not read twice.
+    known = {os.path.realpath(item) for item in pending if not isinstance(item, Dataset)}
     while pending:
         item = pending.popleft()
-        if not isinstance(item, Dataset):
-            key = os.path.realpath(item)
-            if key in visited:
-                continue
-            visited.add(key)
         label = _label(item)
         try:
             ds = _read(item, headers_only)
@@ -501,7 +508,7 @@ def _collect(
             continue
         if not isinstance(item, Dataset) and is_directory(ds):  # follow it to the files it references
             directory = read_directory(item, ds)
-            pending.extend(directory.files)
+            pending.extend(_new_files(directory.files, known))
             excluded.extend(Exclusion(f"{label}: {m}", "referenced by the DICOMDIR but not on the medium")
                             for m in directory.missing)
             continue
@@ -725,13 +732,9 @@ def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclu
     unreadable: list[Exclusion] = []
     directories: list[Directory] = []
     pending = deque(iter_files(paths))
-    visited: set[str] = set()
+    known = {os.path.realpath(p) for p in pending}
     while pending:
         path = pending.popleft()
-        key = os.path.realpath(path)
-        if key in visited:
-            continue
-        visited.add(key)
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["SeriesInstanceUID", "DirectoryRecordSequence"])
@@ -741,7 +744,7 @@ def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclu
         if is_directory(ds):
             directory = read_directory(path, ds)
             directories.append(directory)
-            pending.extend(directory.files)
+            pending.extend(_new_files(directory.files, known))
             continue
         groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(Path(path))
     return groups, unreadable, directories
