@@ -148,3 +148,39 @@ def test_quiet_pynetdicom_binds_no_per_pdu_log_formatting(monkeypatch):
     quiet = Association(AE(), MODE_ACCEPTOR)
     for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
         assert not quiet.get_handlers(event)
+
+
+def test_wake_pipes_do_not_leak(tmp_path):
+    """pynetdicom ends a released association without close(): the wake-up pipe goes with the garbage."""
+    import gc
+    import subprocess
+
+    from pynetdicom.sop_class import Verification
+
+    from conftest import dcmtk
+    from pacs_landmarks.node.scp import _NoDelayServer
+
+    def pipes() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    ae = AE(ae_title="LEAKTEST")
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", 0), server_class=_NoDelayServer)  # the node's server class
+    ae._servers.append(server)  # as StorageSCP.start does, so that shutdown() can deregister it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        gc.collect()
+        before = pipes()
+        for _ in range(25):
+            proc = subprocess.run([dcmtk("echoscu"), "-aec", "LEAKTEST", "127.0.0.1", str(port)],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 10
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc.collect()
+        assert pipes() <= before + 2  # 25 associations made 25 pipes (50 descriptors); all but a live one gone
+    finally:
+        server.shutdown()

@@ -37,6 +37,7 @@ import queue
 import select
 import ssl
 import threading
+import time
 from pathlib import Path
 
 from pynetdicom.transport import AssociationSocket
@@ -64,6 +65,7 @@ class WakingSocket(AssociationSocket):
     def ready(self) -> bool:  # type: ignore[override]
         sock = self.socket
         if sock is None or self._is_connected is False:
+            time.sleep(0.001)  # closed: the DUL stops soon; with its loop delay at 0, pause as it would have
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # TLS may hold decrypted bytes that select() cannot see (pynetdicom #528)
@@ -92,6 +94,9 @@ class WakingSocket(AssociationSocket):
 
     def close(self) -> None:
         super().close()
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
         for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
             if fd is not None:
                 try:
@@ -99,6 +104,11 @@ class WakingSocket(AssociationSocket):
                 except OSError:
                     pass
         self._wake_r = self._wake_w = None
+
+    def __del__(self) -> None:
+        # pynetdicom ends a released association without calling close() (its DUL stops on Evt17 and the
+        # objects are freed by the garbage collector, TCP socket included): the pipe goes with them.
+        self._close_wake_pipe()
 
 
 class _WakingQueue(queue.Queue):
