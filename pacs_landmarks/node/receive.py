@@ -22,7 +22,7 @@ tests/test_node_receive.py against the pinned pynetdicom range in pyproject.toml
 
 :class:`DurableWriter` makes each instance durable before its Success: data flushed (``fdatasync``) and the name
 made durable by an ``fsync`` of the folder (POSIX asks for both). A new file is renamed into place *before* its
-flush, so that the folder fsync (in a pool thread) and the file's flush run at the same time; on the CI disk
+flush, so that the folder fsync (in a syncer thread) and the file's flush run at the same time; on the CI disk
 (ext4 without a journal, where both are needed) that is 3-5 ms per instance instead of 9-11 ms one after the
 other. A file that replaces an earlier copy (a resend) is flushed before the rename, so an acknowledged copy
 is never replaced by data not yet on disk. What a power loss can leave is therefore limited to instances
@@ -38,7 +38,6 @@ import select
 import ssl
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pynetdicom.transport import AssociationSocket
@@ -169,24 +168,21 @@ def install_wakeups(assoc) -> None:
 
 
 class DurableWriter:
-    """Atomic, durable instance files; folder fsyncs run in a small pool, beside the writers' own flushes.
+    """Atomic, durable instance files; folder fsyncs run by one syncer thread, beside the writers' own flushes.
 
     ``write(path, data)``: temporary file in the same folder, rename, ``fdatasync`` (flush first when an earlier
     copy is replaced), and an fsync of the folder that started after the rename (PS3.4 B.2.3's Success means
     stored: on return the file and its name survive a crash or power loss). Each rename takes a ticket of its
-    folder and, unless an fsync of that folder is already queued (it will cover the rename when it starts),
-    queues one; the writer flushes its own file meanwhile, so the two flushes overlap (measured on the CI
-    disk: 3-5 ms instead of 9-11 ms in sequence). Each folder fsync covers every rename made before it
-    started (group commit across associations), and a rename never waits behind an fsync that started
-    before it. A new folder's own name is made durable once, when it is created.
+    folder and wakes the syncer thread, which fsyncs every folder with renames not yet covered, while the
+    writer flushes its own file: the two flushes overlap (measured on the CI disk: 3-5 ms instead of 9-11 ms
+    in sequence), and one folder fsync covers every rename made before it started, for all concurrent
+    associations (group commit). A new folder's own name is made durable once, when it is created.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._folders: dict[Path, _Folder] = {}
-        # Folder fsyncs run here, beside the writers' own flushes; several at once when writers keep coming
-        # (an fsync already running may have started before a new rename, so it cannot cover it).
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="folder-fsync")
+        self._syncer: threading.Thread | None = None
 
     def write(self, path: Path, data: bytes | memoryview) -> None:
         folder = self._folder(path.parent)
@@ -210,7 +206,7 @@ class DurableWriter:
                 renamed = True
                 ticket = self._renamed(folder)
                 if not replacing:
-                    os.fdatasync(fd)  # meanwhile a pool thread fsyncs the folder
+                    os.fdatasync(fd)  # meanwhile the syncer fsyncs the folder
             finally:
                 os.close(fd)
             self._wait(folder, ticket)
@@ -229,42 +225,44 @@ class DurableWriter:
                 if folder is None:
                     _make_durable_folder(directory)
                     folder = self._folders[directory] = _Folder(directory)
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_loop, name="folder-fsync", daemon=True)
+                    self._syncer.start()
         return folder
 
     def _renamed(self, folder: "_Folder") -> int:
-        """Take a ticket for a rename just done; make sure a folder fsync that will cover it is coming."""
         with self._cond:
             folder.issued += 1
-            if not folder.queued:  # an fsync queued but not started yet reads ``issued`` when it starts
-                folder.queued = True
-                self._pool.submit(self._fsync_folder, folder)
-            return folder.issued
-
-    def _fsync_folder(self, folder: "_Folder") -> None:
-        with self._cond:
-            folder.queued = False
-            first, last = folder.durable + 1, folder.issued  # every rename so far: this fsync covers them
-        try:
-            _fsync_path(folder.path)
-            error = None
-        except OSError as exc:
-            error = exc
-        with self._cond:
-            folder.fsyncs += 1
-            if error is None:
-                folder.durable = max(folder.durable, last)
-            else:  # the writers of these renames fail (their senders retry); later renames get a new fsync
-                folder.failed, folder.error = (first, last), error
             self._cond.notify_all()
+            return folder.issued
 
     def _wait(self, folder: "_Folder", ticket: int) -> None:
         with self._cond:
             while True:
-                if folder.durable >= ticket:
-                    return
                 if folder.failed[0] <= ticket <= folder.failed[1]:
                     raise OSError(f"fsync of {folder.path} failed: {folder.error}")
+                if folder.durable >= ticket:
+                    return
                 self._cond.wait()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (dirty := [f for f in self._folders.values() if f.issued > f.durable]):
+                    self._cond.wait()
+                covered = [(f, f.durable + 1, f.issued) for f in dirty]
+            for folder, first, last in covered:
+                try:
+                    _fsync_path(folder.path)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                with self._cond:
+                    folder.fsyncs += 1
+                    if error is not None:  # the writers of these renames fail (their senders retry)
+                        folder.failed, folder.error = (first, last), error
+                    folder.durable = max(folder.durable, last)
+                    self._cond.notify_all()
 
 
 class _Folder:
@@ -272,7 +270,6 @@ class _Folder:
         self.path = path
         self.issued = 0  # tickets handed out (renames done)
         self.durable = 0  # every ticket up to this one is covered by a completed fsync
-        self.queued = False  # an fsync of this folder is submitted and has not started yet
         self.failed = (1, 0)  # tickets whose folder fsync failed (empty range: none)
         self.error: OSError | None = None
         self.fsyncs = 0  # folder fsyncs run (tests/test_node_receive.py: fewer than renames when shared)
