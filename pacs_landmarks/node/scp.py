@@ -4,9 +4,9 @@
   ``TRANSFER_SYNTAXES``. Only CT Image Storage and Enhanced CT Image Storage series start a job; any other
   object is still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as
   ignored.
-- An instance is written as received (the encoded dataset, PS3.10 file meta added), to a temporary file that
-  is flushed (fdatasync) and renamed, and the rename made durable (folder fsync, group-committed across
-  concurrent associations: ``receive.DurableWriter``), before Success (0x0000) is answered. Paths are built from UIDs that match the
+- An instance is written as received (the encoded dataset, PS3.10 file meta added) and is durable, data and
+  name, before Success (0x0000) is answered (``receive.DurableWriter``: temporary file, rename, fdatasync
+  beside a group-committed folder fsync). Paths are built from UIDs that match the
   PS3.5 9.1 character repertoire only (digits and dots): anything else is refused, so nothing is written
   outside the storage directory.
 - Refusals (PS3.4 B.2.3): 0xA700 out of resources (too large, disk error), 0xA900 data set does not match the
