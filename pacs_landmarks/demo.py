@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pacs_landmarks.dicom.dcmtk import ToolNotFound, dcmtk_tool, program
 from pacs_landmarks.plugin.config import REPO_ROOT, write_runtime_config
 from pacs_landmarks.plugin.launch import OrthancError, OrthancProcess
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_demo(args)
-    except (DemoError, OrthancError) as exc:
+    except (DemoError, OrthancError, ToolNotFound) as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -71,20 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise DemoError(f"{name} is not installed: run `make bootstrap`")
-    return path
-
-
 def run_demo(args: argparse.Namespace) -> None:
     import os
 
     out: Path = args.out.resolve()
     progress = Progress(9)
-    for tool in ("Orthanc", "storescu", "findscu", "dsr2html", "curl"):
-        _tool(tool)
+    for tool in ("Orthanc", "curl"):
+        program(tool)
+    for tool in ("storescu", "findscu", "dsr2html"):  # by path, never pynetdicom's namesakes (dicom/dcmtk.py)
+        dcmtk_tool(tool)
     if not args.host_network and os.geteuid() != 0:
         raise DemoError("a private network namespace needs root (unshare -n); run as root or add --host-network")
     if out.exists():
@@ -154,7 +150,7 @@ def run_demo(args: argparse.Namespace) -> None:
             progress.note(line)
 
         html = results_dir / "landmarks-sr.html"
-        proc = subprocess.run([_tool("dsr2html"), str(paths[0]), str(html)], capture_output=True, text=True)
+        proc = subprocess.run([dcmtk_tool("dsr2html"), str(paths[0]), str(html)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise DemoError(f"dsr2html failed: {proc.stderr.strip()}")
         progress(f"SR rendered with dsr2html: {html}")

@@ -1,20 +1,30 @@
 """Shared fixtures: real DICOM tools, temporary phantoms, the validator."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from pacs_landmarks.dicom.dcmtk import ToolNotFound, dcmtk_tool, program
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def require_tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed: run scripts/bootstrap (it installs dcmtk and dicom3tools)")
-    return path
+    """A program that is not dcmtk (dciodvfy, openssl): its path, or the test fails saying to bootstrap."""
+    try:
+        return program(name)
+    except ToolNotFound as exc:
+        pytest.fail(str(exc))
+
+
+def dcmtk(name: str) -> str:
+    """dcmtk's ``name`` by absolute path (never pynetdicom's namesake on an activated venv's PATH)."""
+    try:
+        return dcmtk_tool(name)
+    except ToolNotFound as exc:
+        pytest.fail(str(exc))
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

@@ -18,7 +18,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from pacs_landmarks.jobs.store import JobStore
-from conftest import require_tool
+from conftest import dcmtk, require_tool
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 # The console script (``python -m pacs_landmarks.cli`` would define a second CommandError class in __main__).
@@ -57,7 +57,7 @@ class Archive:
 
     def start(self) -> "Archive":
         self.proc = subprocess.Popen(
-            [require_tool("storescp"), "-aet", "ARCHIVE", "-od", str(self.dir), "+B", str(self.port)],
+            [dcmtk("storescp"), "-aet", "ARCHIVE", "-od", str(self.dir), "+B", str(self.port)],
             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: listening(self.port), 10, "storescp to listen")
@@ -119,7 +119,7 @@ class NodeProc:
 
 
 def storescu(port: int, files, *, aet: str = SENDER, extra=(), check=True) -> subprocess.CompletedProcess:
-    cmd = [require_tool("storescu"), "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
+    cmd = [dcmtk("storescu"), "-aet", aet, "-aec", NODE_AET, *extra, "127.0.0.1", str(port),
            *[str(f) for f in files]]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
     if check:  # storescu can exit 0 after a failed C-STORE: its "E:" lines are the truth
@@ -187,7 +187,7 @@ def node(tmp_path_factory, archive):
 
 
 def test_echo(node):
-    proc = subprocess.run([require_tool("echoscu"), "-aet", SENDER, "-aec", NODE_AET, "127.0.0.1", str(node.port)],
+    proc = subprocess.run([dcmtk("echoscu"), "-aet", SENDER, "-aec", NODE_AET, "127.0.0.1", str(node.port)],
                           env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
@@ -250,13 +250,13 @@ def test_sr_points_within_3mm_of_phantom_truth(node, archive, tmp_path):
 
 
 def test_unknown_calling_ae_is_rejected(node, phantom):
-    proc = subprocess.run([require_tool("echoscu"), "-aet", "STRANGER", "-aec", NODE_AET, "127.0.0.1",
+    proc = subprocess.run([dcmtk("echoscu"), "-aet", "STRANGER", "-aec", NODE_AET, "127.0.0.1",
                            str(node.port)], env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "Calling AE Title Not Recognized" in proc.stdout + proc.stderr or "Rejected" in proc.stdout + proc.stderr
     assert any(e.get("event") == "association.rejected" and e.get("calling_ae") == "STRANGER" for e in node.events())
     # An allowed AE title from an address it is not allowed from.
-    proc = subprocess.run([require_tool("echoscu"), "-aet", "FARAWAY", "-aec", NODE_AET, "127.0.0.1",
+    proc = subprocess.run([dcmtk("echoscu"), "-aet", "FARAWAY", "-aec", NODE_AET, "127.0.0.1",
                            str(node.port)], env=ENV, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "Rejected" in proc.stderr
 
@@ -355,7 +355,7 @@ def test_four_senders_at_once(node, archive, phantom, tmp_path):
     series = [clone_series(phantom, tmp_path / f"s{n}") for n in range(4)]
     uids = [series_uid_of(tmp_path / f"s{n}") for n in range(4)]
     aets = [SENDER, "SENDER2", "SENDER3", "SENDER4"]
-    procs = [subprocess.Popen([require_tool("storescu"), "-aet", aet, "-aec", NODE_AET, "127.0.0.1",
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", aet, "-aec", NODE_AET, "127.0.0.1",
                                str(node.port), *map(str, files)], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT) for aet, files in zip(aets, series)]
     for p in procs:
@@ -462,7 +462,7 @@ def _encode(src: Path, dst: Path, syntax: str) -> Path:
         ds.compress(JPEG2000Lossless)
         ds.save_as(dst, enforce_file_format=True)
     else:
-        subprocess.run([require_tool(tools[syntax][0]), *tools[syntax][1:], str(src), str(dst)], check=True,
+        subprocess.run([dcmtk(tools[syntax][0]), *tools[syntax][1:], str(src), str(dst)], check=True,
                        capture_output=True)
     return dst
 
@@ -506,7 +506,7 @@ def certs(tmp_path_factory) -> Path:
 def test_dicom_tls_with_client_certificates(certs, tmp_path):
     n = NodeProc(tmp_path / "storage", "--tls-cert", str(certs / "server.crt"), "--tls-key",
                  str(certs / "server.key"), "--tls-ca", str(certs / "ca.crt"), "--allow-ae", SENDER)
-    echo = [require_tool("echoscu"), "-aet", SENDER, "-aec", NODE_AET]
+    echo = [dcmtk("echoscu"), "-aet", SENDER, "-aec", NODE_AET]
     tls = ["+tls", str(certs / "client.key"), str(certs / "client.crt"), "+cf", str(certs / "ca.crt")]
     try:
         n.start()
@@ -529,7 +529,7 @@ def test_delivery_over_tls_to_a_tls_archive(certs, phantom, tmp_path):
     port = free_port()
     archive_dir = tmp_path / "archive"
     archive_dir.mkdir()
-    scp = subprocess.Popen([require_tool("storescp"), "-aet", "ARCHIVE", "-od", str(archive_dir), "+B",
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "ARCHIVE", "-od", str(archive_dir), "+B",
                             "+tls", str(certs / "server.key"), str(certs / "server.crt"), "+cf", str(certs / "ca.crt"),
                             str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cfg = tmp_path / "node.toml"

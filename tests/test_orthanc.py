@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dcmtk
 from orthanc_harness import orthanc_factory, wait_for  # noqa: F401  (fixture)
 from pydicom.data import get_testdata_file
 
@@ -151,7 +152,7 @@ def test_jpeg_ls_series_survives_kill_while_queued(orthanc_factory, phantom, tmp
     jls = tmp_path / "jpeg-ls"
     jls.mkdir()
     for f in sorted(case_dir.glob("*.dcm")):
-        subprocess.run(["dcmcjpls", str(f), str(jls / f.name)], check=True, capture_output=True)
+        subprocess.run([dcmtk("dcmcjpls"), str(f), str(jls / f.name)], check=True, capture_output=True)
     import pydicom
 
     assert pydicom.dcmread(next(jls.glob("*.dcm"))).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"

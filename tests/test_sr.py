@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from sr_helpers import GEOMETRIES, make_landmarks, make_series
 
-from conftest import require_tool
+from conftest import dcmtk
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.sr_templates import read_landmark_sr
 from pacs_landmarks.sr_templates.common import Algorithm
@@ -47,7 +47,7 @@ def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
 
     warnings = validate_dicom(path)
     assert all(LOCAL_SCHEME in w for w in warnings), warnings
-    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    dump = subprocess.run([dcmtk("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     assert "Imaging Measurement Report" in dump.stdout and "Anatomical point" in dump.stdout
 
@@ -183,7 +183,7 @@ def test_measurements_sr_valid(tmp_path, validate_dicom):
     path = _save(build_measurements_sr(volume, landmarks, ALG, values), tmp_path / "m.dcm")
     warnings = validate_dicom(path)
     assert all(LOCAL_SCHEME in w for w in warnings), warnings
-    dump = subprocess.run([require_tool("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
+    dump = subprocess.run([dcmtk("dsrdump"), str(path)], capture_output=True, text=True, timeout=60)
     assert dump.returncode == 0, dump.stderr
     ds = pydicom.dcmread(path)
     assert ds.SeriesNumber == 7702 and ds.SeriesDescription == "AI Cephalometry"

@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Group the DICOM files under DIR (recursively) by series and, for each series, show what the "
             "loader would build from the headers alone: Series Instance UID, modality, SOP class, slices used, "
             "volume shape and spacing (mm), gantry tilt (degrees), whether the slices are resampled, and every "
-            "file left out with the reason. Files that are not DICOM are listed too. No pixel data is decoded."
+            "file left out with the reason. A DICOMDIR (a CD/USB export's directory, PS3.10) is reported as such "
+            "and followed to the files it references. Files that are not DICOM are listed too. No pixel data is "
+            "decoded."
         ),
     )
     p.add_argument("directory", metavar="DIR", type=Path, help="folder with DICOM files (searched recursively)")
@@ -27,7 +29,7 @@ def inspect_report(directory: Path) -> dict:
     """The report `inspect` prints, as plain data."""
     from pacs_landmarks.dicom.series import SeriesError, sop_class_name, plan_series, scan
 
-    groups, unreadable = scan([directory])
+    groups, unreadable, directories = scan([directory])
     series = []
     for uid, files in sorted(groups.items()):
         entry: dict = {"series_instance_uid": uid, "files": len(files)}
@@ -53,12 +55,18 @@ def inspect_report(directory: Path) -> dict:
     return {
         "directory": str(directory),
         "series": series,
+        "dicomdirs": [{"source": d.source, "referenced_files": len(d.files) + len(d.missing), "missing": d.missing,
+                       "description": d.describe()} for d in directories],
         "not_dicom": [{"source": e.source, "reason": e.reason} for e in unreadable],
     }
 
 
 def _print_text(report: dict) -> None:
     print(f"{report['directory']}: {len(report['series'])} series, {len(report['not_dicom'])} non-DICOM file(s)")
+    for d in report["dicomdirs"]:
+        print(f"\n{d['source']}: {d['description']}")
+        for m in d["missing"]:
+            print(f"  missing         {m}: referenced but not on the medium")
     for s in report["series"]:
         print(f"\nseries {s['series_instance_uid'] or '(no Series Instance UID)'} ({s['files']} file(s))")
         if "error" in s:

@@ -9,6 +9,8 @@ What this module guarantees (details and thresholds: docs/dicom-input.md):
 - stored values become Hounsfield units through Rescale Slope / Intercept (PS3.3 C.11.1.1.2), float32;
 - gantry tilt and uneven slice gaps are resampled onto a regular orthogonal grid whose axes are the row and
   column directions and their normal; each output slice then names the nearest real source image;
+- a DICOMDIR among the inputs (PS3.10 8, PS3.3 F: a CD/USB export's directory) is followed to the files it
+  references, wherever they are on the medium; a file reached twice counts once;
 - instances that do not belong are left out with a reason (:attr:`Volume.excluded`); input that cannot make
   a volume raises :class:`SeriesError` with the reason.
 """
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +50,11 @@ SECONDARY_CAPTURE_CLASSES = frozenset(
         "1.2.840.10008.5.1.4.1.1.7.4",
     }
 )
+
+# PS3.4 Annex F / PS3.10 8: a DICOMDIR (or a vendor's directory file such as Philips' DIRFILE) is a Media
+# Storage Directory object: no image, a list of records whose Referenced File IDs name the files of the
+# medium, relative to the folder the directory file is in.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 
 # Thresholds (documented in docs/dicom-input.md; change them there too).
 MIN_SLICES = 3  # fewer cannot be called a volume (and cannot be interpolated between)
@@ -157,6 +166,91 @@ def _label(item: str | Path | Dataset) -> str:
     if isinstance(item, Dataset):
         return str(item.get("SOPInstanceUID", "<dataset without SOP Instance UID>"))
     return str(item)
+
+
+# ------------------------------------------------------------------------------------------ DICOMDIR
+
+
+@dataclass(frozen=True)
+class Directory:
+    """A DICOMDIR (PS3.3 F.3) read from ``source``: the referenced files found on the medium, and the
+    Referenced File IDs (joined with ``/``) that name no file there."""
+
+    source: str
+    files: list[Path]
+    missing: list[str]
+
+    def describe(self) -> str:
+        return f"DICOMDIR (directory of {len(self.files) + len(self.missing)} referenced files)"
+
+
+def is_directory(ds: Dataset) -> bool:
+    """True for a Media Storage Directory object (DICOMDIR), by its file meta or its Directory Record Sequence."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_STORAGE_DIRECTORY:
+        return True
+    return "DirectoryRecordSequence" in ds
+
+
+def _find_on_medium(root: Path, parts: list[str]) -> Path | None:
+    """``root/parts...`` as written, else matched component by component ignoring case and an ISO 9660
+    version suffix (``;1``): media written on one system are often mounted with other name case on another."""
+    exact = root.joinpath(*parts)
+    if exact.is_file():
+        return exact
+    here = root
+    for i, part in enumerate(parts):
+        want = part.split(";")[0].upper()
+        try:
+            names = sorted(os.listdir(here))
+        except OSError:
+            return None
+        match = next((n for n in names if n.split(";")[0].upper() == want), None)
+        if match is None:
+            return None
+        here = here / match
+    return here if here.is_file() else None
+
+
+def read_directory(source: str | Path, ds: Dataset | None = None) -> Directory:
+    """The files a DICOMDIR references (PS3.3 F.3.2.2 Referenced File ID, PS3.10 8.5 file IDs), in record order.
+
+    pydicom's ``FileSet`` reads the same records but silently drops references to missing files, which a
+    user of a damaged export needs to see; so the records are walked here.
+    """
+    source = Path(source)
+    if ds is None or "DirectoryRecordSequence" not in ds:
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    files: list[Path] = []
+    missing: list[str] = []
+    seen: set[str] = set()
+    for record in ds.get("DirectoryRecordSequence", []):
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        parts = [str(file_id)] if isinstance(file_id, str) else [str(p) for p in file_id]
+        parts = [p.strip() for p in parts if p.strip()]
+        key = "/".join(parts)
+        if not parts or key in seen:
+            continue
+        seen.add(key)
+        found = _find_on_medium(source.parent, parts)
+        if found is None:
+            missing.append(key)
+        else:
+            files.append(found)
+    return Directory(str(source), files, missing)
+
+
+def _new_files(files: list[Path], known: set[str]) -> list[Path]:
+    """The files not yet in ``known`` (real paths), which they are added to."""
+    new = []
+    for path in files:
+        key = os.path.realpath(path)
+        if key not in known:
+            known.add(key)
+            new.append(path)
+    return new
 
 
 def _expand(items: Iterable[str | Path | Dataset]) -> Iterator[str | Path | Dataset]:
@@ -401,12 +495,22 @@ def _collect(
     excluded: list[Exclusion] = []
     owned: list[bool] = []
     seen: dict[tuple[str, int | None], str] = {}
-    for item in _expand(items):
+    pending = deque(_expand(items))
+    # A DICOMDIR's references that are also among the inputs (the folder walk found them) are not read twice.
+    known = {os.path.realpath(item) for item in pending if not isinstance(item, Dataset)}
+    while pending:
+        item = pending.popleft()
         label = _label(item)
         try:
             ds = _read(item, headers_only)
         except Exception as exc:  # noqa: BLE001 -- a damaged file raises anything from struct to KeyError
             excluded.append(Exclusion(label, f"not a readable DICOM file ({exc.__class__.__name__}: {exc})"))
+            continue
+        if not isinstance(item, Dataset) and is_directory(ds):  # follow it to the files it references
+            directory = read_directory(item, ds)
+            pending.extend(_new_files(directory.files, known))
+            excluded.extend(Exclusion(f"{label}: {m}", "referenced by the DICOMDIR but not on the medium")
+                            for m in directory.missing)
             continue
         reason = _classify(ds)
         if reason:
@@ -621,18 +725,29 @@ def iter_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield path
 
 
-def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclusion]]:
-    """Group DICOM files by Series Instance UID (headers only); also return the files that are not DICOM."""
+def scan(paths: Iterable[str | Path]) -> tuple[dict[str, list[Path]], list[Exclusion], list[Directory]]:
+    """Group DICOM files by Series Instance UID (headers only), following DICOMDIRs to the files they
+    reference; also return the files that are not DICOM and the DICOMDIRs found."""
     groups: dict[str, list[Path]] = {}
     unreadable: list[Exclusion] = []
-    for path in iter_files(paths):
+    directories: list[Directory] = []
+    pending = deque(iter_files(paths))
+    known = {os.path.realpath(p) for p in pending}
+    while pending:
+        path = pending.popleft()
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
+            ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID", "DirectoryRecordSequence"])
         except Exception as exc:  # noqa: BLE001 -- reported, never fatal: one bad file must not hide the rest
             unreadable.append(Exclusion(str(path), f"not a readable DICOM file ({exc.__class__.__name__})"))
             continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(path)
-    return groups, unreadable
+        if is_directory(ds):
+            directory = read_directory(path, ds)
+            directories.append(directory)
+            pending.extend(_new_files(directory.files, known))
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(Path(path))
+    return groups, unreadable, directories
 
 
 def group_series(paths: Iterable[str | Path]) -> dict[str, list[Path]]:

@@ -6,22 +6,55 @@ Storage layout (``storage`` setting)::
     series/<SeriesUID>/<SOP>.dcm   received CT / Enhanced CT instances (a job's ``source`` is this directory)
     other/<SeriesUID>/<SOP>.dcm    everything else a PACS sent (kept, no job)
     results/job-<id>-<attempt>/    landmarks-sr.dcm, measurements-sr.dcm, seg.dcm, landmarks.json
+    incomplete/<SeriesUID>/<SOP>.dcm  never-acknowledged files a power loss cut short (set aside at start)
 
 Start-up resumes what a crash left: ``running`` jobs are re-queued, ``delivering`` ones are retried now, and
-``received`` ones (series still arriving when the node died) complete after the idle timeout from start.
+``received`` ones (series still arriving when the node died) complete after the idle timeout from start; their
+folders are first checked for files a power loss cut short (``set_aside_incomplete``).
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.jobs.delivery import StoreSCU
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
-from pacs_landmarks.node.scp import SeriesTracker, StorageSCP, series_files
+from pacs_landmarks.node.scp import Refused, SeriesTracker, StorageSCP, check_pixel_data, series_files
 from pacs_landmarks.jobs.worker import Worker
+
+
+def set_aside_incomplete(folder: str | Path, aside: Path) -> list[Path]:
+    """Move instance files that are not whole (empty, cut short) from ``folder`` to ``aside/<folder name>/``.
+
+    Only a power loss can leave such a file (node/receive.py: a new instance is renamed into place before its
+    flush), and only for an instance whose Success was never sent: every acknowledged file was checked
+    whole and flushed. The sender retries those; moving them aside keeps them out of the series' analysis
+    without deleting anything.
+    """
+    import pydicom
+
+    moved = []
+    for path in series_files(folder):
+        try:
+            ds = pydicom.dcmread(path, defer_size="4 KB")
+            check_pixel_data(ds)
+            reason = None
+        except Refused as exc:
+            reason = str(exc)
+        except Exception as exc:  # pydicom raises many types on a cut-off file
+            reason = f"not a whole DICOM file ({type(exc).__name__})"
+        if reason:
+            target = aside / Path(folder).name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+            log_event("instance.set_aside", logging.WARNING, file=path.name, series=Path(folder).name, reason=reason)
+    return moved
 
 
 class ModelLoadError(Exception):
@@ -60,7 +93,8 @@ class Node:
         )
         self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=lambda job_id: self.worker.wake())
         for job in unfinished:
-            if job.state == "received":
+            if job.state == "received":  # its series was arriving when the node stopped
+                set_aside_incomplete(job.source, root / "incomplete")
                 self.tracker.adopt(job.id, job.series_instance_uid, len(series_files(job.source)))
         job_defaults = {
             "model_name": getattr(self.model, "name", None),

@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from pacs_landmarks.dicom.dcmtk import dcmtk_tool, program
 from pacs_landmarks.plugin.config import REPO_ROOT
 
 
 class OrthancError(RuntimeError):
     """Orthanc did not start, or answered a request with an error."""
-
-
-def _require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise OrthancError(f"{tool} not found: run scripts/bootstrap (make bootstrap)")
-    return path
 
 
 class OrthancProcess:
@@ -52,11 +45,11 @@ class OrthancProcess:
         return {**os.environ, "TCP_NODELAY": "1"}
 
     def start(self, timeout: float = 60.0, wait_for_plugin: bool = True) -> "OrthancProcess":
-        cmd = [_require("Orthanc"), str(self.config_path)]
+        cmd = [program("Orthanc"), str(self.config_path)]
         if self.private_network:
             # unshare execs (no fork), then sh execs Orthanc: self.proc.pid is Orthanc's pid and names the
             # namespace that nsenter joins.
-            cmd = [_require("unshare"), "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
+            cmd = [program("unshare"), "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
         out = open(self.log_path, "ab") if self.log_path else None
         try:
             self.proc = subprocess.Popen(
@@ -118,7 +111,7 @@ class OrthancProcess:
             return []
         if self.proc is None or self.proc.poll() is not None:
             raise OrthancError("Orthanc is not running")
-        return [_require("nsenter"), f"--net=/proc/{self.proc.pid}/ns/net", "--"]
+        return [program("nsenter"), f"--net=/proc/{self.proc.pid}/ns/net", "--"]
 
     def run_client(self, cmd: list[str], timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -133,7 +126,7 @@ class OrthancProcess:
         content_type: str = "application/json",
     ) -> tuple[int, bytes]:
         """One HTTP request to Orthanc's REST API (curl in the namespace): (status, body)."""
-        cmd = [_require("curl"), "-sS", "-X", method, "-o", "-", "-w", "\n%{http_code}", "--max-time", str(timeout)]
+        cmd = [program("curl"), "-sS", "-X", method, "-o", "-", "-w", "\n%{http_code}", "--max-time", str(timeout)]
         if body is not None:
             cmd += ["-H", f"Content-Type: {content_type}", "--data-binary", "@-"]
         cmd.append(f"http://127.0.0.1:{self.http_port}{path}")
@@ -166,7 +159,7 @@ class OrthancProcess:
             raise OrthancError(f"no DICOM files in {', '.join(map(str, paths))}")
         # -R: propose only the SOP classes of the files; the transfer syntax proposed is the first file's,
         # so compressed files go as they are (storescu would otherwise try to decompress them itself).
-        cmd = [_require("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "-R", "-nh"]
+        cmd = [dcmtk_tool("storescu"), "-aet", "PACSLM-SCU", "-aec", self.aet, "-R", "-nh"]
         cmd += _storescu_ts_option(Path(targets[0]))
         proc = self.run_client(cmd + ["127.0.0.1", str(self.dicom_port), *targets], timeout=timeout)
         # storescu exits 0 even when some C-STORE failed: its "E:" lines are the truth.
@@ -176,12 +169,12 @@ class OrthancProcess:
         return proc
 
     def echoscu(self) -> subprocess.CompletedProcess[str]:
-        return self.run_client([_require("echoscu"), "-aec", self.aet, "127.0.0.1", str(self.dicom_port)])
+        return self.run_client([dcmtk_tool("echoscu"), "-aec", self.aet, "127.0.0.1", str(self.dicom_port)])
 
     def findscu_series(self, study_uid: str, modality: str) -> list[dict[str, str]]:
         """C-FIND at SERIES level in one study (PS3.4 C.6.1.1.4); returns tag keyword -> value per match."""
         cmd = [
-            _require("findscu"), "-S", "-aec", self.aet,
+            dcmtk_tool("findscu"), "-S", "-aec", self.aet,
             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
             "-k", f"Modality={modality}", "-k", "SeriesInstanceUID", "-k", "SeriesDescription",
             "-k", "SeriesNumber", "-k", "NumberOfSeriesRelatedInstances",

@@ -1,0 +1,295 @@
+"""The node's receive path under pynetdicom: wake on events instead of polling, and durable writes with group commit.
+
+pynetdicom 3.0 runs two threads per association that poll: the DUL thread checks the socket and its outgoing
+queue, then sleeps ``DULServiceProvider._run_loop_delay`` (1 ms) when neither had anything; the association
+thread sleeps 1 ms before each look at its DIMSE message queue. Measured on the node, about half of pynetdicom's
+time around each C-STORE was those sleeps (docs/benchmarks.md, "Node"). :func:`install_wakeups` makes both
+threads *wait* for the thing they poll for, with the hooks pynetdicom itself provides:
+
+- the transport (``AssociationSocket``, which pynetdicom lets a server replace per association) answers
+  ``ready`` by waiting in ``select`` on the socket *and* a wake-up descriptor, for at most ``WAIT_S``; the
+  DUL's loop delay (``_run_loop_delay``, "setting it higher uses less CPU when idle", pynetdicom's own
+  comment) is 0, so the thread waits in ``select`` instead of sleeping;
+- the DUL's outgoing queue (``DULServiceProvider.to_provider_queue``) signals the wake-up descriptor on
+  ``put``, so a C-STORE response is sent as soon as the association thread queues it;
+- the DIMSE message queue (``DIMSEServiceProvider.msg_queue``) lets the association reactor's non-blocking
+  ``get`` wait up to ``WAIT_S`` for the next message, so the reactor's fixed 1 ms sleep overlaps the time the
+  sender needs for its next instance instead of adding to it.
+
+Every timer and state check pynetdicom does each loop still runs at least every ``WAIT_S``. What this relies
+on is checked when an association is set up (:func:`install_wakeups` raises if an attribute is gone) and by
+tests/test_node_receive.py against the pinned pynetdicom range in pyproject.toml.
+
+:class:`DurableWriter` makes each instance durable before its Success: data flushed (``fdatasync``) and the name
+made durable by an ``fsync`` of the folder (POSIX asks for both). A new file is renamed into place *before* its
+flush, so that the folder fsync (in a syncer thread) and the file's flush run at the same time; on the CI disk
+(ext4 without a journal, where both are needed) that is 3-5 ms per instance instead of 9-11 ms one after the
+other. A file that replaces an earlier copy (a resend) is flushed before the rename, so an acknowledged copy
+is never replaced by data not yet on disk. What a power loss can leave is therefore limited to instances
+never acknowledged: an empty or cut-off file under its name, which the node moves aside at start
+(``app.set_aside_incomplete``) and the sender's retry replaces. Each folder fsync covers every rename made
+before it started: concurrent associations share them (group commit).
+"""
+from __future__ import annotations
+
+import os
+import queue
+import select
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from pynetdicom.transport import AssociationSocket
+
+WAIT_S = 0.01  # longest wait of either thread: bounds the delay of pynetdicom's timer and state checks
+
+
+class WakingSocket(AssociationSocket):
+    """``ready`` waits for data or a wake-up (see the module docstring); ``recv`` fills one buffer.
+
+    pynetdicom reads a PDU 4 KB per ``recv()`` into a growing bytearray; one preallocated buffer filled with
+    ``recv_into()`` is ~30 % faster for CT-sized PDUs (bench/node.py).
+    """
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (AttributeError, OSError):  # not installed yet, or closed: the DUL loop wakes by itself
+            pass
+
+    def _open_wake_pipe(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    @property
+    def ready(self) -> bool:  # type: ignore[override]
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            time.sleep(0.001)  # closed: the DUL stops soon; with its loop delay at 0, pause as it would have
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # TLS may hold decrypted bytes that select() cannot see (pynetdicom #528)
+        try:
+            readable, _, _ = select.select([sock, self._wake_r], [], [], WAIT_S)
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own ``ready`` does
+            return False
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        return sock in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view, n = memoryview(buf), 0
+        while n < nr_bytes:
+            got = self.socket.recv_into(view[n:], nr_bytes - n)
+            if not got:  # connection closed: return what arrived, as pynetdicom does
+                del view
+                return buf[:n]
+            n += got
+        return buf
+
+    def close(self) -> None:
+        super().close()
+        self._close_wake_pipe()
+
+    def _close_wake_pipe(self) -> None:
+        for fd in (getattr(self, "_wake_r", None), getattr(self, "_wake_w", None)):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._wake_r = self._wake_w = None
+
+    def __del__(self) -> None:
+        # pynetdicom ends a released association without calling close() (its DUL stops on Evt17 and the
+        # objects are freed by the garbage collector, TCP socket included): the pipe goes with them.
+        self._close_wake_pipe()
+
+
+class _WakingQueue(queue.Queue):
+    """The DUL's outgoing queue: every ``put`` wakes the DUL thread out of its ``select``."""
+
+    def __init__(self, wake) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block=True, timeout=None):
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _WaitingQueue(queue.Queue):
+    """The DIMSE message queue: the association reactor's non-blocking ``get`` waits up to ``WAIT_S``."""
+
+    def get(self, block=True, timeout=None):
+        if not block:
+            block, timeout = True, WAIT_S
+        return super().get(block, timeout)
+
+
+def quiet_pynetdicom() -> None:
+    """Turn off pynetdicom's "standard" logging handlers, process-wide, with its own switch
+    (``pynetdicom._config.LOG_HANDLER_LEVEL = "none"``, its documented way).
+
+    Those handlers format a multi-line summary of every PDU and DIMSE message sent and received, for its
+    logger, which the node keeps at WARNING anyway (PDU dumps would show patient attributes): CPU spent on
+    every instance for nothing. Warnings and errors are still logged. Call before any AE or server is made:
+    the handlers are bound when an association or server is created.
+    """
+    from pynetdicom import _config
+
+    if not hasattr(_config, "LOG_HANDLER_LEVEL"):
+        raise RuntimeError("pynetdicom _config.LOG_HANDLER_LEVEL is gone: update node/receive.py")
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
+def install_wakeups(assoc) -> None:
+    """Set an acceptor association (before its threads start) to wait instead of poll; see the docstring."""
+    dul, dimse = assoc.dul, assoc.dimse
+    for owner, name in ((dul, "_run_loop_delay"), (dul, "to_provider_queue"), (dimse, "msg_queue"),
+                        (dul, "socket")):
+        if not hasattr(owner, name):  # pynetdicom changed: fail loudly rather than poll silently
+            raise RuntimeError(f"pynetdicom {type(owner).__name__}.{name} is gone: update node/receive.py")
+    sock = dul.socket
+    if not isinstance(sock, AssociationSocket):
+        raise RuntimeError("pynetdicom's association has no AssociationSocket: update node/receive.py")
+    if dul.to_provider_queue.qsize() or dimse.msg_queue.qsize():
+        raise RuntimeError("install_wakeups() must run before the association starts")
+    sock.__class__ = WakingSocket
+    sock._open_wake_pipe()
+    dul.to_provider_queue = _WakingQueue(sock.wake)
+    dimse.msg_queue = _WaitingQueue()
+    dul._run_loop_delay = 0
+
+
+class DurableWriter:
+    """Atomic, durable instance files; folder fsyncs run by one syncer thread, beside the writers' own flushes.
+
+    ``write(path, data)``: temporary file in the same folder, rename, ``fdatasync`` (flush first when an earlier
+    copy is replaced), and an fsync of the folder that started after the rename (PS3.4 B.2.3's Success means
+    stored: on return the file and its name survive a crash or power loss). Each rename takes a ticket of its
+    folder and wakes the syncer thread, which fsyncs every folder with renames not yet covered, while the
+    writer flushes its own file: the two flushes overlap (measured on the CI disk: 3-5 ms instead of 9-11 ms
+    in sequence), and one folder fsync covers every rename made before it started, for all concurrent
+    associations (group commit). A new folder's own name is made durable once, when it is created.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._folders: dict[Path, _Folder] = {}
+        self._syncer: threading.Thread | None = None
+
+    def write(self, path: Path, data: bytes | memoryview) -> None:
+        folder = self._folder(path.parent)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        # A copy already there was acknowledged: it must never be replaced by data that is not on disk yet.
+        replacing = os.path.exists(path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the folder was removed since we first saw it (an operator's purge)
+            _make_durable_folder(path.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        renamed = False
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                if replacing:
+                    os.fdatasync(fd)
+                os.rename(tmp, path)
+                renamed = True
+                ticket = self._renamed(folder)
+                if not replacing:
+                    os.fdatasync(fd)  # meanwhile the syncer fsyncs the folder
+            finally:
+                os.close(fd)
+            self._wait(folder, ticket)
+        except BaseException:
+            if not renamed:
+                tmp.unlink(missing_ok=True)
+            elif not replacing:  # never acknowledged: leave no file that is maybe not on disk
+                path.unlink(missing_ok=True)
+            raise
+
+    def _folder(self, directory: Path) -> "_Folder":
+        folder = self._folders.get(directory)
+        if folder is None:
+            with self._cond:
+                folder = self._folders.get(directory)
+                if folder is None:
+                    _make_durable_folder(directory)
+                    folder = self._folders[directory] = _Folder(directory)
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_loop, name="folder-fsync", daemon=True)
+                    self._syncer.start()
+        return folder
+
+    def _renamed(self, folder: "_Folder") -> int:
+        with self._cond:
+            folder.issued += 1
+            self._cond.notify_all()
+            return folder.issued
+
+    def _wait(self, folder: "_Folder", ticket: int) -> None:
+        with self._cond:
+            while True:
+                if folder.failed[0] <= ticket <= folder.failed[1]:
+                    raise OSError(f"fsync of {folder.path} failed: {folder.error}")
+                if folder.durable >= ticket:
+                    return
+                self._cond.wait()
+
+    def _sync_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (dirty := [f for f in self._folders.values() if f.issued > f.durable]):
+                    self._cond.wait()
+                covered = [(f, f.durable + 1, f.issued) for f in dirty]
+            for folder, first, last in covered:
+                try:
+                    _fsync_path(folder.path)
+                    error = None
+                except OSError as exc:
+                    error = exc
+                with self._cond:
+                    folder.fsyncs += 1
+                    if error is not None:  # the writers of these renames fail (their senders retry)
+                        folder.failed, folder.error = (first, last), error
+                    folder.durable = max(folder.durable, last)
+                    self._cond.notify_all()
+
+
+class _Folder:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.issued = 0  # tickets handed out (renames done)
+        self.durable = 0  # every ticket up to this one is covered by a completed fsync
+        self.failed = (1, 0)  # tickets whose folder fsync failed (empty range: none)
+        self.error: OSError | None = None
+        self.fsyncs = 0  # folder fsyncs run (tests/test_node_receive.py: fewer than renames when shared)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable_folder(directory: Path) -> None:
+    """mkdir -p, then fsync the parent of every folder created, so the new names survive a power loss."""
+    created = []
+    here = directory
+    while not here.is_dir():
+        created.append(here)
+        here = here.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    for new in reversed(created):
+        _fsync_path(new.parent)

@@ -1,0 +1,186 @@
+"""The node's receive path (node/receive.py): what it relies on in pynetdicom, the wake-ups, the group commit."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pynetdicom
+import pytest
+from pynetdicom import AE
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+from pacs_landmarks.node import receive
+from pacs_landmarks.node.receive import DurableWriter, WakingSocket, install_wakeups
+
+
+@pytest.fixture
+def acceptor():
+    """A real pynetdicom acceptor association on one end of a socket pair, as the node's server makes it."""
+    ours, peer = socket.socketpair()
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assoc.set_socket(AssociationSocket(assoc, client_socket=ours))
+    yield assoc, peer
+    assoc.dul.socket.close()
+    peer.close()
+
+
+def test_pinned_pynetdicom_has_what_receive_relies_on(acceptor):
+    major, minor = (int(x) for x in pynetdicom.__version__.split(".")[:2])
+    assert (major, minor) == (3, 0), "node/receive.py is checked against pynetdicom 3.0: re-check, then re-pin"
+    assoc, _ = acceptor
+    assert assoc.dul._run_loop_delay == 0.001  # the polling delay install_wakeups turns off
+    install_wakeups(assoc)
+    assert isinstance(assoc.dul.socket, WakingSocket)
+    assert assoc.dul._run_loop_delay == 0
+    assert isinstance(assoc.dul.to_provider_queue, receive._WakingQueue)
+    assert isinstance(assoc.dimse.msg_queue, receive._WaitingQueue)
+
+
+def test_install_refuses_a_changed_pynetdicom(acceptor):
+    assoc, _ = acceptor
+    del assoc.dimse.msg_queue
+    with pytest.raises(RuntimeError, match="msg_queue is gone"):
+        install_wakeups(assoc)
+
+
+def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monkeypatch):
+    assoc, peer = acceptor
+    install_wakeups(assoc)
+    sock = assoc.dul.socket
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)  # only data or a wake-up can end the wait now
+    peer.sendall(b"x")
+    assert sock.ready is True and bytes(sock.recv(1)) == b"x"
+
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(sock.ready))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()  # nothing to read, nothing queued: still waiting
+    assoc.dul.to_provider_queue.put("primitive")  # what pynetdicom does to send a C-STORE response
+    waiter.join(10)
+    assert not waiter.is_alive() and answers == [False]
+    assert assoc.dul.to_provider_queue.get(False) == "primitive"  # pynetdicom's non-blocking get still works
+
+
+def test_reactor_get_waits_for_a_message(acceptor, monkeypatch):
+    assoc, _ = acceptor
+    install_wakeups(assoc)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    threading.Timer(0.2, assoc.dimse.msg_queue.put, args=[(1, "C-STORE-RQ")]).start()
+    assert assoc.dimse.get_msg(block=False) == (1, "C-STORE-RQ")  # the reactor's call: waited, not empty
+
+
+def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
+    writer, n_threads, per_thread = DurableWriter(), 8, 15
+    payload = {f"{t}.{i}": os.urandom(64 * 1024) for t in range(n_threads) for i in range(per_thread)}
+    folder = tmp_path / "series" / "1.2.3"
+
+    def send(t):
+        for i in range(per_thread):
+            writer.write(folder / f"{t}.{i}.dcm", payload[f"{t}.{i}"])
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(f"{k}.dcm" for k in payload)  # every file, no temporary file left behind
+    assert all((folder / f"{k}.dcm").read_bytes() == v for k, v in payload.items())
+    synced = writer._folders[folder]
+    assert synced.durable == synced.issued == len(payload)  # every rename covered by a finished fsync
+    assert synced.fsyncs < len(payload)  # ... with fewer folder fsyncs than files: shared between writers
+
+
+def test_durable_writer_recreates_a_purged_folder(tmp_path):
+    import shutil
+
+    writer, folder = DurableWriter(), tmp_path / "other" / "1.2"
+    writer.write(folder / "a.dcm", b"one")
+    shutil.rmtree(folder)
+    writer.write(folder / "b.dcm", b"two")
+    assert (folder / "b.dcm").read_bytes() == b"two"
+
+
+def test_durable_writer_replaces_an_earlier_copy(tmp_path):
+    writer, path = DurableWriter(), tmp_path / "series" / "1.2" / "1.2.3.dcm"
+    writer.write(path, b"first")
+    writer.write(path, b"second")  # a resend: flushed before it replaces the acknowledged copy
+    assert path.read_bytes() == b"second" and [p.name for p in path.parent.iterdir()] == ["1.2.3.dcm"]
+
+
+def test_files_a_power_loss_cut_short_are_set_aside_at_start(tmp_path):
+    """What a power loss can leave of a never-acknowledged instance (renamed before its flush): moved aside,
+    whole files stay."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    from pacs_landmarks.node.app import set_aside_incomplete
+
+    folder = tmp_path / "series" / "1.2.3"
+    folder.mkdir(parents=True)
+    whole = folder / "1.1.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), whole)
+    data = whole.read_bytes()
+    (folder / "1.2.dcm").write_bytes(b"")
+    (folder / "1.3.dcm").write_bytes(data[: len(data) * 2 // 3])  # header whole, pixel data cut
+    (folder / "1.4.dcm").write_bytes(data[:300])  # cut inside the header
+    moved = set_aside_incomplete(folder, tmp_path / "incomplete")
+    assert sorted(p.name for p in moved) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
+    assert [p.name for p in folder.iterdir()] == ["1.1.dcm"] and whole.read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "incomplete" / "1.2.3").iterdir()) == ["1.2.dcm", "1.3.dcm", "1.4.dcm"]
+
+
+def test_quiet_pynetdicom_binds_no_per_pdu_log_formatting(monkeypatch):
+    from pynetdicom import _config, evt
+
+    from pacs_landmarks.node.receive import quiet_pynetdicom
+
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")  # restored after the test
+    noisy = Association(AE(), MODE_ACCEPTOR)
+    assert noisy.get_handlers(evt.EVT_PDU_RECV)  # pynetdicom's default: a formatter on every PDU
+    quiet_pynetdicom()
+    quiet = Association(AE(), MODE_ACCEPTOR)
+    for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+        assert not quiet.get_handlers(event)
+
+
+def test_wake_pipes_do_not_leak(tmp_path):
+    """pynetdicom ends a released association without close(): the wake-up pipe goes with the garbage."""
+    import gc
+    import subprocess
+
+    from pynetdicom.sop_class import Verification
+
+    from conftest import dcmtk
+    from pacs_landmarks.node.scp import _NoDelayServer
+
+    def pipes() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    ae = AE(ae_title="LEAKTEST")
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", 0), server_class=_NoDelayServer)  # the node's server class
+    ae._servers.append(server)  # as StorageSCP.start does, so that shutdown() can deregister it
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        gc.collect()
+        before = pipes()
+        for _ in range(25):
+            proc = subprocess.run([dcmtk("echoscu"), "-aec", "LEAKTEST", "127.0.0.1", str(port)],
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+        deadline = time.monotonic() + 10
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gc.collect()
+        assert pipes() <= before + 2  # 25 associations made 25 pipes (50 descriptors); all but a live one gone
+    finally:
+        server.shutdown()
