@@ -164,12 +164,12 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
         graphic_layers=list(layers.values()) or None,
     )
     # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required for a paired body part. The marks are
-    # on the source images, so their body part is ours; without one, Laterality is present and empty
-    # (unknown), which dciodvfy accepts.
-    body_part = referenced[0].get("BodyPartExamined")
-    if body_part:
-        ds.BodyPartExamined = body_part
-    else:
+    # on the source images, so their body part and laterality are ours. Without a body part nobody can tell
+    # whether it is paired: Laterality is then present and empty (unknown), as dciodvfy asks (a warning).
+    for key in ("BodyPartExamined", "Laterality"):
+        if referenced[0].get(key):
+            setattr(ds, key, referenced[0].get(key))
+    if "BodyPartExamined" not in ds and "Laterality" not in ds:
         ds.Laterality = ""
     return finish(ds, "gsps", algorithm)
 
