@@ -6,7 +6,7 @@ A front end (the pynetdicom node, the Orthanc plugin) supplies two callables and
   ``job.source``; passed as they are to ``process_series`` (which reads paths itself). Raise any exception for an unreadable series: the job
   fails with that message as its reason.
 - ``deliver(job, destination, paths) -> None``: send the result files (``paths``: landmark SR, measurements
-  SR, SEG, in that order) to one destination (an item of ``job.destinations``). Return only when the
+  SR, SEG, GSPS, in that order) to one destination (an item of ``job.destinations``). Return only when the
   destination answered Success for every file; raise any exception otherwise, and the worker retries that
   destination with exponential back-off (``backoff_base_s * 2**n``, at most ``backoff_max_s``). Raise
   ``PermanentDeliveryError`` when retrying cannot help: the job fails at once.
@@ -15,11 +15,13 @@ Per job (``Worker.run_job``):
 
 1. ``queued -> running`` (``JobStore.claim``); a job claimed more than ``max_attempts`` times (the process
    died while analysing it each time) fails instead of crashing the node again.
-2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model)`` with the model loaded once by the
-   front end and kept warm.
-3. The three result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
+2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` with the model
+   loaded once by the front end and kept warm; ``predecessors`` are the results of earlier jobs of the same
+   series and model (``jobs/supersede.py``), which the new SRs name as replaced.
+3. The four result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
    atomically (temp dir, fsync, rename) BEFORE any delivery: ``running -> delivering`` with ``job.results``
-   = ``{"landmark_sr", "measurements_sr", "seg", "landmarks_json"}`` -> path.
+   = ``{"landmark_sr", "measurements_sr", "seg", "gsps", "landmarks_json"}`` -> path, and
+   ``job.details`` gets ``result_uids`` and ``instances_read`` (``jobs/supersede.py``).
 4. Each destination without a Success yet gets ``deliver``; ``delivering -> done`` only when every one
    answered Success. Otherwise the job stays ``delivering``, unowned until ``next_attempt_at``, so the worker
    goes on with other jobs meanwhile; the results stay on disk.
@@ -61,6 +63,7 @@ RESULT_FILES = (
     ("landmark_sr", "landmarks-sr.dcm"),
     ("measurements_sr", "measurements-sr.dcm"),
     ("seg", "seg.dcm"),
+    ("gsps", "gsps.dcm"),
 )
 
 
@@ -85,7 +88,7 @@ def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
-    """Write the three result objects and ``landmarks.json`` atomically; return kind -> path."""
+    """Write the result objects (``RESULT_FILES``) and ``landmarks.json`` atomically; return kind -> path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / f"job-{job.id}-{job.attempts}"
     if final.exists():  # an earlier run of this very attempt died after the rename: its files are complete
@@ -243,13 +246,19 @@ class Worker(threading.Thread):
         timings["read"] = time.perf_counter() - t
         if not datasets:
             raise ValueError("no instances to analyse")
-        results = self._pipeline()(datasets, self.model)
+        from pacs_landmarks.jobs.supersede import predecessors
+
+        results = self._pipeline()(datasets, self.model, predecessors=predecessors(self.store, job))
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
+        from pacs_landmarks.jobs.supersede import result_uids
+        from pacs_landmarks.pipeline import RESULT_KINDS
+
         job = self.store.transition(
-            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings
+            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings,
+            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS)},
         )
         log_event(
             "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),
