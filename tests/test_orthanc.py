@@ -48,6 +48,14 @@ def test_superseded_setting():
         PluginSettings.from_orthanc_config({"PacsLandmarks": {"Superseded": "purge"}})
 
 
+def test_bad_superseded_setting_stops_orthanc_with_the_reason(orthanc_factory):
+    from pacs_landmarks.plugin.launch import OrthancError
+
+    with pytest.raises(OrthancError):
+        orthanc_factory.start(Superseded="purge")
+    assert 'PacsLandmarks.Superseded must be "delete" or "keep", not \'purge\'' in orthanc_factory.log()
+
+
 def test_mr_series_makes_no_job_but_ct_does(orthanc_factory):
     orthanc = orthanc_factory.start()
     orthanc.storescu([get_testdata_file("MR_small.dcm")])

@@ -35,10 +35,10 @@ LAYERS: dict[str, tuple[int, str, tuple[int, int, int]]] = {
     "TRACING": (1, "AI cephalometric tracing", (255, 255, 128)),
     "LANDMARKS": (2, "AI landmarks", (255, 96, 32)),
 }
-# Text box beside a point, in image pixels: a viewer fits the text into it (PS3.3 C.10.5.1.1).
-_TEXT_OFFSET = 4.0
-_TEXT_HEIGHT = 12.0
-_CHAR_WIDTH = 7.0
+# Text box beside a point (PS3.3 C.10.5.1.1: a viewer fits the text into it), in image pixels: its height a
+# 40th of the image (at least 12 pixels), so that a 512 CT slice and a 2500 pixel cephalogram show it alike.
+_TEXT_LINES_PER_IMAGE = 40.0
+_MIN_TEXT_HEIGHT = 12.0
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,12 @@ def landmark_marks(volume: Volume, landmarks: list[Landmark]) -> list[Mark]:
 def _text_box(mark: Mark) -> tuple[tuple[float, float], tuple[float, float]]:
     """A box right of the first point (left of it near the right edge), kept inside the image."""
     x, y = mark.points[0]
-    width = _CHAR_WIDTH * len(mark.text or "")
     cols, rows = float(mark.plane.columns), float(mark.plane.rows)
-    left = x + _TEXT_OFFSET if x + _TEXT_OFFSET + width <= cols else max(0.0, x - _TEXT_OFFSET - width)
-    top = min(max(0.0, y - _TEXT_HEIGHT / 2), max(0.0, rows - _TEXT_HEIGHT))
-    return (left, top), (min(cols, left + width), min(rows, top + _TEXT_HEIGHT))
+    height = max(_MIN_TEXT_HEIGHT, rows / _TEXT_LINES_PER_IMAGE)
+    width, gap = 0.6 * height * len(mark.text or ""), height / 3
+    left = x + gap if x + gap + width <= cols else max(0.0, x - gap - width)
+    top = min(max(0.0, y - height / 2), max(0.0, rows - height))
+    return (left, top), (min(cols, left + width), min(rows, top + height))
 
 
 def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Dataset:
