@@ -89,6 +89,8 @@ def main() -> None:
         size=args.size, pixel=(args.pixel, args.pixel), thickness=args.thickness, slices=args.slices, tilt_deg=0.0
     )
     _, volume = make_series("bench", with_pixels=False)
+    for header in volume.source_headers:  # a real CT's default window (the GSPS copies it)
+        header.WindowCenter, header.WindowWidth = 40, 400
     spread = make_landmarks(volume, seed=0)
     cases = {"spread": spread, "Me-Gn 3 mm": near_pair(spread)}
     print(f"series {args.size}x{args.size}x{args.slices}, pixel {args.pixel} mm, slices {args.thickness} mm; "

@@ -30,14 +30,14 @@ class Results:
     landmark_sr: Dataset
     measurements_sr: Dataset
     seg: Dataset
-    gsps: Dataset
+    gsps: Dataset | None  # None when the series' slices differ in rescale (sr_templates/gsps.py)
     timings: dict[str, float] = field(default_factory=dict)
     measurements: list = field(default_factory=list)  # MeasurementValue, for display
     volume: object | None = None  # the Volume the landmarks were found in
 
 
 def build_outputs(volume, landmarks: list[Landmark], algorithm, predecessors: Predecessors | None = None
-                  ) -> tuple[Dataset, Dataset, Dataset, Dataset, list]:
+                  ) -> tuple[Dataset, Dataset, Dataset, Dataset | None, list]:
     """Landmark SR, measurements SR, SEG, GSPS and the measurement values, for landmarks found in ``volume``.
 
     ``predecessors``: what these results replace (the SRs name it, PS3.3 C.17.2.3; the SEG and GSPS IODs

@@ -146,3 +146,23 @@ def test_a_point_off_its_slice_is_not_drawn():
     far = landmarks[0].__class__("Sella", (1000.0, 0.0, 0.0))  # 1 m to the patient's left: outside every slice
     names = [m.text for m in landmark_marks(volume, [far, *landmarks[1:]])]
     assert "Sella" not in names and len(names) == len(landmarks) - 1
+
+
+def test_no_gsps_for_slices_that_differ_in_rescale(caplog, validate_dicom, tmp_path):
+    """One presentation state has one Modality LUT: for slices stored with different Rescale Intercepts no
+    GSPS is made (with a warning), rather than one showing some slices wrong; the same slices with a common
+    rescale and window get it, with that rescale and window."""
+    _, volume = make_series("axial", seed=11)
+    landmarks = make_landmarks(volume, seed=12)
+    for header in volume.source_headers:
+        header.WindowCenter, header.WindowWidth = 40, 400
+    ps = build_gsps(volume, landmark_marks(volume, landmarks), ALG)
+    assert (ps.RescaleIntercept, ps.RescaleSlope, ps.RescaleType) == (-1024, 1, "HU")
+    assert (ps.SoftcopyVOILUTSequence[0].WindowCenter, ps.SoftcopyVOILUTSequence[0].WindowWidth) == (40, 400)
+    ps.save_as(tmp_path / "gsps.dcm", enforce_file_format=True)
+    validate_dicom(tmp_path / "gsps.dcm")
+
+    volume.source_headers[5].RescaleIntercept = 0
+    with caplog.at_level("WARNING"):
+        assert build_gsps(volume, landmark_marks(volume, landmarks), ALG) is None
+    assert "differ in Rescale" in caplog.text

@@ -172,3 +172,20 @@ def test_a_later_job_of_the_series_gets_the_earlier_results_as_predecessors(tmp_
     fourth, _ = store.ensure_job("1.2.3", "1.2", first.source, state="queued", model_name="a-third-model")
     assert worker.run_once()
     assert seen[3] == {}
+
+
+def test_a_result_set_without_presentation_state_is_delivered(tmp_path):
+    """The GSPS is optional (None for slices that differ in rescale): the other results go out."""
+    def pipeline(datasets, model, predecessors=None):
+        results = fake_pipeline(datasets, model)
+        results.gsps = None
+        return results
+
+    dest = FlakyDestination()
+    store, job, worker = _setup(tmp_path, dest, destinations=1)
+    worker._process_series = pipeline
+    assert worker.run_once()
+    job = store.get(job.id)
+    assert job.state == "done", job.reason
+    assert dest.received == [["landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm"]]
+    assert "gsps" not in job.results and "gsps" not in job.details["result_uids"]

@@ -65,6 +65,8 @@ RESULT_FILES = (
     ("seg", "seg.dcm"),
     ("gsps", "gsps.dcm"),
 )
+# A series whose slices differ in rescale gets no presentation state (sr_templates/gsps.py).
+OPTIONAL_RESULTS = ("gsps",)
 
 
 class PermanentDeliveryError(Exception):
@@ -97,7 +99,9 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
     try:
         paths: dict[str, str] = {}
         for kind, name in RESULT_FILES:
-            ds: Dataset = getattr(results, kind)
+            ds: Dataset | None = getattr(results, kind, None)
+            if ds is None and kind in OPTIONAL_RESULTS:
+                continue
             _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
             paths[kind] = str(final / name)
         doc = {
@@ -269,7 +273,8 @@ class Worker(threading.Thread):
     def _deliver(self, job: Job) -> Job:
         paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
         missing = [str(p) for p in paths if not p.exists()]
-        if len(paths) != len(RESULT_FILES) or missing:
+        required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
+        if any(kind not in job.results for kind in required) or missing:
             return self._fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}
         permanent = None

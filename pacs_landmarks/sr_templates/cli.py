@@ -106,14 +106,16 @@ def infer(args: argparse.Namespace) -> int:
     results.landmark_sr.save_as(args.out / OUTPUT_FILES["landmark_sr"], enforce_file_format=True)
     results.measurements_sr.save_as(args.out / OUTPUT_FILES["measurements_sr"], enforce_file_format=True)
     results.seg.save_as(args.out / OUTPUT_FILES["seg"], enforce_file_format=True)
-    results.gsps.save_as(args.out / OUTPUT_FILES["gsps"], enforce_file_format=True)
+    if results.gsps is not None:  # None for a series whose slices differ in rescale (logged)
+        results.gsps.save_as(args.out / OUTPUT_FILES["gsps"], enforce_file_format=True)
     doc = landmarks_json(results.landmarks, results.volume, model, results.measurements)
     (args.out / OUTPUT_FILES["landmarks_json"]).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     from pacs_landmarks.inference.model import LOW_CONFIDENCE
 
     print(format_tables(results.landmarks, results.measurements, LOW_CONFIDENCE))
     print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
-    print(f"wrote {', '.join(OUTPUT_FILES.values())} to {args.out}")
+    written = [name for kind, name in OUTPUT_FILES.items() if kind != "gsps" or results.gsps is not None]
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
 

@@ -13,10 +13,14 @@ its marks and, if new, its layer (``LAYERS``); the builder does not change.
 
 The presentation state references every source image of the series (Presentation State Relationship
 Module, C.11.11), so a viewer that applies it shows the whole series with the marks on their slices; the
-VOI window and rescale are taken from the source images by highdicom.
+rescale (Modality LUT, C.11.1) and VOI window (C.11.8) are the source images'. One presentation state has
+one Modality LUT for all its images (PS3.4 N.2.1): for a series whose slices differ in Rescale Slope /
+Intercept / Type, no GSPS is made (``build_gsps`` returns None, with a warning) rather than one that shows
+some slices with wrong values.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -39,6 +43,10 @@ LAYERS: dict[str, tuple[int, str, tuple[int, int, int]]] = {
 # 40th of the image (at least 12 pixels), so that a 512 CT slice and a 2500 pixel cephalogram show it alike.
 _TEXT_LINES_PER_IMAGE = 40.0
 _MIN_TEXT_HEIGHT = 12.0
+_RESCALE = ("RescaleSlope", "RescaleIntercept", "RescaleType")
+_WINDOW = ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction")
+
+LOGGER = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,9 +102,49 @@ def _text_box(mark: Mark) -> tuple[tuple[float, float], tuple[float, float]]:
     return (left, top), (min(cols, left + width), min(rows, top + height))
 
 
-def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Dataset:
+def _values(header: Dataset, keys: tuple[str, ...]) -> tuple:
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else v
+                 for v in (header.get(k) for k in keys))
+
+
+def _shared_transformations(headers: list[Dataset]) -> dict:
+    """highdicom arguments for the Modality LUT and VOI of single-frame sources that all share them.
+
+    highdicom copies both from the referenced images itself, but checks every image against its IOD tables
+    on the way (0.1 s for 300 slices); when the slices agree, the first one's values are given explicitly
+    (the same result). Anything else (multi-frame, differing windows, VOI LUTs) is left to highdicom.
+    """
+    import highdicom as hd
+
+    if any(int(h.get("NumberOfFrames", 1) or 1) > 1 or "SharedFunctionalGroupsSequence" in h for h in headers):
+        return {}
+    first, out = headers[0], {}
+    rescale = _values(first, _RESCALE)
+    if rescale[0] is not None and rescale[1] is not None and rescale[2] \
+            and all(_values(h, _RESCALE) == rescale for h in headers):
+        out["modality_lut_transformation"] = hd.ModalityLUTTransformation(
+            rescale_intercept=first.RescaleIntercept, rescale_slope=first.RescaleSlope,
+            rescale_type=first.RescaleType)
+    window = _values(first, _WINDOW)
+    if window[0] is not None and window[1] is not None and not any("VOILUTSequence" in h for h in headers) \
+            and all(_values(h, _WINDOW) == window for h in headers):
+        out["voi_lut_transformations"] = [hd.pr.SoftcopyVOILUTTransformation(
+            window_center=first.WindowCenter, window_width=first.WindowWidth,
+            window_explanation=first.get("WindowCenterWidthExplanation"),
+            voi_lut_function=first.get("VOILUTFunction"))]
+    return out
+
+
+def rescale_differs(headers: list[Dataset]) -> bool:
+    """True when single-frame source images differ in Rescale Slope / Intercept / Type (or some lack them)."""
+    single = [h for h in headers if int(h.get("NumberOfFrames", 1) or 1) == 1]
+    return len({_values(h, _RESCALE) for h in single}) > 1
+
+
+def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Dataset | None:
     """The GSPS drawing ``marks`` on the source images of ``volume``; one Graphic Annotation per layer and
-    image (frame), one Graphic Layer per layer used."""
+    image (frame), one Graphic Layer per layer used. None (and a warning) when the source images differ in
+    their rescale: one presentation state cannot show them all right (module docstring)."""
     import highdicom as hd
     from highdicom.pr import (
         AnnotationUnitsValues,
@@ -113,6 +161,10 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
         raise ValueError(f"unknown graphic layer(s) {unknown}: add them to gsps.LAYERS")
     planes = source_planes(volume)
     referenced = evidence_headers(list({p.header.SOPInstanceUID: p.header for p in planes}.values()))
+    if rescale_differs(referenced):
+        LOGGER.warning("series %s: no presentation state: its images differ in Rescale Slope/Intercept/Type",
+                       volume.series_instance_uid)
+        return None
     by_uid = {str(h.SOPInstanceUID): h for h in referenced}
     groups: dict[tuple[str, str, int | None], list[Mark]] = defaultdict(list)
     for mark in marks:
@@ -163,6 +215,7 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
         content_description=description,
         graphic_annotations=annotations or None,
         graphic_layers=list(layers.values()) or None,
+        **_shared_transformations(referenced),
     )
     # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required for a paired body part. The marks are
     # on the source images, so their body part and laterality are ours. Without a body part nobody can tell
