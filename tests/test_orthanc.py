@@ -304,3 +304,29 @@ def test_a_series_that_grows_gets_new_results_and_the_old_ones_go(orthanc_factor
         assert [int(s["SeriesNumber"]) for s in found["PR"]] == [7704], found
         assert all(int(s["NumberOfSeriesRelatedInstances"]) == 1 for series in found.values() for s in series)
         assert len(_jobs_of(orthanc, series_uid)) == n, "our own results make no job"
+
+
+def test_superseded_keep_leaves_the_earlier_results(orthanc_factory, phantom):
+    """With "Superseded": "keep" the grown series' new results are stored next to the earlier ones, which
+    the new SRs name as predecessors."""
+    import pydicom
+
+    case_dir, truth = phantom
+    series_uid = truth["series_instance_uid"]
+    files = sorted(case_dir.glob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
+    cut = int(len(files) * 0.6)
+    orthanc = orthanc_factory.start(Superseded="keep")
+    orthanc.storescu(files[:cut])
+    first = _wait_for_job(orthanc, series_uid, 1)
+    _settle(orthanc)
+    orthanc.storescu(files[cut:])
+    second = _wait_for_job(orthanc, series_uid, 2)
+    for iid in first["details"]["result_instances"] + second["details"]["result_instances"]:
+        assert orthanc.request("GET", f"/instances/{iid}")[0] == 200
+    _settle(orthanc)
+    found = _current_results(orthanc, first["study_instance_uid"])
+    assert sorted(int(s["SeriesNumber"]) for s in found["SR"]) == [7701, 7701, 7702, 7702], found
+    assert _sr_predecessor(orthanc, second["details"]["result_instances"][0]) == \
+        first["details"]["result_uids"]["landmark-sr"]["SOPInstanceUID"]
+    assert "superseded_by" not in _jobs_of(orthanc, series_uid)[0]["details"]

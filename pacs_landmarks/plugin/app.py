@@ -124,6 +124,10 @@ class LandmarkPlugin:
     def stop(self) -> None:
         self._stopping.set()
         self.events.put(None)
+        # A model still loading (torch import) or a worker about to start its warm-up when Orthanc finalizes
+        # its Python aborts the process ("terminate called without an active exception"): let the loading
+        # finish, and the worker then does not start (_start_worker).
+        self._model_ready.wait(30.0)
         if self.worker is not None:
             # The current step finishes or is abandoned: an unfinished job is resumed at the next start.
             self.worker.stop(timeout=10.0)
@@ -147,8 +151,8 @@ class LandmarkPlugin:
 
     def _start_worker(self) -> None:
         self._model_ready.wait()
-        if self.model is None:
-            return  # jobs stay queued; health says why
+        if self.model is None or self._stopping.is_set():
+            return  # jobs stay queued; health says why (or Orthanc is stopping)
         if not self.settings.worker:
             log_event("plugin.worker_disabled")
             return
