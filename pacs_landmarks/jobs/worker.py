@@ -55,6 +55,7 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks.jobs.store import Job, JobStateError, JobStore, destination_key
 from pacs_landmarks.jobs.logs import log_event
+from pacs_landmarks.jobs.supersede import predecessors, result_uids
 
 Loader = Callable[[Job], Iterable[Any]]
 Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
@@ -250,14 +251,11 @@ class Worker(threading.Thread):
         timings["read"] = time.perf_counter() - t
         if not datasets:
             raise ValueError("no instances to analyse")
-        from pacs_landmarks.jobs.supersede import predecessors
-
         results = self._pipeline()(datasets, self.model, predecessors=predecessors(self.store, job))
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
-        from pacs_landmarks.jobs.supersede import result_uids
         from pacs_landmarks.pipeline import RESULT_KINDS
 
         job = self.store.transition(

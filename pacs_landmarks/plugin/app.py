@@ -11,8 +11,8 @@ Loaded by ``entry.py`` inside Orthanc's embedded Python. Threads:
   ``POST /instances``; then, with ``"Superseded": "delete"``, it deletes the results of earlier jobs of the
   same series and model (``delete_superseded``).
 
-A series that grows after its results were made (STABLE_SERIES again, with more instances than the last
-job read) gets a new job; its results have new UIDs and replace the earlier ones.
+A series that grows after its results were made (STABLE_SERIES again, with another instance count than the
+last job read: more, mostly) gets a new job; its results have new UIDs and replace the earlier ones.
 
 The job store lives next to Orthanc's storage, so a restart finishes what a crash left pending
 (``JobStore.resume`` at ORTHANC_STARTED). REST (under ``/pacs-landmarks/``): ``jobs`` (GET), ``health``
