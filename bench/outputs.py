@@ -1,4 +1,4 @@
-"""Time to build and write the landmark SR, measurements SR and SEG for a 512 x 512 x 300 CT series.
+"""Time to build and write the landmark SR, measurements SR, SEG and GSPS for a 512 x 512 x 300 CT series.
 
 Target (docs/benchmarks.md): <= 0.5 s in total on the 2-core CI machine. Prints one table. Source headers are
 synthetic (no pixel data is needed to build the results). Two cases: 16 landmarks at random places inside the
@@ -25,12 +25,13 @@ from sr_helpers import GEOMETRIES, make_landmarks, make_series  # noqa: E402
 from pacs_landmarks.sr_templates import geometry  # noqa: E402
 from pacs_landmarks.inference.landmark import Landmark  # noqa: E402
 from pacs_landmarks.sr_templates.common import Algorithm  # noqa: E402
+from pacs_landmarks.sr_templates.gsps import build_gsps, landmark_marks  # noqa: E402
 from pacs_landmarks.sr_templates.landmark_sr import build_landmark_sr  # noqa: E402
 from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements  # noqa: E402
 from pacs_landmarks.sr_templates.seg import build_landmark_seg  # noqa: E402
 
 
-STEPS = ("landmark SR", "measurements SR", "SEG", "write SRs", "write SEG", "total")
+STEPS = ("landmark SR", "measurements SR", "SEG", "GSPS", "write SRs", "write SEG", "write GSPS", "total")
 
 
 def near_pair(landmarks: list[Landmark], distance_mm: float = 3.0) -> list[Landmark]:
@@ -59,10 +60,14 @@ def time_outputs(volume, landmarks: list[Landmark], repeat: int, tmp: Path) -> t
         marks.append((time.perf_counter(), time.process_time()))
         seg = build_landmark_seg(volume, landmarks, alg)
         marks.append((time.perf_counter(), time.process_time()))
+        gsps = build_gsps(volume, landmark_marks(volume, landmarks), alg)
+        marks.append((time.perf_counter(), time.process_time()))
         sr.save_as(tmp / "sr.dcm", enforce_file_format=True)
         msr.save_as(tmp / "msr.dcm", enforce_file_format=True)
         marks.append((time.perf_counter(), time.process_time()))
         seg.save_as(tmp / "seg.dcm", enforce_file_format=True)
+        marks.append((time.perf_counter(), time.process_time()))
+        gsps.save_as(tmp / "gsps.dcm", enforce_file_format=True)
         marks.append((time.perf_counter(), time.process_time()))
         for n, key in enumerate(STEPS[:-1]):
             wall[key].append(marks[n + 1][0] - marks[n][0])
@@ -84,6 +89,8 @@ def main() -> None:
         size=args.size, pixel=(args.pixel, args.pixel), thickness=args.thickness, slices=args.slices, tilt_deg=0.0
     )
     _, volume = make_series("bench", with_pixels=False)
+    for header in volume.source_headers:  # a real CT's default window (the GSPS copies it)
+        header.WindowCenter, header.WindowWidth = 40, 400
     spread = make_landmarks(volume, seed=0)
     cases = {"spread": spread, "Me-Gn 3 mm": near_pair(spread)}
     print(f"series {args.size}x{args.size}x{args.slices}, pixel {args.pixel} mm, slices {args.thickness} mm; "
@@ -94,7 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, landmarks in cases.items():
             wall, cpu, seg = time_outputs(volume, landmarks, args.repeat, Path(tmp))
-            sizes = {n: (Path(tmp) / f"{n}.dcm").stat().st_size // 1024 for n in ("sr", "msr", "seg")}
+            sizes = {n: (Path(tmp) / f"{n}.dcm").stat().st_size // 1024 for n in ("sr", "msr", "seg", "gsps")}
             results[name] = (wall, cpu, int(seg.NumberOfFrames), str(seg.SegmentsOverlap), sizes)
     # CPU seconds are reported next to wall seconds: on a shared 2-core machine wall time mostly measures
     # the neighbours.
@@ -106,7 +113,8 @@ def main() -> None:
         print(f"| {key} | " + " | ".join(cells) + " |")
     for name, (wall, _, frames, overlap, sizes) in results.items():
         print(f"\n{name}: total min {min(wall['total']):.3f} s; SEG {frames} frames, SegmentsOverlap {overlap}; "
-              f"sizes SR {sizes['sr']} KiB, measurements SR {sizes['msr']} KiB, SEG {sizes['seg']} KiB")
+              f"sizes SR {sizes['sr']} KiB, measurements SR {sizes['msr']} KiB, SEG {sizes['seg']} KiB, "
+              f"GSPS {sizes['gsps']} KiB")
     try:
         load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     except OSError:

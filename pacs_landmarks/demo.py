@@ -211,12 +211,13 @@ def _wait_job(orthanc: OrthancProcess, series_uid: str, timeout: float, progress
 
 
 def _download_results(orthanc: OrthancProcess, job: dict[str, Any], out: Path) -> list[Path]:
-    """The results as Orthanc stored them (landmark SR, measurements SR, SEG: the worker's order)."""
+    """The results as Orthanc stored them (landmark SR, measurements SR, SEG, GSPS: the worker's order)."""
     ids = job["details"].get("result_instances") or []
-    if len(ids) != 3:
-        raise DemoError(f"the job recorded {len(ids)} stored results, expected 3")
+    names = ("landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm", "gsps.dcm")
+    if len(ids) != len(names):
+        raise DemoError(f"the job recorded {len(ids)} stored results, expected {len(names)}")
     paths = []
-    for iid, name in zip(ids, ("landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm")):
+    for iid, name in zip(ids, names):
         status, data = orthanc.request("GET", f"/instances/{iid}/file")
         if status != 200:
             raise DemoError(f"could not download result {iid} from Orthanc: HTTP {status}")

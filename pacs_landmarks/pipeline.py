@@ -1,7 +1,7 @@
-"""The one core both front ends call: DICOM datasets of one series in, landmarks + SR + SEG out.
+"""The one core both front ends call: DICOM datasets of one series in, landmarks + SR + SEG + GSPS out.
 
-load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, with the seconds each step took
-("volume", "cascade", "outputs").
+load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, presentation state (GSPS), with
+the seconds each step took ("volume", "cascade", "outputs").
 """
 from __future__ import annotations
 
@@ -10,11 +10,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
 from pacs_landmarks.inference.landmark import Landmark
+
+
+# The result objects in the order they are written and delivered: Results attribute -> kind (common.SERIES).
+RESULT_KINDS = {"landmark_sr": "landmark-sr", "measurements_sr": "measurements-sr", "seg": "seg", "gsps": "gsps"}
+
+# Earlier results of the same series and model, by kind, newest first (``sr_templates.common.reference``).
+Predecessors = Mapping[str, Sequence[Dataset]]
 
 
 @dataclass
@@ -23,13 +30,19 @@ class Results:
     landmark_sr: Dataset
     measurements_sr: Dataset
     seg: Dataset
+    gsps: Dataset | None  # None when the series' slices differ in rescale (sr_templates/gsps.py)
     timings: dict[str, float] = field(default_factory=dict)
     measurements: list = field(default_factory=list)  # MeasurementValue, for display
     volume: object | None = None  # the Volume the landmarks were found in
 
 
-def build_outputs(volume, landmarks: list[Landmark], algorithm) -> tuple[Dataset, Dataset, Dataset, list]:
-    """Landmark SR, measurements SR, SEG and the measurement values, for landmarks found in ``volume``."""
+def build_outputs(volume, landmarks: list[Landmark], algorithm, predecessors: Predecessors | None = None
+                  ) -> tuple[Dataset, Dataset, Dataset, Dataset | None, list]:
+    """Landmark SR, measurements SR, SEG, GSPS and the measurement values, for landmarks found in ``volume``.
+
+    ``predecessors``: what these results replace (the SRs name it, PS3.3 C.17.2.3; the SEG and GSPS IODs
+    have no such attribute)."""
+    from pacs_landmarks.sr_templates.gsps import build_gsps, landmark_marks
     from pacs_landmarks.sr_templates.landmark_sr import build_landmark_sr
     from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
     from pacs_landmarks.sr_templates.seg import build_landmark_seg
@@ -38,10 +51,12 @@ def build_outputs(volume, landmarks: list[Landmark], algorithm) -> tuple[Dataset
         if len(lm.position_lps_mm) != 3 or not all(math.isfinite(v) for v in lm.position_lps_mm):
             raise ValueError(f"landmark {lm.name!r} has no finite 3D position: {lm.position_lps_mm!r}")
     values = compute_measurements(landmarks, algorithm.landmark_set)
+    before = predecessors or {}
     return (
-        build_landmark_sr(volume, landmarks, algorithm),
-        build_measurements_sr(volume, landmarks, algorithm, values),
+        build_landmark_sr(volume, landmarks, algorithm, predecessors=before.get("landmark-sr", ())),
+        build_measurements_sr(volume, landmarks, algorithm, values, predecessors=before.get("measurements-sr", ())),
         build_landmark_seg(volume, landmarks, algorithm),
+        build_gsps(volume, landmark_marks(volume, landmarks), algorithm),
         values,
     )
 
@@ -83,12 +98,15 @@ def warm_up(model) -> float:
     return time.perf_counter() - t
 
 
-def process_series(datasets: Iterable[str | Path | Dataset], model) -> Results:
+def process_series(datasets: Iterable[str | Path | Dataset], model, predecessors: Predecessors | None = None
+                   ) -> Results:
     """Assemble the series, run the model's cascade, build the DICOM results.
 
     Raises ``pacs_landmarks.dicom.series.SeriesError`` for a series that cannot be assembled (clear reason),
     ``ValueError`` if the model gives a landmark without a finite position. Nothing is written here: the
-    caller decides where results go. Result UIDs are deterministic (same series + model -> same UIDs).
+    caller decides where results go. Result UIDs are deterministic: the same source instances and model give
+    the same UIDs, another set of instances of the series gives new ones (``sr_templates/uids.py``).
+    ``predecessors``: the results these replace, by kind, newest first (see ``build_outputs``).
     """
     from pacs_landmarks.dicom.series import load_series
     from pacs_landmarks.sr_templates.common import Algorithm
@@ -103,6 +121,6 @@ def process_series(datasets: Iterable[str | Path | Dataset], model) -> Results:
     timings["cascade"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    landmark_sr, measurements_sr, seg, values = build_outputs(volume, landmarks, Algorithm.of(model))
+    landmark_sr, measurements_sr, seg, gsps, values = build_outputs(volume, landmarks, Algorithm.of(model), predecessors)
     timings["outputs"] = time.perf_counter() - t
-    return Results(landmarks, landmark_sr, measurements_sr, seg, timings, values, volume)
+    return Results(landmarks, landmark_sr, measurements_sr, seg, gsps, timings, values, volume)

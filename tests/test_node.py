@@ -155,10 +155,14 @@ def series_uid_of(directory: Path) -> str:
     return str(pydicom.dcmread(next(directory.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID)
 
 
+RESULT_KINDS = ("landmark_sr", "measurements_sr", "seg", "gsps")
+
+
 def results_at(archive: Archive, job) -> dict[str, Path]:
-    """The job's result objects as received by the archive: kind (landmark_sr, measurements_sr, seg) -> file."""
+    """The job's result objects as received by the archive: kind (landmark_sr, measurements_sr, seg, gsps) ->
+    file."""
     wanted = {str(pydicom.dcmread(job.results[k], stop_before_pixels=True).SOPInstanceUID): k
-              for k in ("landmark_sr", "measurements_sr", "seg")}
+              for k in RESULT_KINDS}
     found = {}
     for f in archive.files():
         uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
@@ -201,7 +205,7 @@ def test_series_in_results_out(node, archive, phantom, validate_dicom):
     assert job.state == "done", job.reason
     assert job.instances == len(files) and set(job.delivery.values()) == {"success"}
     got = results_at(archive, job)
-    assert set(got) == {"landmark_sr", "measurements_sr", "seg"}, got
+    assert set(got) == set(RESULT_KINDS), got
     for f in got.values():
         validate_dicom(f)
     # Every received instance is on disk, byte for byte as sent after the file meta.
@@ -365,7 +369,7 @@ def test_four_senders_at_once(node, archive, phantom, tmp_path):
     assert {j.state for j in jobs} == {"done"}, [j.reason for j in jobs]
     assert all(j.instances == len(series[0]) for j in jobs)
     for job in jobs:
-        assert len(results_at(archive, job)) == 3
+        assert len(results_at(archive, job)) == len(RESULT_KINDS)
 
 
 # -- crash, restart, destination down -----------------------------------------------------------------------
@@ -390,7 +394,7 @@ def test_kill_during_receive_and_during_inference_then_resume(phantom, tmp_path)
         assert job.state == "done", job.reason
         assert job.attempts == 2 and len(n.jobs()) == 1
         assert len(list((n.storage / "series" / uid).glob("*.dcm"))) == len(files)
-        assert len(results_at(archive, job)) == 3
+        assert len(results_at(archive, job)) == len(RESULT_KINDS)
         assert any(r == "resumed after restart" for _, _, r in n.store.events(job.id))
     finally:
         n.kill()
@@ -411,7 +415,56 @@ def test_destination_down_then_back(phantom, tmp_path):
         archive.start()
         job = wait_for(lambda: next((j for j in n.jobs() if j.finished), None), 120, "delivery after recovery")
         assert job.state == "done", job.reason
-        assert len(results_at(archive, job)) == 3
+        assert len(results_at(archive, job)) == len(RESULT_KINDS)
+    finally:
+        n.kill()
+        archive.stop()
+
+
+def _archived(archive: Archive) -> dict[str, pydicom.Dataset]:
+    """SOP Instance UID -> header of every object the archive holds."""
+    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in archive.files())}
+
+
+def _predecessor(ds) -> str | None:
+    if "PredecessorDocumentsSequence" not in ds:
+        return None
+    return str(ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+               .ReferencedSOPInstanceUID)
+
+
+def test_a_series_that_grows_gets_new_results_the_archive_decides(phantom, tmp_path):
+    """The node and a dcmtk storescp archive: the upper 60 % of a series, then the same part again (a new job,
+    the same result UIDs: no new object in the archive), then the rest in two parts: each arrival after
+    completion starts a new job whose results have new UIDs and name the ones they replace."""
+    archive = Archive(tmp_path / "archive").start()
+    files = sorted(phantom.glob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
+    cut = int(len(files) * 0.6)
+    upper, rest = files[:cut], files[cut:]
+    sends = [upper, upper, rest[: len(rest) // 2], rest[len(rest) // 2:]]
+    n = NodeProc(tmp_path / "storage", "--destination", archive.destination, "--idle-timeout", "0.5")
+    try:
+        n.start()
+        jobs = []
+        for k, part in enumerate(sends, start=1):
+            storescu(n.port, part)
+            job = wait_for(lambda: (lambda js: js[0] if len(js) == k and js[0].finished else None)(n.jobs()),
+                           180, f"job {k} to finish")
+            assert job.state == "done", job.reason
+            assert job.details["instances_read"] == len(set(map(str, [f for p in sends[:k] for f in p])))
+            jobs.append(job)
+        uids = [{kind: u["SOPInstanceUID"] for kind, u in j.details["result_uids"].items()} for j in jobs]
+        assert set(uids[0]) == {"landmark-sr", "measurements-sr", "seg", "gsps"}
+        assert uids[1] == uids[0], "the same instances again: the same results"
+        assert not set(uids[2].values()) & set(uids[1].values()) and not set(uids[3].values()) & set(uids[2].values())
+        archived = _archived(archive)
+        # The archive got no new object for the resend, and one set per distinct input.
+        assert set(archived) == {u for result in uids for u in result.values()}
+        for before, after in ((uids[0], uids[2]), (uids[2], uids[3])):
+            for kind in ("landmark-sr", "measurements-sr"):
+                assert _predecessor(archived[after[kind]]) == before[kind]
+        assert _predecessor(archived[uids[0]["landmark-sr"]]) is None
     finally:
         n.kill()
         archive.stop()
@@ -546,7 +599,7 @@ def test_delivery_over_tls_to_a_tls_archive(certs, phantom, tmp_path):
         storescu(n.port, files)
         job = wait_for(lambda: next((j for j in n.jobs() if j.finished), None), 180, "delivery over TLS")
         assert job.state == "done", job.reason
-        assert len(list(archive_dir.iterdir())) == 3
+        assert len(list(archive_dir.iterdir())) == len(RESULT_KINDS)
     finally:
         n.kill()
         scp.terminate()

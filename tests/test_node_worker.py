@@ -25,17 +25,18 @@ def _obj(kind: str) -> Dataset:
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
     ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2", generate_uid()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SeriesDescription = kind
     return ds
 
 
-def fake_pipeline(datasets, model):
+def fake_pipeline(datasets, model, predecessors=None):
     assert datasets and model == "warm-model"
     return SimpleNamespace(
         landmarks=[Landmark("Nasion", (1.0, 2.0, 3.0), 0.9)],
-        landmark_sr=_obj("lm"), measurements_sr=_obj("meas"), seg=_obj("seg"),
+        landmark_sr=_obj("lm"), measurements_sr=_obj("meas"), seg=_obj("seg"), gsps=_obj("gsps"),
         timings={"cascade": 0.01},
     )
 
@@ -72,7 +73,7 @@ def test_job_done_after_every_destination_succeeds(tmp_path):
     assert worker.run_once()
     job = store.get(job.id)
     assert job.state == "done", job.reason
-    assert dest.received == [["landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm"]] * 2
+    assert dest.received == [["landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm", "gsps.dcm"]] * 2
     assert set(job.timings) >= {"read", "cascade", "write_results", "delivery", "queue_wait"}
     doc = json.loads(Path(job.results["landmarks_json"]).read_text())
     assert doc["landmarks"][0]["name"] == "Nasion"
@@ -141,3 +142,50 @@ def test_repeated_crash_during_analysis_gives_up(tmp_path):
     worker.run_once()
     job = store.get(job.id)
     assert job.state == "failed" and "gave up" in job.reason
+
+
+def test_a_later_job_of_the_series_gets_the_earlier_results_as_predecessors(tmp_path):
+    """What a job wrote is recorded (result UIDs, instances read), and the next job of the same series and
+    model gets those results, newest first, to name as replaced; another model's results are not its own."""
+    seen = []
+
+    def pipeline(datasets, model, predecessors=None):
+        seen.append(predecessors)
+        return fake_pipeline(datasets, model)
+
+    store, first, worker = _setup(tmp_path, FlakyDestination(), destinations=1)
+    worker._process_series = pipeline
+    store._db().execute("UPDATE jobs SET model_name = 'other-model' WHERE id = ?", (first.id,))
+    assert worker.run_once()
+    first = store.get(first.id)
+    assert first.details["instances_read"] == 1
+    assert set(first.details["result_uids"]) == {"landmark-sr", "measurements-sr", "seg", "gsps"}
+    assert seen == [{}]
+
+    second, _ = store.ensure_job("1.2.3", "1.2", first.source, state="queued", model_name="other-model")
+    assert worker.run_once()
+    third, _ = store.ensure_job("1.2.3", "1.2", first.source, state="queued", model_name="other-model")
+    assert worker.run_once()
+    uids = [store.get(j.id).details["result_uids"]["landmark-sr"]["SOPInstanceUID"] for j in (first, second)]
+    assert [str(p.SOPInstanceUID) for p in seen[2]["landmark-sr"]] == uids[::-1]
+    assert str(seen[2]["landmark-sr"][0].StudyInstanceUID) == "1.2"
+    fourth, _ = store.ensure_job("1.2.3", "1.2", first.source, state="queued", model_name="a-third-model")
+    assert worker.run_once()
+    assert seen[3] == {}
+
+
+def test_a_result_set_without_presentation_state_is_delivered(tmp_path):
+    """The GSPS is optional (None for slices that differ in rescale): the other results go out."""
+    def pipeline(datasets, model, predecessors=None):
+        results = fake_pipeline(datasets, model)
+        results.gsps = None
+        return results
+
+    dest = FlakyDestination()
+    store, job, worker = _setup(tmp_path, dest, destinations=1)
+    worker._process_series = pipeline
+    assert worker.run_once()
+    job = store.get(job.id)
+    assert job.state == "done", job.reason
+    assert dest.received == [["landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm"]]
+    assert "gsps" not in job.results and "gsps" not in job.details["result_uids"]

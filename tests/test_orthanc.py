@@ -38,6 +38,25 @@ def test_starts_answers_echo_store_and_rest(orthanc_factory):
     assert status == 405
 
 
+def test_superseded_setting():
+    """orthanc.json ships "Superseded": "delete"; "keep" is the other choice; anything else is refused."""
+    from pacs_landmarks.plugin.config import PluginSettings, read_orthanc_json
+
+    assert PluginSettings.from_orthanc_config(read_orthanc_json()).superseded == "delete"
+    assert PluginSettings.from_orthanc_config({"PacsLandmarks": {"Superseded": "Keep"}}).superseded == "keep"
+    assert PluginSettings.from_orthanc_config({}).superseded == "delete"
+    with pytest.raises(ValueError, match='Superseded must be "delete" or "keep"'):
+        PluginSettings.from_orthanc_config({"PacsLandmarks": {"Superseded": "purge"}})
+
+
+def test_bad_superseded_setting_stops_orthanc_with_the_reason(orthanc_factory):
+    from pacs_landmarks.plugin.launch import OrthancError
+
+    with pytest.raises(OrthancError):
+        orthanc_factory.start(Superseded="purge")
+    assert 'PacsLandmarks.Superseded must be "delete" or "keep", not \'purge\'' in orthanc_factory.log()
+
+
 def test_mr_series_makes_no_job_but_ct_does(orthanc_factory):
     orthanc = orthanc_factory.start()
     orthanc.storescu([get_testdata_file("MR_small.dcm")])
@@ -81,8 +100,8 @@ def job_for(orthanc, series_uid: str, states=("done",)) -> dict | None:
 
 
 def result_instances(orthanc) -> dict[str, list[str]]:
-    """Orthanc instance IDs of every SR and SEG series, by modality."""
-    out: dict[str, list[str]] = {"SR": [], "SEG": []}
+    """Orthanc instance IDs of every SR, SEG and presentation state (PR) series, by modality."""
+    out: dict[str, list[str]] = {"SR": [], "SEG": [], "PR": []}
     for info in (orthanc.get_json(f"/series/{sid}") for sid in orthanc.get_json("/series")):
         modality = info["MainDicomTags"].get("Modality")
         if modality in out:
@@ -98,8 +117,8 @@ def test_phantom_gets_sr_and_seg_once(orthanc_factory, phantom, validate_dicom, 
     orthanc.storescu(case_dir)
     job = wait_for(lambda: job_for(orthanc, series_uid), 60, "the SR, measurements SR and SEG in Orthanc")
     results = result_instances(orthanc)
-    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1, results
-    assert sorted(job["details"]["result_instances"]) == sorted(results["SR"] + results["SEG"])
+    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1 and len(results["PR"]) == 1, results
+    assert sorted(job["details"]["result_instances"]) == sorted(results["SR"] + results["SEG"] + results["PR"])
 
     study_uid = job["study_instance_uid"]
     assert len(orthanc.findscu_series(study_uid, "SEG")) == 1
@@ -166,7 +185,7 @@ def test_jpeg_ls_series_survives_kill_while_queued(orthanc_factory, phantom, tmp
     job = wait_for(lambda: job_for(orthanc, truth["series_instance_uid"]), 60, "the results after the restart")
     assert job["id"] == queued["id"] and job["attempts"] == 1
     results = result_instances(orthanc)
-    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1
+    assert len(results["SR"]) == 2 and len(results["SEG"]) == 1 and len(results["PR"]) == 1
 
 
 def test_series_stored_just_before_a_kill_is_queued_after_restart(orthanc_factory):
@@ -185,3 +204,130 @@ def test_series_stored_just_before_a_kill_is_queued_after_restart(orthanc_factor
     assert job["reason"]
     assert orthanc.get_json("/pacs-landmarks/health")["last_error"]
     assert len(orthanc.get_json("/instances")) == 1
+
+
+# --- a series that grows: new results replace the old ------------------------------------------------------
+
+def _jobs_of(orthanc, series_uid: str) -> list[dict]:
+    """The series' jobs, oldest first; a failed one fails the test."""
+    jobs = [j for j in orthanc.get_json("/pacs-landmarks/jobs") if j["series_instance_uid"] == series_uid]
+    for job in jobs:
+        if job["state"] == "failed":
+            pytest.fail(f"job {job['id']} failed: {job['reason']}")
+    return list(reversed(jobs))
+
+
+def _wait_for_job(orthanc, series_uid: str, n: int) -> dict:
+    """The series' n-th job, once it is done."""
+    def done():
+        jobs = _jobs_of(orthanc, series_uid)
+        return jobs[n - 1] if len(jobs) >= n and jobs[n - 1]["state"] == "done" else None
+
+    return wait_for(done, 120, f"job {n} of the series to be done")
+
+
+def _settle(orthanc) -> None:
+    """Every series stable and every STABLE_SERIES event handled (a job, if any, is then queued)."""
+    time.sleep(float(orthanc.config.get("StableAge", 2)) + 1)
+    wait_for(lambda: all(orthanc.get_json(f"/series/{s}")["IsStable"] for s in orthanc.get_json("/series")),
+             30, "every series to be stable")
+    wait_for(lambda: orthanc.get_json("/pacs-landmarks/health")["pending_events"] == 0, 10, "the events handled")
+
+
+def _current_results(orthanc, study_uid: str) -> dict[str, list[dict]]:
+    """C-FIND (findscu) per result modality: the series Orthanc answers, with their instance counts."""
+    return {m: orthanc.findscu_series(study_uid, m) for m in ("SR", "SEG", "PR")}
+
+
+def _sr_predecessor(orthanc, instance_id: str) -> str | None:
+    import pydicom
+
+    status, data = orthanc.request("GET", f"/instances/{instance_id}/file")
+    assert status == 200
+    ds = pydicom.dcmread(__import__("io").BytesIO(data))
+    if "PredecessorDocumentsSequence" not in ds:
+        return None
+    return str(ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+               .ReferencedSOPInstanceUID)
+
+
+def test_a_series_that_grows_gets_new_results_and_the_old_ones_go(orthanc_factory, phantom):
+    """The issue's scenario: the upper 60 % of a head CT, results; the same part again, nothing new; the
+    rest in two parts, each time a new job, new results naming the ones they replace, and the replaced ones
+    deleted: C-FIND finds one landmark SR, one measurements SR, one SEG and one GSPS."""
+    import pydicom
+
+    case_dir, truth = phantom
+    series_uid = truth["series_instance_uid"]
+    files = sorted(case_dir.glob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
+    cut = int(len(files) * 0.6)
+    upper, rest = files[:cut], files[cut:]
+    parts = [rest[: len(rest) // 2], rest[len(rest) // 2:]]
+    orthanc = orthanc_factory.start()
+
+    orthanc.storescu(upper)
+    first = _wait_for_job(orthanc, series_uid, 1)
+    assert first["details"]["instances_read"] == len(upper)
+    ids = [first["details"]["result_instances"]]
+    assert len(ids[0]) == 4
+    assert _sr_predecessor(orthanc, ids[0][0]) is None
+    study_uid = first["study_instance_uid"]
+    _settle(orthanc)
+    before = sorted(orthanc.get_json("/instances"))
+
+    # The same part again: no job, no new object.
+    orthanc.storescu(upper)
+    _settle(orthanc)
+    assert len(_jobs_of(orthanc, series_uid)) == 1
+    assert sorted(orthanc.get_json("/instances")) == before
+
+    for n, part in enumerate(parts, start=2):
+        orthanc.storescu(part)
+        job = _wait_for_job(orthanc, series_uid, n)
+        assert job["details"]["instances_read"] == len(upper) + sum(len(p) for p in parts[: n - 1])
+        ids.append(job["details"]["result_instances"])
+        assert not set(ids[-1]) & set(ids[-2]), "new input must give new result UIDs"
+        for old in ids[-2]:  # the replaced results are gone from Orthanc ...
+            assert orthanc.request("GET", f"/instances/{old}")[0] == 404
+        for new in ids[-1]:
+            assert orthanc.request("GET", f"/instances/{new}")[0] == 200
+        # ... the new landmark SR and measurements SR name them, and the store says who replaced whom.
+        jobs = _jobs_of(orthanc, series_uid)
+        replaced = jobs[n - 2]["details"]["result_uids"]
+        assert _sr_predecessor(orthanc, ids[-1][0]) == replaced["landmark-sr"]["SOPInstanceUID"]
+        assert _sr_predecessor(orthanc, ids[-1][1]) == replaced["measurements-sr"]["SOPInstanceUID"]
+        assert jobs[n - 2]["details"]["superseded_by"] == job["id"]
+        _settle(orthanc)
+        found = _current_results(orthanc, study_uid)
+        assert sorted(int(s["SeriesNumber"]) for s in found["SR"]) == [7701, 7702], found
+        assert [int(s["SeriesNumber"]) for s in found["SEG"]] == [7703], found
+        assert [int(s["SeriesNumber"]) for s in found["PR"]] == [7704], found
+        assert all(int(s["NumberOfSeriesRelatedInstances"]) == 1 for series in found.values() for s in series)
+        assert len(_jobs_of(orthanc, series_uid)) == n, "our own results make no job"
+
+
+def test_superseded_keep_leaves_the_earlier_results(orthanc_factory, phantom):
+    """With "Superseded": "keep" the grown series' new results are stored next to the earlier ones, which
+    the new SRs name as predecessors."""
+    import pydicom
+
+    case_dir, truth = phantom
+    series_uid = truth["series_instance_uid"]
+    files = sorted(case_dir.glob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
+    cut = int(len(files) * 0.6)
+    orthanc = orthanc_factory.start(Superseded="keep")
+    orthanc.storescu(files[:cut])
+    first = _wait_for_job(orthanc, series_uid, 1)
+    _settle(orthanc)
+    orthanc.storescu(files[cut:])
+    second = _wait_for_job(orthanc, series_uid, 2)
+    for iid in first["details"]["result_instances"] + second["details"]["result_instances"]:
+        assert orthanc.request("GET", f"/instances/{iid}")[0] == 200
+    _settle(orthanc)
+    found = _current_results(orthanc, first["study_instance_uid"])
+    assert sorted(int(s["SeriesNumber"]) for s in found["SR"]) == [7701, 7701, 7702, 7702], found
+    assert _sr_predecessor(orthanc, second["details"]["result_instances"][0]) == \
+        first["details"]["result_uids"]["landmark-sr"]["SOPInstanceUID"]
+    assert "superseded_by" not in _jobs_of(orthanc, series_uid)[0]["details"]

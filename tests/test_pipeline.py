@@ -38,11 +38,13 @@ def _check_results(results, volume_series_uid, tmp_path, validate_dicom):
     assert set(results.timings) >= {"volume", "cascade", "outputs"}
     assert all(v >= 0 for v in results.timings.values())
     assert [lm.name for lm in results.landmarks] == landmark_names()
-    for name in ("landmark_sr", "measurements_sr", "seg"):
+    for name in ("landmark_sr", "measurements_sr", "seg", "gsps"):
         path = tmp_path / f"{name}.dcm"
         getattr(results, name).save_as(path, enforce_file_format=True)
         warnings = validate_dicom(path)
-        assert all(LOCAL_SCHEME in w for w in warnings), warnings
+        # These test series have no Body Part Examined: the GSPS's Laterality is then empty (unknown).
+        allowed = (LOCAL_SCHEME, "<Laterality>") if name == "gsps" else (LOCAL_SCHEME,)
+        assert all(any(a in w for a in allowed) for w in warnings), warnings
     back = read_landmark_sr(pydicom.dcmread(tmp_path / "landmark_sr.dcm"))
     for want, got in zip(results.landmarks, back):
         assert want.name == got.name
@@ -65,7 +67,7 @@ def test_process_series_tilted_files(tmp_path, validate_dicom, model):
     shuffled = [pydicom.dcmread(p) for p in paths]
     random.Random(0).shuffle(shuffled)
     again = process_series(shuffled, model)
-    for name in ("landmark_sr", "measurements_sr", "seg"):
+    for name in ("landmark_sr", "measurements_sr", "seg", "gsps"):
         assert getattr(again, name).SOPInstanceUID == getattr(results, name).SOPInstanceUID
     assert all("PixelData" in ds for ds in shuffled)  # the caller's datasets are left whole
 
@@ -102,7 +104,7 @@ def test_infer_command(tmp_path):
     _write(datasets, tmp_path / "series")
     proc = _cli("infer", tmp_path / "series", "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
-    for name in ("landmarks-sr.dcm", "measurements-sr.dcm", "landmarks-seg.dcm", "landmarks.json"):
+    for name in ("landmarks-sr.dcm", "measurements-sr.dcm", "landmarks-seg.dcm", "landmarks-gsps.dcm", "landmarks.json"):
         assert (tmp_path / "out" / name).is_file()
     doc = json.loads((tmp_path / "out" / "landmarks.json").read_text())
     assert doc["series_instance_uid"] == truth.series_instance_uid
@@ -150,8 +152,8 @@ def test_outputs_on_phantom_truth(tmp_path, validate_dicom, geometry):
     assert truth["frame_of_reference_uid"] == volume.frame_of_reference_uid
     assert volume.resampled == bool(geometry.get("gaps") or geometry.get("tilt_deg"))
     landmarks = [Landmark(lm["name"], tuple(lm["position_lps_mm"])) for lm in truth["landmarks"]]
-    sr, msr, seg, values = build_outputs(volume, landmarks, Algorithm("phantom-truth", "1"))
-    for name, ds in (("sr", sr), ("msr", msr), ("seg", seg)):
+    sr, msr, seg, gsps, values = build_outputs(volume, landmarks, Algorithm("phantom-truth", "1"))
+    for name, ds in (("sr", sr), ("msr", msr), ("seg", seg), ("gsps", gsps)):
         ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
         warnings = validate_dicom(tmp_path / f"{name}.dcm")
         assert all(LOCAL_SCHEME in w for w in warnings), warnings

@@ -89,16 +89,52 @@ def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
         assert np.allclose(on_plane, p - plane.distance(p) * plane.normal, atol=1e-3)
 
 
-def test_result_uids_are_deterministic():
+def test_result_uids_follow_the_input():
+    """Same source instances + model -> same UIDs (in any order); another set of instances of the same series
+    (it grew) or another model version -> new UIDs."""
+    import dataclasses
+
     _, volume = make_series("axial")
     landmarks = make_landmarks(volume)
     a = build_landmark_sr(volume, landmarks, ALG)
-    b = build_landmark_sr(volume, landmarks, ALG)
+    shuffled = dataclasses.replace(volume, source_headers=list(reversed(volume.source_headers)))
+    b = build_landmark_sr(shuffled, landmarks, ALG)
     c = build_landmark_sr(volume, landmarks, Algorithm("test-model", "1.2.4"))
+    grown = dataclasses.replace(volume, source_headers=volume.source_headers[:-1])
+    d = build_landmark_sr(grown, landmarks, ALG)
     m = build_measurements_sr(volume, landmarks, ALG)
     assert (a.SOPInstanceUID, a.SeriesInstanceUID) == (b.SOPInstanceUID, b.SeriesInstanceUID)
-    assert a.SOPInstanceUID != c.SOPInstanceUID and a.SeriesInstanceUID != c.SeriesInstanceUID
+    for other in (c, d):
+        assert a.SOPInstanceUID != other.SOPInstanceUID and a.SeriesInstanceUID != other.SeriesInstanceUID
     assert len({a.SOPInstanceUID, m.SOPInstanceUID, a.SeriesInstanceUID, m.SeriesInstanceUID}) == 4
+
+
+def test_predecessor_documents(tmp_path, validate_dicom):
+    """A new SR names the one it replaces (PS3.3 C.17.2.3), never itself: predecessors are given newest first,
+    and one with the document's own UID (the same input again) is passed over."""
+    import dataclasses
+
+    from pacs_landmarks.sr_templates.common import reference
+
+    _, volume = make_series("axial")
+    landmarks = make_landmarks(volume)
+    first = build_landmark_sr(dataclasses.replace(volume, source_headers=volume.source_headers[:30]), landmarks, ALG)
+    assert "PredecessorDocumentsSequence" not in first
+    second = build_landmark_sr(volume, landmarks, ALG, predecessors=[reference(first)])
+    (study,) = second.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == first.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    (item,) = series.ReferencedSOPSequence
+    assert (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID) == (first.SOPClassUID, first.SOPInstanceUID)
+    validate_dicom(_save(second, tmp_path / "second.dcm"))
+    again = build_landmark_sr(volume, landmarks, ALG, predecessors=[reference(second), reference(first)])
+    assert again.SOPInstanceUID == second.SOPInstanceUID
+    assert again.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first.SOPInstanceUID
+    msr = build_measurements_sr(volume, landmarks, ALG, predecessors=[reference(first)])
+    assert msr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0] \
+        .ReferencedSOPInstanceUID == first.SOPInstanceUID
 
 
 def _unmark(ds):

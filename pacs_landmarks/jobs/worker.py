@@ -6,7 +6,7 @@ A front end (the pynetdicom node, the Orthanc plugin) supplies two callables and
   ``job.source``; passed as they are to ``process_series`` (which reads paths itself). Raise any exception for an unreadable series: the job
   fails with that message as its reason.
 - ``deliver(job, destination, paths) -> None``: send the result files (``paths``: landmark SR, measurements
-  SR, SEG, in that order) to one destination (an item of ``job.destinations``). Return only when the
+  SR, SEG, GSPS, in that order) to one destination (an item of ``job.destinations``). Return only when the
   destination answered Success for every file; raise any exception otherwise, and the worker retries that
   destination with exponential back-off (``backoff_base_s * 2**n``, at most ``backoff_max_s``). Raise
   ``PermanentDeliveryError`` when retrying cannot help: the job fails at once.
@@ -15,11 +15,13 @@ Per job (``Worker.run_job``):
 
 1. ``queued -> running`` (``JobStore.claim``); a job claimed more than ``max_attempts`` times (the process
    died while analysing it each time) fails instead of crashing the node again.
-2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model)`` with the model loaded once by the
-   front end and kept warm.
-3. The three result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
+2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` with the model
+   loaded once by the front end and kept warm; ``predecessors`` are the results of earlier jobs of the same
+   series and model (``jobs/supersede.py``), which the new SRs name as replaced.
+3. The four result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
    atomically (temp dir, fsync, rename) BEFORE any delivery: ``running -> delivering`` with ``job.results``
-   = ``{"landmark_sr", "measurements_sr", "seg", "landmarks_json"}`` -> path.
+   = ``{"landmark_sr", "measurements_sr", "seg", "gsps", "landmarks_json"}`` -> path, and
+   ``job.details`` gets ``result_uids`` and ``instances_read`` (``jobs/supersede.py``).
 4. Each destination without a Success yet gets ``deliver``; ``delivering -> done`` only when every one
    answered Success. Otherwise the job stays ``delivering``, unowned until ``next_attempt_at``, so the worker
    goes on with other jobs meanwhile; the results stay on disk.
@@ -53,6 +55,7 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks.jobs.store import Job, JobStateError, JobStore, destination_key
 from pacs_landmarks.jobs.logs import log_event
+from pacs_landmarks.jobs.supersede import predecessors, result_uids
 
 Loader = Callable[[Job], Iterable[Any]]
 Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
@@ -61,7 +64,10 @@ RESULT_FILES = (
     ("landmark_sr", "landmarks-sr.dcm"),
     ("measurements_sr", "measurements-sr.dcm"),
     ("seg", "seg.dcm"),
+    ("gsps", "gsps.dcm"),
 )
+# A series whose slices differ in rescale gets no presentation state (sr_templates/gsps.py).
+OPTIONAL_RESULTS = ("gsps",)
 
 
 class PermanentDeliveryError(Exception):
@@ -85,7 +91,7 @@ def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
 
 
 def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
-    """Write the three result objects and ``landmarks.json`` atomically; return kind -> path."""
+    """Write the result objects (``RESULT_FILES``) and ``landmarks.json`` atomically; return kind -> path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     final = results_dir / f"job-{job.id}-{job.attempts}"
     if final.exists():  # an earlier run of this very attempt died after the rename: its files are complete
@@ -94,7 +100,9 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
     try:
         paths: dict[str, str] = {}
         for kind, name in RESULT_FILES:
-            ds: Dataset = getattr(results, kind)
+            ds: Dataset | None = getattr(results, kind, None)
+            if ds is None and kind in OPTIONAL_RESULTS:
+                continue
             _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
             paths[kind] = str(final / name)
         doc = {
@@ -243,13 +251,16 @@ class Worker(threading.Thread):
         timings["read"] = time.perf_counter() - t
         if not datasets:
             raise ValueError("no instances to analyse")
-        results = self._pipeline()(datasets, self.model)
+        results = self._pipeline()(datasets, self.model, predecessors=predecessors(self.store, job))
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
+        from pacs_landmarks.pipeline import RESULT_KINDS
+
         job = self.store.transition(
-            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings
+            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings,
+            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS)},
         )
         log_event(
             "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),
@@ -260,7 +271,8 @@ class Worker(threading.Thread):
     def _deliver(self, job: Job) -> Job:
         paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
         missing = [str(p) for p in paths if not p.exists()]
-        if len(paths) != len(RESULT_FILES) or missing:
+        required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
+        if any(kind not in job.results for kind in required) or missing:
             return self._fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}
         permanent = None

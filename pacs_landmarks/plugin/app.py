@@ -7,8 +7,12 @@ Loaded by ``entry.py`` inside Orthanc's embedded Python. Threads:
 - the *dispatcher* thread turns a stable series into a job (``JobStore.ensure_job``, state ``queued``) when it
   is a CT image series not yet analysed by this model version;
 - the shared ``Worker`` (pacs_landmarks.jobs.worker) claims jobs, reads the instances back from Orthanc
-  (``/instances/{id}/file``), runs ``process_series`` and stores the SR, measurements SR and SEG with
-  ``POST /instances``.
+  (``/instances/{id}/file``), runs ``process_series`` and stores the SR, measurements SR, SEG and GSPS with
+  ``POST /instances``; then, with ``"Superseded": "delete"``, it deletes the results of earlier jobs of the
+  same series and model (``delete_superseded``).
+
+A series that grows after its results were made (STABLE_SERIES again, with another instance count than the
+last job read: more, mostly) gets a new job; its results have new UIDs and replace the earlier ones.
 
 The job store lives next to Orthanc's storage, so a restart finishes what a crash left pending
 (``JobStore.resume`` at ORTHANC_STARTED). REST (under ``/pacs-landmarks/``): ``jobs`` (GET), ``health``
@@ -29,6 +33,7 @@ from typing import Any
 from pacs_landmarks.dicom.series import CT_CLASSES as CT_IMAGE_SOP_CLASSES
 from pacs_landmarks.jobs.store import Job, JobStore, UNFINISHED
 from pacs_landmarks.jobs.logs import log_event
+from pacs_landmarks.jobs.supersede import earlier_jobs, instances_used
 from pacs_landmarks.plugin.config import PluginSettings
 
 LOGGER = logging.getLogger("pacs_landmarks.plugin")
@@ -182,7 +187,8 @@ class LandmarkPlugin:
         ]
 
     def store_results(self, job: Job, destination: dict[str, Any], paths: list[Path]) -> None:
-        """Worker deliver: store the result files in this Orthanc (``POST /instances``, PS3.18-like upload)."""
+        """Worker deliver: store the result files in this Orthanc (``POST /instances``, PS3.18-like upload),
+        then delete the results they supersede (``"Superseded": "delete"``)."""
         ids = []
         for path in paths:
             answer = json.loads(self.orthanc.RestApiPost("/instances", Path(path).read_bytes()))
@@ -190,6 +196,33 @@ class LandmarkPlugin:
                 raise RuntimeError(f"Orthanc refused {Path(path).name}: {answer.get('Status')}")
             ids.append(answer["ID"])
         self.store.record_instances(job.id, 0, details={"result_instances": ids})
+        if self.settings.superseded == "delete":
+            self.delete_superseded(job, ids)
+
+    def delete_superseded(self, job: Job, current: list[str]) -> list[str]:
+        """Delete from Orthanc the results stored by earlier jobs of the same series and model (any version),
+        except ``current`` (the same input again gives the same instances). Returns the deleted IDs.
+
+        Only after the new results are stored: a failure in between leaves old and new, never neither. A
+        deletion that fails raises, so the worker retries the delivery (storing again is a no-op)."""
+        keep, deleted = set(current), []
+        for earlier in earlier_jobs(self.store, job, with_results=False):
+            gone = []
+            for iid in earlier.details.get("result_instances") or []:
+                if iid in keep or iid in deleted:
+                    continue
+                try:
+                    self.orthanc.RestApiGet(f"/instances/{iid}")
+                except Exception:  # deleted already (by a person, or by an earlier supersede)
+                    continue
+                self.orthanc.RestApiDelete(f"/instances/{iid}")
+                gone.append(iid)
+            if gone:
+                deleted += gone
+                self.store.record_instances(earlier.id, 0, details={"superseded_by": job.id})
+        if deleted:
+            log_event("results.superseded", job=job.id, series=job.series_instance_uid, deleted=len(deleted))
+        return deleted
 
     # -- series -> job -------------------------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -275,11 +308,12 @@ class LandmarkPlugin:
         study_uid = self.get_json(f"/studies/{series['ParentStudy']}")["MainDicomTags"].get("StudyInstanceUID")
         count = len(series["Instances"])
         name, version = self.model_identity
-        if not force and self.settings.skip_processed:
-            for job in self.store.find(series_uid, source=series_id):
-                if job.state != "failed" and job.model_version == version and job.instances == count:
-                    log_event("series.already_processed", series=series_uid, job=job.id, state=job.state)
-                    return job, "already processed"
+        earlier = [j for j in self.store.find(series_uid, source=series_id)
+                   if j.state != "failed" and j.model_version == version]
+        if not force and self.settings.skip_processed and earlier and instances_used(earlier[-1]) == count:
+            last = earlier[-1]
+            log_event("series.already_processed", series=series_uid, job=last.id, state=last.state)
+            return last, "already processed"
         job, created = self.store.ensure_job(
             series_uid, study_uid, series_id, model_name=name, model_version=version,
             destinations=[ORTHANC_DESTINATION], state="queued",
@@ -287,7 +321,8 @@ class LandmarkPlugin:
         if created:
             self.store.record_instances(job.id, count)
             job = self.store.get(job.id)
-            log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None)
+            log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None,
+                      after=earlier[-1].id if earlier else None)
         if self.worker is not None:
             self.worker.wake()
         return job, "queued" if created else "already queued"

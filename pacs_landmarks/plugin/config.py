@@ -68,6 +68,9 @@ class PluginSettings:
     modalities: tuple[str, ...] = ("CT",)
     worker: bool = True
     skip_processed: bool = True
+    superseded: str = "delete"  # what happens to earlier results of a series once newer ones are stored
+
+    SUPERSEDED = ("delete", "keep")
 
     @classmethod
     def from_orthanc_config(cls, config: dict[str, Any]) -> "PluginSettings":
@@ -76,6 +79,9 @@ class PluginSettings:
         def path(value: str | None) -> Path | None:
             return None if not value else (REPO_ROOT / value).resolve()
 
+        superseded = str(section.get("Superseded") or "delete").lower()
+        if superseded not in cls.SUPERSEDED:
+            raise ValueError(f'{SECTION}.Superseded must be "delete" or "keep", not {section.get("Superseded")!r}')
         return cls(
             model=str(path(section["Model"])) if section.get("Model") else None,
             device=section.get("Device") or None,
@@ -84,6 +90,7 @@ class PluginSettings:
             modalities=tuple(m.upper() for m in section.get("Modalities") or ("CT",)),
             worker=bool(section.get("Worker", True)),
             skip_processed=bool(section.get("SkipProcessed", True)),
+            superseded=superseded,
         )
 
     @property

@@ -9,6 +9,7 @@ OUTPUT_FILES = {
     "landmark_sr": "landmarks-sr.dcm",
     "measurements_sr": "measurements-sr.dcm",
     "seg": "landmarks-seg.dcm",
+    "gsps": "landmarks-gsps.dcm",
     "landmarks_json": "landmarks.json",
 }
 
@@ -17,11 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add this part's subcommands; its heavy imports happen inside the handlers."""
     p = sub.add_parser(
         "infer",
-        help="find the landmarks in one CT series folder and write SR + SEG results",
+        help="find the landmarks in one CT series folder and write SR + SEG + GSPS results",
         description=(
             "Assemble the CT series in SERIES_DIR, run the landmark cascade and write OUT/landmarks-sr.dcm "
             "(TID 1500 landmark SR), OUT/measurements-sr.dcm (cephalometric measurements SR), "
-            "OUT/landmarks-seg.dcm (one sphere segment per landmark) and OUT/landmarks.json; print the "
+            "OUT/landmarks-seg.dcm (one sphere segment per landmark), OUT/landmarks-gsps.dcm (presentation "
+            "state: each landmark as a point with its name) and OUT/landmarks.json; print the "
             "landmarks and the measurements, flagging values outside the typical range."
         ),
     )
@@ -104,13 +106,16 @@ def infer(args: argparse.Namespace) -> int:
     results.landmark_sr.save_as(args.out / OUTPUT_FILES["landmark_sr"], enforce_file_format=True)
     results.measurements_sr.save_as(args.out / OUTPUT_FILES["measurements_sr"], enforce_file_format=True)
     results.seg.save_as(args.out / OUTPUT_FILES["seg"], enforce_file_format=True)
+    if results.gsps is not None:  # None for a series whose slices differ in rescale (logged)
+        results.gsps.save_as(args.out / OUTPUT_FILES["gsps"], enforce_file_format=True)
     doc = landmarks_json(results.landmarks, results.volume, model, results.measurements)
     (args.out / OUTPUT_FILES["landmarks_json"]).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     from pacs_landmarks.inference.model import LOW_CONFIDENCE
 
     print(format_tables(results.landmarks, results.measurements, LOW_CONFIDENCE))
     print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
-    print(f"wrote {', '.join(OUTPUT_FILES.values())} to {args.out}")
+    written = [name for kind, name in OUTPUT_FILES.items() if kind != "gsps" or results.gsps is not None]
+    print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
 

@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks import __version__
 from pacs_landmarks.landmark_sets import coding_scheme_identification
-from pacs_landmarks.sr_templates.uids import derived_uid
+from pacs_landmarks.sr_templates.uids import derived_uid, result_uid, sources_digest
 
 MANUFACTURER = "pacs-landmarks"
 
@@ -16,6 +16,7 @@ SERIES = {
     "landmark-sr": (7701, "AI Landmarks"),
     "measurements-sr": (7702, "AI Cephalometry"),
     "seg": (7703, "AI Landmark SEG"),
+    "gsps": (7704, "AI Landmarks GSPS"),
 }
 
 
@@ -52,6 +53,22 @@ def observation_context(alg: Algorithm):
     return ObservationContext(
         observer_device_context=ObserverContext(observer_type=codes.cid270.Device, observer_identifying_attributes=device)
     )
+
+
+def result_uids(volume, kind: str, alg: Algorithm) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the ``kind`` result for ``volume``: derived from the source
+    series, the exact source instances the volume was built from, the model and the kind (``uids.py``)."""
+    series = volume.series_instance_uid
+    sources = sources_digest(h.SOPInstanceUID for h in volume.source_headers)
+    return tuple(result_uid(series, sources, kind, alg.name, alg.version, what) for what in ("series", "instance"))
+
+
+def reference(ds: Dataset) -> Dataset:
+    """The four UIDs that identify a stored object (what a Predecessor Documents Sequence item needs)."""
+    ref = Dataset()
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID"):
+        setattr(ref, key, str(ds[key].value))
+    return ref
 
 
 def finish(ds: Dataset, kind: str, alg: Algorithm) -> Dataset:
@@ -102,17 +119,20 @@ def evidence_headers(headers: list[Dataset]) -> list[Dataset]:
     return out
 
 
-def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, series_uid: str) -> Dataset:
+def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, volume,
+                predecessors: list[Dataset] = ()) -> Dataset:
     """A Comprehensive 3D SR document (PS3.3 A.35.13) around a TID 1500 report built with highdicom.
 
     highdicom's document constructor deep-copies and re-parses the whole content tree, which costs ~0.4 s
     for our 32 landmark groups; the content was already built (and checked) by highdicom's template classes.
     So the document modules are made around the same root container without its groups, and the built
     content is attached afterwards. ``evidence`` must list every instance the content references.
+
+    ``predecessors``: earlier results of the same kind for the same series and model, newest first (see
+    ``reference``). The newest one that is not this very document (same input -> same UID) goes into the
+    Predecessor Documents Sequence (PS3.3 C.17.2.3): this document replaces it.
     """
     from highdicom.sr import Comprehensive3DSR
-
-    from pacs_landmarks.sr_templates.uids import result_uid
 
     root = report[0]
     stub = Dataset()
@@ -121,17 +141,20 @@ def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, seri
             stub.add(elem)
     stub.ContentSequence = []
     number, _ = SERIES[kind]
+    series_uid, sop_uid = result_uids(volume, kind, alg)
+    replaced = next((p for p in predecessors if str(p.SOPInstanceUID) != sop_uid), None)
     ds = Comprehensive3DSR(
         evidence=evidence,
         content=stub,
-        series_instance_uid=result_uid(series_uid, kind, alg.name, alg.version, "series"),
+        series_instance_uid=series_uid,
         series_number=number,
-        sop_instance_uid=result_uid(series_uid, kind, alg.name, alg.version, "instance"),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,  # PRELIMINARY: a person verifies the result, not this software
         is_verified=False,
+        previous_versions=[replaced] if replaced is not None else None,
     )
     ds.ContentSequence = root.ContentSequence
     return finish(ds, kind, alg)

@@ -87,7 +87,10 @@ def image_library(headers: list[Dataset]):
     return library
 
 
-def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm) -> Dataset:
+def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algorithm,
+                      predecessors: list[Dataset] = ()) -> Dataset:
+    """The landmark SR; ``predecessors``: earlier landmark SRs of this series and model, newest first (the
+    newest that is not this document is named in the Predecessor Documents Sequence, see ``sr_document``)."""
     import highdicom as hd
     from highdicom.sr import (
         CodedConcept,
@@ -168,4 +171,5 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
     content.insert(at, image_library(list(referenced.values())))
     # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference
     # the frame of reference, not instances.
-    return sr_document(report, evidence_headers(list(referenced.values())), "landmark-sr", algorithm, series)
+    return sr_document(report, evidence_headers(list(referenced.values())), "landmark-sr", algorithm, volume,
+                       predecessors)

@@ -113,10 +113,12 @@ def compute_measurements(landmarks: list[Landmark], set_name: str = "craniofacia
 
 
 def build_measurements_sr(
-    volume: Volume, landmarks: list[Landmark], algorithm: Algorithm, measurements: list[MeasurementValue] | None = None
+    volume: Volume, landmarks: list[Landmark], algorithm: Algorithm, measurements: list[MeasurementValue] | None = None,
+    predecessors: list[Dataset] = (),
 ) -> Dataset:
     """Comprehensive 3D SR, TID 1500 (PS3.16): one TID 1501 group per derived measurement, each a TID 300
-    numeric in UCUM units, INFERRED FROM a SCOORD3D MULTIPOINT of the points it used."""
+    numeric in UCUM units, INFERRED FROM a SCOORD3D MULTIPOINT of the points it used. ``predecessors``: as
+    for the landmark SR (``common.sr_document``)."""
     import highdicom as hd
     from highdicom.sr import (
         CodedConcept,
@@ -164,4 +166,5 @@ def build_measurements_sr(
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
         imaging_measurements=groups,
     )
-    return sr_document(report, evidence_headers(volume.source_headers), "measurements-sr", algorithm, series)
+    return sr_document(report, evidence_headers(volume.source_headers), "measurements-sr", algorithm, volume,
+                       predecessors)

@@ -15,10 +15,10 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import Landmark
-from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish
+from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish, result_uids
 from pacs_landmarks.sr_templates.geometry import SourcePlane, plane_distances, source_planes
 from pacs_landmarks.landmark_sets import coded, landmark_definition, rgb_to_cielab
-from pacs_landmarks.sr_templates.uids import result_uid, tracking_uid
+from pacs_landmarks.sr_templates.uids import tracking_uid
 
 MIN_RADIUS_MM = 2.0
 RADIUS_VOXELS = 1.5
@@ -141,14 +141,15 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
             )
         )
     number, _ = SERIES["seg"]
+    series_uid, sop_uid = result_uids(volume, "seg", algorithm)
     ds = hd.seg.Segmentation(
         **_frames_and_sources(planes, used),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=result_uid(series, "seg", algorithm.name, algorithm.version, "series"),
+        series_instance_uid=series_uid,
         series_number=number,
-        sop_instance_uid=result_uid(series, "seg", algorithm.name, algorithm.version, "instance"),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
