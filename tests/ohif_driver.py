@@ -4,7 +4,7 @@ Run by tests/test_ohif.py inside Orthanc's private network namespace (so the bro
 Orthanc all talk over that namespace's loopback only):
 
     python tests/ohif_driver.py --orthanc http://127.0.0.1:18042 --study UID --sr SERIES_UID
-        --seg SERIES_UID --slices SOP_UID... --expect points.json --out DIR
+        --seg SERIES_UID --msr SERIES_UID --slices SOP_UID... --expect points.json --out DIR
 
 Serves the pinned OHIF build (pacs_landmarks.viewer), opens the study in the basic viewer, opens the landmark
 SR (double click on its thumbnail, as a user does), visits each referenced slice and records for every drawn
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", required=True)
     parser.add_argument("--sr", required=True, help="Series Instance UID of the landmark SR")
     parser.add_argument("--seg", required=True, help="Series Instance UID of the SEG")
+    parser.add_argument("--msr", required=True, help="Series Instance UID of the measurements SR")
     parser.add_argument("--slices", nargs="+", required=True, help="SOP Instance UIDs to visit")
     parser.add_argument("--expect", type=Path, required=True,
                         help="JSON {tracking UID: [x, y, z]}: where each SR point is in the patient frame (mm)")
@@ -203,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 except Exception as exc:  # noqa: BLE001
                     report["seg_error"] = str(exc).splitlines()[0]
+                # OHIF asks before it turns the SEG into an editable segmentation: answer as a user does.
+                try:
+                    page.get_by_role("button", name="Yes").click(timeout=10000)
+                    report["seg_confirmed"] = True
+                except Exception:  # noqa: BLE001
+                    report["seg_confirmed"] = False
                 page.wait_for_timeout(1500)
                 report["segmentations"] = page.evaluate(
                     """() => (window.services.segmentationService.getSegmentations() || []).map(s => ({
@@ -210,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                            .map(g => ({index: g.segmentIndex, label: g.label})) }))"""
                 )
                 page.screenshot(path=str(args.out / "seg.png"))
+            # The measurements SR: OHIF shows it as a document; it must open without error.
+            msr_ds = page.evaluate(ds_js, args.msr)
+            report["msr_display_sets"] = len(msr_ds)
+            if msr_ds:
+                page.dblclick(f'[id="thumbnail-{msr_ds[0]}"]', timeout=ms)
+                page.wait_for_timeout(3000)
+                page.screenshot(path=str(args.out / "msr.png"))
             report["timings"]["total_s"] = round(time.monotonic() - t0, 1)
             browser.close()
     finally:

@@ -85,6 +85,7 @@ def test_ohif_draws_every_landmark_with_its_name_and_loads_the_seg(orthanc_facto
         validate_dicom(path, allow=())  # no error at all; warnings (local scheme) are allowed
     sr = pydicom.dcmread(results["sr"])
     seg = pydicom.dcmread(results["seg"])
+    msr = pydicom.dcmread(results["msr"], stop_before_pixels=True)
     points = _sr_points(sr)
     assert [p["name"] for p in points] == [lm.name for lm in landmarks]
 
@@ -100,6 +101,7 @@ def test_ohif_draws_every_landmark_with_its_name_and_loads_the_seg(orthanc_facto
     cmd = [
         sys.executable, str(DRIVER), "--orthanc", f"http://127.0.0.1:{orthanc.http_port}",
         "--study", sr.StudyInstanceUID, "--sr", sr.SeriesInstanceUID, "--seg", seg.SeriesInstanceUID,
+        "--msr", msr.SeriesInstanceUID,
         "--slices", *slices, "--expect", str(tmp_path / "expected.json"), "--out", str(out),
     ]
     proc = orthanc.run_client(cmd, timeout=420, check=False)
@@ -143,8 +145,12 @@ def test_ohif_draws_every_landmark_with_its_name_and_loads_the_seg(orthanc_facto
 
     # The SEG: loaded as one segmentation whose segments carry the landmark names.
     assert report.get("seg_display_sets") == 1 and "seg_error" not in report, report
+    assert report["seg_confirmed"], "OHIF did not ask to open the SEG (docs/orthanc.md says it does)"
     (segmentation,) = report["segmentations"]
     assert sorted(s["label"] for s in segmentation["segments"]) == sorted(lm.name for lm in landmarks)
+
+    # The measurements SR opened too (the page-error checks above cover it).
+    assert report["msr_display_sets"] == 1
 
     shots = sorted(out.glob("slice-*.png"))
     assert shots and all(s.stat().st_size > 10_000 for s in shots)
