@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +81,41 @@ _MEASURE_JS = """
 """
 
 
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of ``root`` and all its descendants (the Playwright driver, chromium's processes), MB."""
+    parent, rss = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in stat.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue  # the process ended meanwhile
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields.get("PPid", "0"))
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, stack = 0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / 1024
+
+
+class _PeakMemory(threading.Thread):
+    """Samples the memory of this process tree twice a second; ``peak_mb`` is the largest sum seen."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak_mb = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--orthanc", required=True)
@@ -115,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     base = url_of(server)
     report: dict = {"page_errors": [], "console_errors": [], "visits": [], "timings": {}}
     t0 = time.monotonic()
+    memory = _PeakMemory()
+    memory.start()
     ms = int(args.timeout * 1000)
     try:
         with sync_playwright() as pw:
@@ -227,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             report["timings"]["total_s"] = round(time.monotonic() - t0, 1)
             browser.close()
     finally:
+        memory.done.set()
+        report["peak_memory_mb"] = round(memory.peak_mb)
         server.shutdown()
         server.server_close()
         (args.out / "report.json").write_text(json.dumps(report, indent=1))

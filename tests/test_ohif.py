@@ -2,7 +2,7 @@
 against a real Orthanc holding a phantom CT and our landmark SR, measurements SR and SEG.
 
 The browser is driven by tests/ohif_driver.py inside Orthanc's private network namespace; it reports what the
-page drew and this test judges it. About 20-40 s and 1.3 GB on 2 cores (one browser at a time).
+page drew and this test judges it. About 30-35 s in the browser and 1.7 GB on 2 busy cores (docs/orthanc.md).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_ohif_draws_every_landmark_with_its_name_and_loads_the_seg(orthanc_facto
         f"the OHIF browser check could not run (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
     )
     report = json.loads(report_path.read_text())
-    print("OHIF timings:", report["timings"], "screenshots:", out)
+    print("OHIF timings:", report["timings"], f"peak memory {report['peak_memory_mb']} MB, screenshots: {out}")
 
     assert report["page_errors"] == [], report["page_errors"]
     assert report["console_errors"] == [], report["console_errors"]
