@@ -53,6 +53,8 @@ def test_serves_ohif_with_our_config_and_spa_fallback(viewer):
     assert status == 200 and ctype.startswith("text/javascript")
     assert b"'/dicom-web'" in config and b"dataSourcesModule.dicomweb" in config
     assert b"cloudfront" not in config  # not OHIF's public demo server
+    folder = next(p.name for p in dist_dir().iterdir() if p.is_dir() and not (p / "index.html").exists())
+    assert _get(viewer + folder + "/")[0] == 404  # no directory listings
     wasm = next(dist_dir().glob("*.wasm")).name
     status, ctype, _ = _get(viewer + wasm)
     assert status == 200 and ctype == "application/wasm"  # browsers refuse streaming compile otherwise

@@ -87,7 +87,7 @@ class ViewerHandler(SimpleHTTPRequestHandler):
             conn.request(self.command, base + self.path, body=body, headers=headers)
             upstream = conn.getresponse()
             data = upstream.read()  # Orthanc answers with a length; DICOMweb answers here are small enough
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             self._send(502, "text/plain", f"Orthanc at {self.orthanc.geturl()} did not answer: {exc}\n".encode())
             return
         finally:
@@ -100,6 +100,10 @@ class ViewerHandler(SimpleHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def list_directory(self, path):  # folders of the build are not for browsing
+        self.send_error(404)
+        return None
 
     def _send(self, status: int, content_type: str, data: bytes) -> None:
         self.send_response(status)
