@@ -71,3 +71,22 @@ def test_integrity_is_npm_style_sha512(tmp_path):
     want = "sha512-" + base64.b64encode(hashlib.sha512(b"pacs-landmarks").digest()).decode()
     assert integrity_of(blob) == want
     assert OHIF_INTEGRITY.startswith("sha512-") and len(base64.b64decode(OHIF_INTEGRITY[7:])) == 64
+
+
+def test_make_viewer_command_prints_its_url_and_serves():
+    """`make viewer` = `python -m pacs_landmarks.viewer`: prints the URL, serves until stopped (Ctrl-C)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "pacs_landmarks.viewer", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("viewer: OHIF on http://localhost:"), line
+        url = line.split()[3]
+        assert _get(url)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0
