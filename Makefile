@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo serve train-demo bench
+.PHONY: bootstrap test demo serve viewer train-demo bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -17,6 +17,10 @@ demo: bootstrap
 
 serve: bootstrap
 	$(PY) -m pacs_landmarks.plugin.serve
+
+# OHIF (pinned, fetched with npm pack into var/ohif the first time) against `make serve`'s Orthanc.
+viewer: bootstrap
+	$(PY) -m pacs_landmarks.viewer $(VIEWER_ARGS)
 
 train-demo: bootstrap
 	scripts/train-demo

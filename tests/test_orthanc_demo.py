@@ -71,4 +71,5 @@ def test_serve_runs_orthanc_with_the_plugin_in_the_foreground(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-2000:]
     assert "Orthanc has stopped" in out
+    assert "OHIF viewer: run `make viewer`" in out and "http://localhost:3000/" in out
     assert (tmp_path / "orthanc").is_dir() and (tmp_path / "pacs-landmarks" / "jobs.sqlite").exists()

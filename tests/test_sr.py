@@ -70,12 +70,13 @@ def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
         assert np.allclose(want.position_lps_mm, got.position_lps_mm, atol=0.01)
         assert got.confidence == pytest.approx(want.confidence, abs=1e-4)
 
-    # Two groups per landmark with the same tracking identifier + UID: a 3D point, then a 2D point on the
-    # nearest source slice that projects onto the same in-plane position.
+    # Two groups per landmark with the same tracking identifier + UID: a 2D point on the nearest source slice
+    # that projects onto the same in-plane position (first: the one OHIF draws), then the 3D point.
     groups = _groups(ds)
     assert len(groups) == 2 * len(landmarks)
     planes = {p.source.sop_instance_uid: p for p in source_planes(volume)}
-    for lm, g3, g2 in zip(landmarks, groups[0::2], groups[1::2]):
+    for lm, g2, g3 in zip(landmarks, groups[0::2], groups[1::2]):
+        assert _item(g2, "SCOORD3D") is None and _item(g3, "SCOORD") is None
         assert _item(g3, "TEXT", "112039").TextValue == lm.name == _item(g2, "TEXT", "112039").TextValue
         assert _item(g3, "UIDREF", "112040").UID == _item(g2, "UIDREF", "112040").UID
         assert _item(g3, "SCOORD3D").ReferencedFrameOfReferenceUID == volume.frame_of_reference_uid
@@ -87,6 +88,42 @@ def test_landmark_sr_valid_and_round_trips(tmp_path, validate_dicom, geometry):
         column, row = (float(v) - 0.5 for v in scoord.GraphicData)
         on_plane = plane.pixel_lps(column, row)
         assert np.allclose(on_plane, p - plane.distance(p) * plane.normal, atol=1e-3)
+
+
+def test_highdicom_reads_every_point_as_3d_slicer_does(tmp_path):
+    """3D Slicer's QuantitativeReporting reads a TID 1500 SR through highdicom: planar ROI groups whose
+    reference is (DCM 111030) Image Region and whose graphic type is a SCOORD3D POINT, one markups point per
+    group, named by the tracking identifier. Every landmark must come out, once, at its position; the 2D
+    groups must come out too (each on the slice it references) and the landmark's first Finding Site must
+    carry its name, the label OHIF shows."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    _, volume = make_series("tilted", seed=3)
+    landmarks = make_landmarks(volume, seed=4)
+    path = _save(build_landmark_sr(volume, landmarks, ALG), tmp_path / "sr.dcm")
+    report = hd.sr.srread(path).content
+    points3d = report.get_planar_roi_measurement_groups(
+        reference_type=codes.DCM.ImageRegion, graphic_type=hd.sr.GraphicTypeValues3D.POINT
+    )
+    assert [g.tracking_identifier for g in points3d] == [lm.name for lm in landmarks]
+    for lm, group in zip(landmarks, points3d):
+        assert group.roi.frame_of_reference_uid == volume.frame_of_reference_uid
+        assert np.allclose(group.roi.value, [lm.position_lps_mm], atol=1e-3)
+        assert group.finding_type == codes.SCT.AnatomicalPoint
+        assert group.finding_sites[0].value.meaning == lm.name
+        (confidence,) = group.get_measurements()
+        assert float(confidence.value) == pytest.approx(lm.confidence, abs=1e-4)
+    points2d = report.get_planar_roi_measurement_groups(
+        reference_type=codes.DCM.ImageRegion, graphic_type=hd.sr.GraphicTypeValues.POINT
+    )
+    sources = {p.source.sop_instance_uid for p in source_planes(volume)}
+    assert [g.tracking_identifier for g in points2d] == [lm.name for lm in landmarks]
+    assert [g.tracking_uid for g in points2d] == [g.tracking_uid for g in points3d]
+    for group in points2d:
+        image = group.roi.ContentSequence[0].ReferencedSOPSequence[0]  # the IMAGE child of the SCOORD
+        assert image.ReferencedSOPInstanceUID in sources
+        assert group.finding_sites[0].value.meaning == group.tracking_identifier
 
 
 def test_result_uids_follow_the_input():

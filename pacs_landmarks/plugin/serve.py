@@ -17,6 +17,16 @@ from pathlib import Path
 
 from pacs_landmarks.plugin.config import ORTHANC_JSON, REPO_ROOT, read_orthanc_json, write_runtime_config
 
+# Where `make viewer` (pacs_landmarks.viewer, default port 3000) serves OHIF against this Orthanc.
+VIEWER_URL = "http://localhost:3000/"
+
+
+def viewer_command(http_port) -> str:
+    """The `make viewer` line for an Orthanc on ``http_port`` (the viewer assumes 8042 unless told)."""
+    if int(http_port or 8042) == 8042:
+        return "make viewer"
+    return f"make viewer VIEWER_ARGS='--orthanc http://127.0.0.1:{http_port}'"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -54,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             base=args.config,
         )
     settings = read_orthanc_json(config)
+    port = settings.get("HttpPort")
     print(
         f"serve: Orthanc AE {settings.get('DicomAet')} on DICOM port {settings.get('DicomPort')}, "
-        f"Explorer http://localhost:{settings.get('HttpPort')}/app/explorer.html, "
-        f"plugin status http://localhost:{settings.get('HttpPort')}/pacs-landmarks/health",
+        f"Explorer http://localhost:{port}/app/explorer.html, "
+        f"plugin status http://localhost:{port}/pacs-landmarks/health\n"
+        f"serve: OHIF viewer: run `{viewer_command(port)}` in another terminal, then open {VIEWER_URL}",
         flush=True,
     )
     # "PythonScript" is relative to the working directory: run from the repository root.

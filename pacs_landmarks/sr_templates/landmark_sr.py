@@ -1,11 +1,16 @@
 """The landmark SR: Comprehensive 3D SR, TID 1500 "Imaging Measurement Report" (PS3.16).
 
 Per landmark two TID 1410 "Planar ROI Measurements and Qualitative Evaluations" groups with the same Tracking
-Identifier (the landmark name) and Tracking UID:
-1. Image Region = SCOORD3D POINT in the CT frame of reference (the exact 3D result), with the confidence;
-2. Image Region = SCOORD POINT on the nearest source slice, for viewers that only draw 2D points.
+Identifier (the landmark name) and Tracking UID, in this order:
+1. Image Region = SCOORD POINT (with its IMAGE reference) on the nearest source slice;
+2. Image Region = SCOORD3D POINT in the CT frame of reference (the exact 3D result), with the confidence.
+Why two groups, and why this order: OHIF 3.13 merges groups by Tracking UID and draws only the first SCOORD /
+SCOORD3D of the merged group, and only a 2D one in its stack view; highdicom (and so 3D Slicer's
+QuantitativeReporting) refuses a TID 1410 group holding both a SCOORD and a SCOORD3D. Measured in a real
+browser: see docs/dicom-conformance.md and tests/test_ohif.py.
 Finding = SCT 711101009 "Anatomical point"; Finding Category = SCT 91723000 "Anatomical structure";
-Finding Sites = the landmark's own code, and its structure with topographic modifier and laterality.
+Finding Sites = the landmark's own code first (its meaning is the landmark's name: OHIF labels the point with
+the first Finding Site), then its structure with topographic modifier and laterality.
 The document is PRELIMINARY and UNVERIFIED: a person verifies it, not this software.
 """
 from __future__ import annotations
@@ -127,22 +132,11 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
             unit=CodedConcept("1", "UCUM", "no units"),
             algorithm_id=algorithm_id,
         )
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=tid, identifier=lm.name),
-                referenced_region=ImageRegion3D(
-                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
-                    graphic_data=point.reshape(1, 3),
-                    frame_of_reference_uid=volume.frame_of_reference_uid,
-                ),
-                measurements=[confidence],
-                **common,
-            )
-        )
         plane = nearest_plane(planes, point)
         column, row = plane.pixel_index(point)
         src = plane.source
         referenced[src.sop_instance_uid] = plane.header
+        # First: the 2D point on its slice, the item OHIF draws.
         groups.append(
             PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=tid, identifier=lm.name),
@@ -157,6 +151,19 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
                         referenced_frame_numbers=[src.frame_number] if src.frame_number else None,
                     ),
                 ),
+                **common,
+            )
+        )
+        # Second: the exact 3D point (Slicer and other SCOORD3D readers), and the confidence.
+        groups.append(
+            PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=TrackingIdentifier(uid=tid, identifier=lm.name),
+                referenced_region=ImageRegion3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                    graphic_data=point.reshape(1, 3),
+                    frame_of_reference_uid=volume.frame_of_reference_uid,
+                ),
+                measurements=[confidence],
                 **common,
             )
         )
