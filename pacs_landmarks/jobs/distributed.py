@@ -34,6 +34,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,7 +45,7 @@ from typing import Any
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.pgstore import PgJobStore
 from pacs_landmarks.jobs.steps import JobSteps
-from pacs_landmarks.jobs.store import Job, JobStateError
+from pacs_landmarks.jobs.store import Job
 
 ANALYSE, ANALYSE_STAT, DELIVER = "analyse", "analyse-stat", "deliver"
 QUEUES = (ANALYSE_STAT, ANALYSE, DELIVER)
@@ -229,6 +230,9 @@ class _Runtime:
     name: str
     app: Any = None
     runs: int = 0
+    # Held while a task runs: after a lost connection the worker loop restarts only once the task thread
+    # has finished, so one process never runs two jobs.
+    busy: threading.Lock = field(default_factory=threading.Lock)
 
 
 _RUNTIME: _Runtime | None = None
@@ -242,6 +246,11 @@ def _runtime() -> _Runtime:
 
 def _analyse_task(context: Any, job_id: int) -> None:
     rt = _runtime()
+    with rt.busy:
+        _analyse(rt, context, job_id)
+
+
+def _analyse(rt: _Runtime, context: Any, job_id: int) -> None:
     job = rt.store.get(job_id)
     if job.state == "running":
         # procrastinate's lock lets one analysis of the series run at a time: a record still "running" is
@@ -272,6 +281,11 @@ def _defer_deliver(app: Any, job: Job) -> None:
 
 def _deliver_task(context: Any, job_id: int) -> None:
     rt = _runtime()
+    with rt.busy:
+        _deliver(rt, context, job_id)
+
+
+def _deliver(rt: _Runtime, context: Any, job_id: int) -> None:
     job = rt.store.claim(rt.name, job_id=job_id)
     if job is None or job.state != "delivering":
         return  # delivered by an earlier run, retried by an operator, or not there yet
@@ -280,10 +294,17 @@ def _deliver_task(context: Any, job_id: int) -> None:
         _defer_deliver(context.app, job)
 
 
-async def _sweep(app: Any, settings: ClusterSettings, stop: asyncio.Event) -> None:
-    """Retry the jobs of stalled workers; raise the priority of routine jobs waiting too long."""
+async def _sweep(app: Any, settings: ClusterSettings, stop: asyncio.Event, worker: Any) -> None:
+    """Retry the jobs of stalled workers; raise the priority of routine jobs waiting too long.
+
+    Also beats this worker's heart: procrastinate's own heartbeat task ends at the first database error and
+    the worker then stops gracefully, finishing its job; without a heartbeat meanwhile, other workers would
+    take that job over while it still runs.
+    """
     while not stop.is_set():
         try:
+            if worker.worker_id is not None:
+                await app.job_manager.update_heartbeat(worker.worker_id)
             for job in await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=settings.stalled_after_s):
                 try:
                     await app.job_manager.retry_job(job)
@@ -345,21 +366,66 @@ def run_worker(
 
 async def _run_async(settings: ClusterSettings, queues: list[str], name: str,
                      on_ready: Callable[[], None] | None) -> None:
+    """procrastinate's worker stops on a database error (PostgreSQL restarted or down; its fetch loop raises,
+    or its heartbeat task fails and stops it): run it again, with back-off, until SIGTERM/SIGINT. The job
+    that was running is finished (or has failed) first."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    current: list[Any] = []
+
+    def on_signal() -> None:
+        stopping.set()
+        for worker in current:
+            worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    delay = 0.5
+    while not stopping.is_set():
+        started = time.monotonic()
+        try:
+            await _run_once(settings, queues, name, on_ready, current)
+        except Exception as exc:  # ConnectorException, psycopg errors, OSError: the database went away
+            log_event("worker.reconnect", logging.WARNING, worker=name, reason=type(exc).__name__, in_s=delay)
+        else:
+            if not stopping.is_set():
+                log_event("worker.reconnect", logging.WARNING, worker=name, reason="worker stopped", in_s=delay)
+        on_ready = None
+        current.clear()
+        if stopping.is_set():
+            break
+        await asyncio.to_thread(_runtime().busy.acquire)
+        _runtime().busy.release()
+        try:
+            await asyncio.wait_for(stopping.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+        delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
+    log_event("worker.stopped", worker=name)
+
+
+async def _run_once(settings: ClusterSettings, queues: list[str], name: str,
+                    on_ready: Callable[[], None] | None, current: list[Any]) -> None:
+    from procrastinate.worker import Worker as ProcrastinateWorker
+
     app = build_app(settings.dsn, sync=False)
     stop = asyncio.Event()
     async with app.open_async():
         _runtime().app = app
+        worker = ProcrastinateWorker(
+            app=app, queues=list(queues), name=name, concurrency=1, wait=True, install_signal_handlers=False,
+            update_heartbeat_interval=settings.heartbeat_s, stalled_worker_timeout=settings.stalled_after_s,
+            fetch_job_polling_interval=1.0, shutdown_graceful_timeout=None,
+        )
+        current.append(worker)
         log_event("worker.started", worker=name, queues=",".join(queues), pid=os.getpid())
         if on_ready is not None:
             on_ready()
-        sweeper = asyncio.create_task(_sweep(app, settings, stop))
+        sweeper = asyncio.create_task(_sweep(app, settings, stop, worker))
         try:
-            await app.run_worker_async(
-                queues=list(queues), name=name, concurrency=1, wait=True,
-                update_heartbeat_interval=settings.heartbeat_s, stalled_worker_timeout=settings.stalled_after_s,
-                fetch_job_polling_interval=1.0, shutdown_graceful_timeout=30.0,
-            )
+            await worker.run()
         finally:
             stop.set()
             await sweeper
-    log_event("worker.stopped", worker=name)

@@ -201,7 +201,8 @@ class JobSteps:
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
         job = self.store.transition(
-            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings
+            job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
+            timings=timings
         )
         log_event(
             "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),

@@ -288,6 +288,7 @@ class SqlJobStore:
         *,
         reason: str | None = None,
         expect: str | Iterable[str] | None = None,
+        expect_owner: str | None = None,
         owner: str | None = None,
         next_attempt_at: float | None = None,
         timings: dict[str, float] | None = None,
@@ -299,7 +300,8 @@ class SqlJobStore:
         """Move a job to ``state`` (checked against ``TRANSITIONS``) and update its fields in one transaction.
 
         ``expect``: the state(s) the job must be in now, else JobStateError (guards against a concurrent
-        change). ``timings``, ``delivery`` and ``details`` are merged into what the job has; ``results``
+        change); ``expect_owner``: the worker that must hold it now (a worker that lost its claim, e.g. to
+        the stalled-worker sweeper, cannot complete it). ``timings``, ``delivery`` and ``details`` are merged into what the job has; ``results``
         replaces. ``owner`` is cleared unless given. Entering ``queued`` clears ``reason``.
         """
         if state not in STATES:
@@ -313,6 +315,8 @@ class SqlJobStore:
                 allowed = (expect,) if isinstance(expect, str) else tuple(expect)
                 if job.state not in allowed:
                     raise JobStateError(f"job {job_id} is {job.state}, expected {'/'.join(allowed)}")
+            if expect_owner is not None and job.owner != expect_owner:
+                raise JobStateError(f"job {job_id} is held by {job.owner}, not {expect_owner}")
             if state not in TRANSITIONS[job.state]:
                 raise JobStateError(f"job {job_id}: {job.state} -> {state} is not allowed")
             now = time.time()
