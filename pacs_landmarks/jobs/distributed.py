@@ -69,6 +69,7 @@ class ClusterSettings:
     backoff_max_s: float = 60.0
     max_delivery_attempts: int | None = None
     max_attempts: int = 3
+    reconcile_after_s: float = 30.0  # a record waiting this long without a task gets its task again
     enqueue_retry_s: float = 60.0  # receivers retry an enqueue this long while PostgreSQL is unreachable
     stat_rule: dict[str, Any] = field(default_factory=dict)  # see is_stat
 
@@ -176,9 +177,11 @@ class Cluster:
         refused by procrastinate's queueing lock. Retries while PostgreSQL is unreachable
         (``enqueue_retry_s``).
         """
+        details = {**(job_fields.pop("details", None) or {}), **({"stat": True} if stat else {})}
+
         def once() -> tuple[Job, bool]:
             job, created = self.store.ensure_job(series_instance_uid, study_instance_uid, source, state="queued",
-                                                 **job_fields)
+                                                 details=details, **job_fields)
             if job.state == "received":
                 job = self.store.transition(job.id, "queued", expect="received")
             self.defer_analyse(job, stat=stat)
@@ -255,12 +258,16 @@ def _analyse(rt: _Runtime, context: Any, job_id: int) -> None:
     if job.state == "running":
         # procrastinate's lock lets one analysis of the series run at a time: a record still "running" is
         # one whose worker died (its procrastinate job was swept and retried). Take it over.
-        rt.store.transition(job_id, "queued", expect="running", reason=f"worker {job.owner} stopped; re-run")
-    claimed = rt.store.claim(rt.name, job_id=job_id)
-    if claimed is None:  # done, failed or delivering already: a coalesced duplicate
+        job = rt.store.transition(job_id, "queued", expect="running", reason=f"worker {job.owner} stopped; re-run")
+    if job.state == "delivering":  # analysed by an earlier run of this task that died before deferring
+        _defer_deliver(context.app, job)
         return
-    if claimed.state != "running":  # a delivering job whose back-off expired: not ours to deliver here
+    claimed = rt.store.claim(rt.name, job_id=job_id) if job.state == "queued" else None
+    if claimed is None:  # done or failed already: a coalesced duplicate
+        return
+    if claimed.state != "running":  # cannot happen (queued -> running), but never deliver from here
         rt.store.transition(job_id, "delivering", expect="delivering", next_attempt_at=claimed.next_attempt_at)
+        _defer_deliver(context.app, claimed)
         return
     rt.store.record_instances(job_id, 0, details={"worker": rt.name, "procrastinate_job": context.job.id})
     rt.runs += 1
@@ -271,12 +278,18 @@ def _analyse(rt: _Runtime, context: Any, job_id: int) -> None:
 
 
 def _defer_deliver(app: Any, job: Job) -> None:
+    """Defer ``deliver(job.id)``: one queued and one running delivery per job (its locks)."""
     from datetime import datetime, timezone
 
-    task = app.tasks["deliver"]
+    from procrastinate.exceptions import AlreadyEnqueued
+
+    options: dict[str, Any] = {"lock": f"deliver:{job.id}", "queueing_lock": f"deliver:{job.id}"}
     if job.next_attempt_at and job.next_attempt_at > time.time():
-        task = task.configure(schedule_at=datetime.fromtimestamp(job.next_attempt_at, timezone.utc))
-    task.defer(job_id=job.id)
+        options["schedule_at"] = datetime.fromtimestamp(job.next_attempt_at, timezone.utc)
+    try:
+        app.tasks["deliver"].configure(**options).defer(job_id=job.id)
+    except AlreadyEnqueued:
+        pass
 
 
 def _deliver_task(context: Any, job_id: int) -> None:
@@ -286,12 +299,53 @@ def _deliver_task(context: Any, job_id: int) -> None:
 
 
 def _deliver(rt: _Runtime, context: Any, job_id: int) -> None:
-    job = rt.store.claim(rt.name, job_id=job_id)
-    if job is None or job.state != "delivering":
-        return  # delivered by an earlier run, retried by an operator, or not there yet
+    job = rt.store.get(job_id)
+    if job.state != "delivering":
+        return  # delivered by an earlier run, or retried/failed by an operator
+    # The task's lock makes this the only delivery of the job running: an owner still set is a dead
+    # worker's (or one that lost its connection before releasing it).
+    job = rt.store.transition(job_id, "delivering", expect="delivering", owner=rt.name,
+                              next_attempt_at=job.next_attempt_at)
     job = rt.steps.deliver(job)
     if job.state == "delivering":  # a destination is down: the same back-off as the embedded mode
         _defer_deliver(context.app, job)
+
+
+_ORPHANS = """
+SELECT j.id, j.state, j.details FROM pacs_landmarks.jobs j
+ WHERE ((j.state = 'queued' AND j.owner IS NULL) OR j.state = 'delivering')
+   AND j.next_attempt_at <= %(now)s AND j.updated_at < %(before)s
+   AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs p WHERE p.status IN ('todo', 'doing')
+                   AND (p.args->>'job_id')::bigint = j.id)
+ LIMIT 100
+"""
+
+
+async def _reconcile(app: Any, settings: ClusterSettings) -> None:
+    """Job records waiting without a task (an enqueue or a delivery deferral that a lost connection cut
+    short after the record was written): defer the task again."""
+    import json as _json
+
+    now = time.time()
+    rows = await app.connector.execute_query_all_async(_ORPHANS, now=now, before=now - settings.reconcile_after_s)
+    for row in rows:
+        details = _json.loads(row["details"] or "{}")
+        if row["state"] == "queued":
+            from procrastinate.exceptions import AlreadyEnqueued
+
+            stat = bool(details.get("stat"))
+            series = await app.connector.execute_query_one_async(
+                "SELECT series_instance_uid FROM pacs_landmarks.jobs WHERE id = %(id)s", id=row["id"])
+            try:
+                await app.tasks["analyse"].configure(
+                    queue=ANALYSE_STAT if stat else ANALYSE, priority=STAT_PRIORITY if stat else ROUTINE_PRIORITY,
+                    lock=series["series_instance_uid"], queueing_lock=series["series_instance_uid"],
+                ).defer_async(job_id=row["id"])
+            except AlreadyEnqueued:
+                continue
+        else:
+            await asyncio.to_thread(_defer_deliver, app, _runtime().store.get(row["id"]))
+        log_event("job.reconciled", logging.WARNING, job=row["id"], state=row["state"])
 
 
 async def _sweep(app: Any, settings: ClusterSettings, stop: asyncio.Event, worker: Any) -> None:
@@ -318,6 +372,7 @@ async def _sweep(app: Any, settings: ClusterSettings, stop: asyncio.Event, worke
                 " WHERE type = 'deferred' AND at < now() - make_interval(secs => %(wait)s))",
                 stat=STAT_PRIORITY, wait=float(settings.max_routine_wait_s),
             )
+            await _reconcile(app, settings)
         except Exception as exc:  # PostgreSQL away: the worker itself reconnects; try again next round
             LOGGER.warning("sweep failed: %s: %s", type(exc).__name__, exc)
         try:
