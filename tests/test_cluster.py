@@ -155,6 +155,30 @@ def test_burst_stat_first_no_overlap_model_once(cluster):
     # The operator's view: which worker, attempts, timings.
     view = {j["series_instance_uid"]: j for j in c.jobs(["done"])}
     assert view[stat[0]]["worker"] and view[stat[0]]["attempts"] == 1 and "queue_wait" in view[stat[0]]["timings"]
+    table = subprocess.run([sys.executable, "-m", "pacs_landmarks", "jobs", "--dsn", c.settings.dsn],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert "WORKER" in lines[0] and len(lines) == len(jobs) + 1
+    assert all(str(view[s]["worker"])[:20] in table.stdout for s in stat)
+
+
+def test_config_queue_postgres_needs_dsn(tmp_path):
+    from pacs_landmarks.node import config
+
+    toml = tmp_path / "node.toml"
+    toml.write_text('queue = "postgres"\n')
+    with pytest.raises(config.ConfigError, match="needs dsn"):
+        config.load(toml).checked()
+    toml.write_text('queue = "postgres"\ndsn = "postgresql://x@127.0.0.1/y"\n[cluster]\nstalled_after_s = 4.0\n'
+                    'stat_rule = { calling_ae_titles = ["ER-CT"] }\n')
+    cfg = config.load(toml).checked()
+    settings = cfg.cluster_settings()
+    assert settings.stalled_after_s == 4.0 and settings.results_dir.endswith("results")
+    assert config.load(tmp_path / "node.toml").to_toml().count("[cluster]") == 1
+    toml.write_text('queue = "postgres"\ndsn = "x"\n[cluster]\nstaled_after_s = 4.0\n')
+    with pytest.raises(config.ConfigError, match="staled_after_s"):
+        config.load(toml).checked()
 
 
 def test_killed_worker_job_finishes_elsewhere_within_bound(cluster):
