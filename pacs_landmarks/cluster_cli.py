@@ -45,6 +45,9 @@ def _worker(args: argparse.Namespace) -> int:
     if not cfg.dsn:
         raise CommandError("no PostgreSQL: give --dsn or a config with dsn")
     logs.configure(cfg.log_format, getattr(args, "verbose", False))
+    import logging
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one line per copied module per job otherwise
     from pacs_landmarks.jobs.distributed import ANALYSE, ANALYSE_STAT, run_worker
     from pacs_landmarks.jobs.references import DeliverByDestination, load_reference
 

@@ -109,6 +109,11 @@ class PgServer:
         self.stop()
         self.start()
 
+    def socket_dsn(self, database: str = "postgres") -> str:
+        """The DSN over the Unix socket in ``folder``: reachable from another network namespace (the tests'
+        Orthanc runs in one) where 127.0.0.1 is not ours."""
+        return f"postgresql://{self.user}@/{database}?host={self.folder}&port={self.port}"
+
     def create_database(self, name: str) -> str:
         """A new, empty database (dropped first if there); returns its DSN."""
         import psycopg

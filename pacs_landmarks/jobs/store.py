@@ -147,9 +147,14 @@ class Job:
 
 
 def destination_key(destination: dict[str, Any]) -> str:
-    """Stable name of a destination in ``Job.delivery``: its ``name``, else ``AE@host:port``."""
+    """Stable name of a destination in ``Job.delivery``: its ``name``, else ``AE@host:port`` (or its STOW-RS
+    root, or its folder)."""
     if destination.get("name"):
         return str(destination["name"])
+    if destination.get("stow_rs"):  # the distributed mode's destinations (jobs/references.py)
+        return f"STOW-RS {destination['stow_rs']}"
+    if destination.get("directory"):
+        return f"folder {destination['directory']}"
     return f"{destination.get('ae_title')}@{destination.get('host')}:{destination.get('port')}"
 
 

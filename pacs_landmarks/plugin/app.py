@@ -76,7 +76,7 @@ class LandmarkPlugin:
     def __init__(self, orthanc: Any, settings: PluginSettings):
         self.orthanc = orthanc
         self.settings = settings
-        self.store = JobStore(settings.job_store_path)
+        self.store = self._open_store()
         self.events: queue.Queue[tuple[str, bool] | None] = queue.Queue()
         self.model: Any = None
         self.model_error: str | None = None
@@ -86,6 +86,9 @@ class LandmarkPlugin:
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="landmark-dispatcher", daemon=True)
         self._loader_thread = threading.Thread(target=self._load_model, name="landmark-model", daemon=True)
+
+    def _open_store(self) -> JobStore:
+        return JobStore(self.settings.job_store_path)
 
     # -- life cycle ----------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -274,6 +277,13 @@ class LandmarkPlugin:
                 if job.state != "failed" and job.model_version == version and job.instances == count:
                     log_event("series.already_processed", series=series_uid, job=job.id, state=job.state)
                     return job, "already processed"
+        job, created = self._queue_job(series, series_uid, study_uid, series_id, count, force)
+        return job, "queued" if created else "already queued"
+
+    def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
+                   force: bool) -> tuple[Job, bool]:
+        """A queued job for the series in the local store; the worker thread is woken."""
+        name, version = self.model_identity
         job, created = self.store.ensure_job(
             series_uid, study_uid, series_id, model_name=name, model_version=version,
             destinations=[ORTHANC_DESTINATION], state="queued",
@@ -284,7 +294,7 @@ class LandmarkPlugin:
             log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None)
         if self.worker is not None:
             self.worker.wake()
-        return job, "queued" if created else "already queued"
+        return job, created
 
     # -- REST ----------------------------------------------------------------------------------------------
     def _answer(self, output: Any, body: Any, status: int = 200) -> None:
@@ -366,7 +376,12 @@ def install(orthanc: Any) -> LandmarkPlugin:
     root.propagate = False
     prefer_gdcm_for_jpeg_ls()
     settings = PluginSettings.from_orthanc_config(json.loads(orthanc.GetConfiguration()))
-    _PLUGIN = LandmarkPlugin(orthanc, settings)
+    if settings.queue == "postgres":  # the distributed mode: this Orthanc only enqueues (plugin/cluster.py)
+        from pacs_landmarks.plugin.cluster import ClusterPlugin
+
+        _PLUGIN = ClusterPlugin(orthanc, settings)
+    else:
+        _PLUGIN = LandmarkPlugin(orthanc, settings)
     _PLUGIN.install()
     log_event("plugin.installed", work_directory=str(settings.work_directory), worker=settings.worker)
     return _PLUGIN

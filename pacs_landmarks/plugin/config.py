@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,10 @@ class PluginSettings:
     modalities: tuple[str, ...] = ("CT",)
     worker: bool = True
     skip_processed: bool = True
+    queue: str = "embedded"  # "postgres": the distributed mode (docs/scale-out.md), this Orthanc only enqueues
+    dsn: str | None = None
+    dicomweb_url: str | None = None  # how workers reach this Orthanc (WADO-RS in, STOW-RS out)
+    cluster: dict[str, Any] = field(default_factory=dict)  # ClusterSettings tuning (as node.toml [cluster])
 
     @classmethod
     def from_orthanc_config(cls, config: dict[str, Any]) -> "PluginSettings":
@@ -84,7 +88,21 @@ class PluginSettings:
             modalities=tuple(m.upper() for m in section.get("Modalities") or ("CT",)),
             worker=bool(section.get("Worker", True)),
             skip_processed=bool(section.get("SkipProcessed", True)),
+            queue=str(section.get("Queue") or "embedded"),
+            dsn=section.get("Dsn") or None,
+            dicomweb_url=section.get("DicomWebUrl") or (
+                f"http://127.0.0.1:{config.get('HttpPort', 8042)}"
+                f"{'/' + str((config.get('DicomWeb') or {}).get('Root', '/dicom-web/')).strip('/')}"
+            ),
+            cluster=dict(section.get("Cluster") or {}),
         )
+
+    def cluster_settings(self) -> Any:
+        from pacs_landmarks.jobs.distributed import ClusterSettings
+
+        if self.queue != "postgres" or not self.dsn:
+            raise ValueError('PacsLandmarks: "Queue": "postgres" needs "Dsn"')
+        return ClusterSettings(dsn=self.dsn, results_dir=str(self.results_dir), **self.cluster)
 
     @property
     def job_store_path(self) -> Path:
