@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from orthanc_harness import orthanc_factory, wait_for  # noqa: F401  (fixture)
 from test_orthanc import phantom, series_of  # noqa: F401  (fixture)

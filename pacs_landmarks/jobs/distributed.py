@@ -213,6 +213,30 @@ class Cluster:
         return cluster_jobs(self.store, states, limit)
 
 
+class RetryingStore:
+    """A store whose calls retry while PostgreSQL is unreachable (``retrying``), for receivers: the node's
+    threads (C-STORE handlers, series completion) then wait out a restart instead of losing a series.
+
+    Only connection errors are retried; a state-machine error (JobStateError) is raised at once. A write
+    whose commit reached the server just before the connection broke may run twice: of the store's writes
+    only ``record_instances`` is not idempotent, and it is bookkeeping (the worker counts the files itself).
+    """
+
+    def __init__(self, store: PgJobStore, retry_s: float):
+        self._store = store
+        self._retry_s = retry_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return retrying(f"store.{name}", lambda: attr(*args, **kwargs), self._retry_s)
+
+        return call
+
+
 def cluster_jobs(store: PgJobStore, states: list[str] | None = None, limit: int | None = None) -> list[dict]:
     out = []
     for job in store.list(states, limit=limit):
