@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--queues", default="analyse-stat,analyse")
     p.add_argument("--seconds", type=float, default=0.3)
     p.add_argument("--stalled-after", type=float, default=3.0)
+    p.add_argument("--max-routine-wait", type=float, default=300.0)
     args = p.parse_args()
     log = Path(args.log)
 
@@ -73,7 +74,8 @@ def main() -> None:
         return StubResults(series)
 
     settings = ClusterSettings(dsn=args.dsn, results_dir=args.results, heartbeat_s=0.5,
-                               stalled_after_s=args.stalled_after, sweep_interval_s=0.5)
+                               stalled_after_s=args.stalled_after, sweep_interval_s=0.5,
+                               max_routine_wait_s=args.max_routine_wait)
     run_worker(settings, args.queues.split(","), model=model, loader=lambda job: [job.source],
                deliver=DeliverByDestination(), process_series=process_series, warm_up=False,
                on_ready=lambda: write(event="ready", t=time.time()))

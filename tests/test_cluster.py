@@ -33,12 +33,13 @@ class Workers:
         self.log = root / "runs.jsonl"
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, n: int, queues: str = "analyse-stat,analyse", seconds: float = 0.3) -> list[subprocess.Popen]:
+    def start(self, n: int, queues: str = "analyse-stat,analyse", seconds: float = 0.3,
+              extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
         new = [
             subprocess.Popen(
                 [sys.executable, str(REPO / "tests" / "cluster_worker.py"), self.dsn, str(self.root / "results"),
                  str(self.log), "--queues", queues, "--seconds", str(seconds),
-                 "--stalled-after", str(STALLED_AFTER_S)],
+                 "--stalled-after", str(STALLED_AFTER_S), *extra],
                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(self.root / "workers.err", "a"),
             )
             for _ in range(n)
@@ -179,6 +180,21 @@ def test_config_queue_postgres_needs_dsn(tmp_path):
     toml.write_text('queue = "postgres"\ndsn = "x"\n[cluster]\nstaled_after_s = 4.0\n')
     with pytest.raises(config.ConfigError, match="staled_after_s"):
         config.load(toml).checked()
+
+
+def test_routine_job_does_not_starve_behind_stat(cluster):
+    """Ageing: a routine job waiting longer than max_routine_wait_s gets STAT priority."""
+    c, workers, tmp = cluster
+    c.enqueue("1.2.826.0.3.0", "1.2.826.0", "/spool/1.2.826.0.3.0", destinations=[])
+    stat = [f"1.2.826.0.3.{n}" for n in range(1, 13)]
+    for s in stat:
+        c.enqueue(s, "1.2.826.0", f"/spool/{s}", destinations=[], stat=True)
+    workers.wait_ready(workers.start(1, seconds=0.3, extra=("--max-routine-wait", "1.0"))
+                       + workers.start(1, queues="deliver"))
+    _wait_all_finished(c, 13, timeout=60)
+    order = [r["series"] for r in sorted(workers.entries("run_start"), key=lambda r: r["t"])]
+    # Without ageing the routine job would run last (all STAT jobs have a higher priority).
+    assert order.index("1.2.826.0.3.0") < len(stat) // 2, order
 
 
 def test_killed_worker_job_finishes_elsewhere_within_bound(cluster):
