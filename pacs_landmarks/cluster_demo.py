@@ -43,7 +43,7 @@ def _phantoms(out: Path, n: int, size: int) -> list[Path]:
             for k in range(n)]
 
 
-def _orthanc(out: Path, name: str, http: int, dicom: int, pg_uri: str, dsn: str) -> OrthancProcess:
+def _orthanc(out: Path, name: str, http: int, dicom: int, pg_uri: str, dsn: str, peer: int) -> OrthancProcess:
     config = write_runtime_config(out / f"{name}.json", {
         "Name": name, "DicomAet": name.upper(), "HttpPort": http, "DicomPort": dicom,
         "StorageDirectory": str(out / "storage"), "IndexDirectory": str(out / name),
@@ -52,7 +52,8 @@ def _orthanc(out: Path, name: str, http: int, dicom: int, pg_uri: str, dsn: str)
                     "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", PG_PLUGIN],
         "PostgreSQL": {"EnableIndex": True, "EnableStorage": False, "ConnectionUri": pg_uri, "Lock": False},
         "PacsLandmarks": {"WorkDirectory": str(out / f"{name}-work"), "Queue": "postgres", "Dsn": dsn,
-                          "DicomWebUrl": f"http://127.0.0.1:{http}/dicom-web"},
+                          "DicomWebUrl": f"http://127.0.0.1:{http}/dicom-web",
+                          "DicomWebPeers": [f"http://127.0.0.1:{peer}/dicom-web"]},
     })
     return OrthancProcess(config, private_network=False, log_path=out / f"{name}.log")
 
@@ -77,31 +78,49 @@ def run(args: argparse.Namespace) -> int:
         pg.create_database("orthanc")
         dsn = pg.create_database("landmarks")
         _say(t0, f"PostgreSQL {pg.dsn_base} (Orthanc index + job queue)")
-        for name, http, dicom in (("orthanc-a", 8042, 4242), ("orthanc-b", 8043, 4243)):
-            orthancs.append(_orthanc(out, name, http, dicom, pg.dsn("orthanc"), dsn).start(timeout=120))
+        for name, http, dicom, peer in (("orthanc-a", 8042, 4242, 8043), ("orthanc-b", 8043, 4243, 8042)):
+            orthancs.append(_orthanc(out, name, http, dicom, pg.dsn("orthanc"), dsn, peer).start(timeout=120))
         _say(t0, "two Orthancs on one PostgreSQL index, plugin in enqueue-only mode")
-        for k in range(2):
-            log = open(out / f"worker-{k}.log", "w")
-            procs.append(subprocess.Popen(
-                [CLI, "worker", "--dsn", dsn, "--storage", str(out / "shared"), "--name", f"worker-{k}",
-                 "--queues", "analyse-stat,analyse,deliver"], stdout=log, stderr=subprocess.STDOUT))
-        sent: dict[str, str] = {}
-        t_send = time.time()
-        for k, folder in enumerate(series[1:]):
-            target = orthancs[k % 2]
-            target.storescu(folder)
-            sent[folder.name] = target.aet
-        # One series split between both Orthancs: each fires STABLE_SERIES; the queueing lock makes one job.
-        files = sorted(series[0].glob("*.dcm"))
-        orthancs[0].storescu(files[: len(files) // 2])
-        orthancs[1].storescu(files[len(files) // 2:])
-        sent[series[0].name] = "split A/B"
-        _say(t0, f"sent {len(series)} series ({len(series) - 1} to one Orthanc each, 1 split between both)")
+
+        def start_workers() -> None:
+            for k in range(2):
+                log = open(out / f"worker-{k}.log", "w")
+                procs.append(subprocess.Popen(
+                    [CLI, "worker", "--dsn", dsn, "--storage", str(out / "shared"), "--name", f"worker-{k}",
+                     "--queues", "analyse-stat,analyse,deliver"], stdout=log, stderr=subprocess.STDOUT))
+
         store = PgJobStore(dsn)
         import pydicom
 
         uids = {pydicom.dcmread(next(f.glob("*.dcm")), stop_before_pixels=True).SeriesInstanceUID: f.name
                 for f in series}
+        sent: dict[str, str] = {}
+        t_send = time.time()
+        if args.kill_one:
+            # Everything to A; A dies once its jobs are queued: the workers read and store through B.
+            for folder in series:
+                orthancs[0].storescu(folder)
+                sent[folder.name] = orthancs[0].aet
+            deadline = time.monotonic() + 60
+            while not all(store.find(uid) for uid in uids):
+                if time.monotonic() > deadline:
+                    raise DemoError("Orthanc A did not queue the series")
+                time.sleep(0.2)
+            orthancs[0].kill()
+            _say(t0, f"sent {len(series)} series to Orthanc A, queued; Orthanc A killed (SIGKILL)")
+            start_workers()
+        else:
+            start_workers()
+            for k, folder in enumerate(series[1:]):
+                target = orthancs[k % 2]
+                target.storescu(folder)
+                sent[folder.name] = target.aet
+            # One series split between both Orthancs: each fires STABLE_SERIES; the queueing lock makes one job.
+            files = sorted(series[0].glob("*.dcm"))
+            orthancs[0].storescu(files[: len(files) // 2])
+            orthancs[1].storescu(files[len(files) // 2:])
+            sent[series[0].name] = "split A/B"
+            _say(t0, f"sent {len(series)} series ({len(series) - 1} to one Orthanc each, 1 split between both)")
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             for p in procs:
@@ -124,15 +143,16 @@ def run(args: argparse.Namespace) -> int:
             jobs = [j for j in store.list() if j.series_instance_uid == uid]
             job = [j for j in jobs if j.state == "done"][-1]
             study = job.study_instance_uid
-            found = [sum(len(o.findscu_series(study, m)) for m in ("SR", "SEG")) for o in orthancs]
+            found = [sum(len(o.findscu_series(study, m)) for m in ("SR", "SEG"))
+                     if o.proc is not None and o.proc.poll() is None else "-" for o in orthancs]
             print(f"{case:<8} {sent[case]:<10} {len(jobs):>4} {job.details.get('worker', '-'):<9} {job.attempts:>3} "
                   f"{job.finished_at - job.created_at:>9.1f} {found[0]:>12} {found[1]:>6}")
             if not all(found):
-                raise DemoError(f"results of {case} not found through both Orthancs: {found}")
+                raise DemoError(f"results of {case} not found through every running Orthanc: {found}")
             if len(jobs) != 1:
                 raise DemoError(f"{case}: {len(jobs)} jobs for one series (coalescing failed)")
         print()
-        _say(t0, "results found by C-FIND through either Orthanc; stopping")
+        _say(t0, "results found by C-FIND through every running Orthanc; stopping")
         return 0
     finally:
         for p in procs:
@@ -153,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--series", type=int, default=5, help="phantom series in the burst (one of them split)")
     p.add_argument("--size", type=int, default=128, help="phantom image size in pixels")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every result")
+    p.add_argument("--kill-one", action="store_true",
+                   help="send everything to Orthanc A and kill it once the jobs are queued (B serves the workers)")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not args.inside:  # run the whole demo in a private network namespace: only its own loopback

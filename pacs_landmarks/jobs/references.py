@@ -2,7 +2,8 @@
 
 A distributed job carries a reference, never the images (docs/scale-out.md):
 
-- ``job.details["wado_rs"]`` (a DICOMweb root, e.g. ``http://orthanc-a:8042/dicom-web``): the worker reads
+- ``job.details["wado_rs"]`` (a DICOMweb root, e.g. ``http://orthanc-a:8042/dicom-web``, then the roots in
+  ``job.details["wado_rs_peers"]`` when it is unreachable: Orthancs sharing one index): the worker reads
   the whole series with ONE WADO-RS request (PS3.18 10.4, ``GET {root}/studies/{study}/series/{series}``,
   ``multipart/related; type="application/dicom"``), over ``http.client`` (measured: a 63 MB series in 0.18 s
   on loopback; python-requests is 25x slower per request);
@@ -10,7 +11,8 @@ A distributed job carries a reference, never the images (docs/scale-out.md):
 
 Results go to each of ``job.destinations``:
 
-- ``{"stow_rs": root}``: STOW-RS (PS3.18 10.5, ``POST {root}/studies``), any Orthanc of the cluster;
+- ``{"stow_rs": root, "stow_rs_peers": [...]}``: STOW-RS (PS3.18 10.5, ``POST {root}/studies``), to the
+  first of these roots that answers;
 - ``{"ae_title", "host", "port", ...}``: DICOM C-STORE (``delivery.StoreSCU``);
 - ``{"directory": path}``: a copy into a folder (an export share; also what the queue tests use).
 
@@ -83,10 +85,13 @@ def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 
 
     conn, path = _connection(root, timeout)
     try:
-        conn.request("GET", f"{path}/studies/{study_uid}/series/{series_uid}",
-                     headers={"Accept": 'multipart/related; type="application/dicom"'})
-        resp = conn.getresponse()
-        body = resp.read()
+        try:
+            conn.request("GET", f"{path}/studies/{study_uid}/series/{series_uid}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"'})
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut short mid-body
+            raise UnreachableError(f"WADO-RS {root}: {type(exc).__name__}: {exc}") from exc
         if resp.status == 404:
             raise FileNotFoundError(f"series {series_uid} not found at {root}")
         if resp.status != 200:
@@ -100,7 +105,8 @@ def load_reference(job: Job) -> list[Any]:
     """The worker's ``loader``: the series the job refers to (see the module docstring)."""
     root = job.details.get("wado_rs")
     if root:
-        return wado_rs_series(root, job.study_instance_uid or "", job.series_instance_uid)
+        return _first_reachable([root, *job.details.get("wado_rs_peers", [])], lambda r: wado_rs_series(
+            r, job.study_instance_uid or "", job.series_instance_uid))
     folder = Path(job.source)
     if not folder.is_dir():
         raise FileNotFoundError(f"spool folder {folder} not found (is the shared storage mounted here?)")
@@ -116,7 +122,7 @@ def stow_rs(root: str, paths: list[Path], timeout: float = 120.0) -> None:
                      headers={"Content-Type": content_type, "Accept": "application/dicom+json"})
         resp = conn.getresponse()
         answer = resp.read()
-    except OSError as exc:
+    except (OSError, http.client.HTTPException) as exc:
         raise UnreachableError(f"STOW-RS {root}: {exc}") from exc
     finally:
         conn.close()
@@ -129,6 +135,18 @@ def stow_rs(root: str, paths: list[Path], timeout: float = 120.0) -> None:
         raise UnreachableError(f"STOW-RS {root}: {len(failed)} instance(s) not stored")
 
 
+def _first_reachable(roots: list[str], call: Any) -> Any:
+    """``call(root)`` on the first root that is reachable; the last UnreachableError if none is."""
+    error: UnreachableError | None = None
+    for root in dict.fromkeys(roots):
+        try:
+            return call(root)
+        except UnreachableError as exc:
+            error = exc
+    assert error is not None
+    raise error
+
+
 class DeliverByDestination:
     """The worker's ``deliver``: STOW-RS, C-STORE or a folder copy, by the destination's keys."""
 
@@ -138,7 +156,8 @@ class DeliverByDestination:
 
     def __call__(self, job: Job, destination: dict[str, Any], paths: list[Path]) -> None:
         if destination.get("stow_rs"):
-            stow_rs(destination["stow_rs"], paths)
+            _first_reachable([destination["stow_rs"], *destination.get("stow_rs_peers", [])],
+                             lambda root: stow_rs(root, paths))
         elif destination.get("directory"):
             folder = Path(destination["directory"]) / job.series_instance_uid
             folder.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,7 @@ class PluginSettings:
     queue: str = "embedded"  # "postgres": the distributed mode (docs/scale-out.md), this Orthanc only enqueues
     dsn: str | None = None
     dicomweb_url: str | None = None  # how workers reach this Orthanc (WADO-RS in, STOW-RS out)
+    dicomweb_peers: tuple[str, ...] = ()  # other Orthancs on the same index: used when this one is down
     cluster: dict[str, Any] = field(default_factory=dict)  # ClusterSettings tuning (as node.toml [cluster])
 
     @classmethod
@@ -94,6 +95,7 @@ class PluginSettings:
                 f"http://127.0.0.1:{config.get('HttpPort', 8042)}"
                 f"{'/' + str((config.get('DicomWeb') or {}).get('Root', '/dicom-web/')).strip('/')}"
             ),
+            dicomweb_peers=tuple(section.get("DicomWebPeers") or ()),
             cluster=dict(section.get("Cluster") or {}),
         )
 
