@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo serve viewer train-demo bench
+.PHONY: bootstrap test demo cluster-demo serve viewer train-demo bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -14,6 +14,10 @@ test: bootstrap
 
 demo: bootstrap
 	$(PY) -m pacs_landmarks.demo
+
+# The distributed mode on one machine (docs/scale-out.md): PostgreSQL, two Orthancs, two workers.
+cluster-demo: bootstrap
+	$(PY) -m pacs_landmarks.cluster_demo
 
 serve: bootstrap
 	$(PY) -m pacs_landmarks.plugin.serve

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "pacs_landmarks.inference.phantom",  # phantom
     "pacs_landmarks.sr_templates.cli",  # infer
     "pacs_landmarks.node.cli",  # serve, jobs
+    "pacs_landmarks.cluster_cli",  # worker
 )
 
 

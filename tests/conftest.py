@@ -1,6 +1,7 @@
 """Shared fixtures: real DICOM tools, temporary phantoms, the validator."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -47,3 +48,29 @@ def validate_dicom():
         return warnings
 
     return check
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A private PostgreSQL (Debian's binaries, initdb into a temporary folder, 127.0.0.1, a free port) for
+    the whole test session; run as the ``postgres`` user when we are root (PostgreSQL refuses root)."""
+    import tempfile
+
+    from pacs_landmarks.jobs.pgserver import PgServer
+
+    folder = Path(tempfile.mkdtemp(prefix="pacs-landmarks-pg-"))
+    server = PgServer(folder).start()
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_dsn(pg_server, request):
+    """A new empty database on the session's PostgreSQL, named after the test; its DSN."""
+    import re
+
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
+    return pg_server.create_database(name)

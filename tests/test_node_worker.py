@@ -154,7 +154,7 @@ def test_a_later_job_of_the_series_gets_the_earlier_results_as_predecessors(tmp_
         return fake_pipeline(datasets, model)
 
     store, first, worker = _setup(tmp_path, FlakyDestination(), destinations=1)
-    worker._process_series = pipeline
+    worker.steps._process_series = pipeline
     store._db().execute("UPDATE jobs SET model_name = 'other-model' WHERE id = ?", (first.id,))
     assert worker.run_once()
     first = store.get(first.id)
@@ -183,7 +183,7 @@ def test_a_result_set_without_presentation_state_is_delivered(tmp_path):
 
     dest = FlakyDestination()
     store, job, worker = _setup(tmp_path, dest, destinations=1)
-    worker._process_series = pipeline
+    worker.steps._process_series = pipeline
     assert worker.run_once()
     job = store.get(job.id)
     assert job.state == "done", job.reason

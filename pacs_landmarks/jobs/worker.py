@@ -1,33 +1,8 @@
-"""The generic analysis worker shared by both front ends: claim a job, run the cascade, store, deliver.
+"""The embedded mode's analysis worker: a thread that claims jobs from a local store and runs the shared steps.
 
-A front end (the pynetdicom node, the Orthanc plugin) supplies two callables and a JobStore:
-
-- ``loader(job) -> Iterable[Dataset | str | Path]``: the series' instances, found through the opaque
-  ``job.source``; passed as they are to ``process_series`` (which reads paths itself). Raise any exception for an unreadable series: the job
-  fails with that message as its reason.
-- ``deliver(job, destination, paths) -> None``: send the result files (``paths``: landmark SR, measurements
-  SR, SEG, GSPS, in that order) to one destination (an item of ``job.destinations``). Return only when the
-  destination answered Success for every file; raise any exception otherwise, and the worker retries that
-  destination with exponential back-off (``backoff_base_s * 2**n``, at most ``backoff_max_s``). Raise
-  ``PermanentDeliveryError`` when retrying cannot help: the job fails at once.
-
-Per job (``Worker.run_job``):
-
-1. ``queued -> running`` (``JobStore.claim``); a job claimed more than ``max_attempts`` times (the process
-   died while analysing it each time) fails instead of crashing the node again.
-2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` with the model
-   loaded once by the front end and kept warm; ``predecessors`` are the results of earlier jobs of the same
-   series and model (``jobs/supersede.py``), which the new SRs name as replaced.
-3. The four result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
-   atomically (temp dir, fsync, rename) BEFORE any delivery: ``running -> delivering`` with ``job.results``
-   = ``{"landmark_sr", "measurements_sr", "seg", "gsps", "landmarks_json"}`` -> path, and
-   ``job.details`` gets ``result_uids`` and ``instances_read`` (``jobs/supersede.py``).
-4. Each destination without a Success yet gets ``deliver``; ``delivering -> done`` only when every one
-   answered Success. Otherwise the job stays ``delivering``, unowned until ``next_attempt_at``, so the worker
-   goes on with other jobs meanwhile; the results stay on disk.
-
-``job.timings`` (seconds) gets ``queue_wait``, ``read`` (the loader), the pipeline's own timings (``process_series``
-``Results.timings``), ``write_results`` and ``delivery``; front ends add their own (e.g. ``completion_wait``).
+A front end (the pynetdicom node, the Orthanc plugin) supplies a JobStore, the model, a ``loader`` and a
+``deliver`` callable (see ``pacs_landmarks.jobs.steps`` for what they do and for what happens to a job); the
+distributed mode runs the same steps from procrastinate tasks instead (``pacs_landmarks.jobs.distributed``).
 
 Usage::
 
@@ -39,94 +14,22 @@ Usage::
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacs_landmarks.jobs.store import Job, JobStateError, JobStore, destination_key
 from pacs_landmarks.jobs.logs import log_event
-from pacs_landmarks.jobs.supersede import predecessors, result_uids
-
-Loader = Callable[[Job], Iterable[Any]]
-Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
-
-RESULT_FILES = (
-    ("landmark_sr", "landmarks-sr.dcm"),
-    ("measurements_sr", "measurements-sr.dcm"),
-    ("seg", "seg.dcm"),
-    ("gsps", "gsps.dcm"),
+from pacs_landmarks.jobs.steps import (  # noqa: F401  (re-exported: front ends import them from here)
+    RESULT_FILES, Deliver, JobSteps, Loader, PermanentDeliveryError, fsync_dir, write_results,
 )
-# A series whose slices differ in rescale gets no presentation state (sr_templates/gsps.py).
-OPTIONAL_RESULTS = ("gsps",)
-
-
-class PermanentDeliveryError(Exception):
-    """A delivery failure that retrying cannot fix (e.g. the destination refuses the SOP class)."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX: the directory entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_synced(path: Path, write: Callable[[Any], None]) -> None:
-    with open(path, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
-    """Write the result objects (``RESULT_FILES``) and ``landmarks.json`` atomically; return kind -> path."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    final = results_dir / f"job-{job.id}-{job.attempts}"
-    if final.exists():  # an earlier run of this very attempt died after the rename: its files are complete
-        shutil.rmtree(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".job-{job.id}-", dir=results_dir))
-    try:
-        paths: dict[str, str] = {}
-        for kind, name in RESULT_FILES:
-            ds: Dataset | None = getattr(results, kind, None)
-            if ds is None and kind in OPTIONAL_RESULTS:
-                continue
-            _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
-            paths[kind] = str(final / name)
-        doc = {
-            "series_instance_uid": job.series_instance_uid,
-            "study_instance_uid": job.study_instance_uid,
-            "model": {"name": job.model_name, "version": job.model_version},
-            "landmarks": [
-                {
-                    "name": lm.name,
-                    "position_lps_mm": [float(v) for v in lm.position_lps_mm],
-                    "confidence": float(lm.confidence),
-                }
-                for lm in results.landmarks
-            ],
-        }
-        _write_synced(tmp / "landmarks.json", lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
-        paths["landmarks_json"] = str(final / "landmarks.json")
-        fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(results_dir)
-        return paths
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+from pacs_landmarks.jobs.store import Job, JobStore
 
 
 class Worker(threading.Thread):
@@ -152,20 +55,34 @@ class Worker(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.store = store
         self.model = model
-        self.loader = loader
-        self.deliver = deliver
-        self.results_dir = Path(results_dir)
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
-        self.max_delivery_attempts = max_delivery_attempts
-        self.max_attempts = max_attempts
         self.poll_interval_s = poll_interval_s
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._process_series = process_series
+        self.steps = JobSteps(
+            store, model, loader=loader, deliver=deliver, results_dir=results_dir, owner=self.owner,
+            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
+            max_delivery_attempts=max_delivery_attempts, max_attempts=max_attempts, process_series=process_series,
+        )
         # Only the real pipeline is warmed up: an injected one (tests) is called for jobs only.
         self._warm_up = warm_up and process_series is None
         self._wake = threading.Event()
         self._stopping = threading.Event()
+
+    # The callables live in the steps; a front end (or a test) may swap them between jobs.
+    @property
+    def loader(self) -> Loader:
+        return self.steps.loader
+
+    @loader.setter
+    def loader(self, value: Loader) -> None:
+        self.steps.loader = value
+
+    @property
+    def deliver(self) -> Deliver:
+        return self.steps.deliver_to
+
+    @deliver.setter
+    def deliver(self, value: Deliver) -> None:
+        self.steps.deliver_to = value
 
     # -- thread control ------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -215,100 +132,6 @@ class Worker(threading.Thread):
         self.run_job(job)
         return True
 
-    # -- one job -------------------------------------------------------------------------------------------
     def run_job(self, job: Job) -> Job:
-        """Analyse (if ``running``) and deliver (``delivering``) one claimed job; returns its new state."""
-        if job.state == "running":
-            log_event("job.running", job=job.id, series=job.series_instance_uid, attempt=job.attempts)
-            if job.attempts > self.max_attempts:
-                return self._fail(job, f"gave up after {job.attempts - 1} attempts that did not finish")
-            try:
-                job = self._analyse(job)
-            except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
-                return self._fail(job, f"{type(exc).__name__}: {exc}")
-        if job.state == "delivering":
-            job = self._deliver(job)
-        return job
-
-    def _fail(self, job: Job, reason: str) -> Job:
-        job = self.store.transition(job.id, "failed", reason=reason)
-        log_event("job.failed", logging.WARNING, job=job.id, series=job.series_instance_uid, reason=reason)
-        return job
-
-    def _pipeline(self) -> Callable[[list[Dataset], Any], Any]:
-        if self._process_series is None:
-            from pacs_landmarks.pipeline import process_series
-
-            self._process_series = process_series
-        return self._process_series
-
-    def _analyse(self, job: Job) -> Job:
-        timings: dict[str, float] = {}
-        if job.queued_at:
-            timings["queue_wait"] = max(0.0, (job.started_at or time.time()) - job.queued_at)
-        t = time.perf_counter()
-        datasets = list(self.loader(job))
-        timings["read"] = time.perf_counter() - t
-        if not datasets:
-            raise ValueError("no instances to analyse")
-        results = self._pipeline()(datasets, self.model, predecessors=predecessors(self.store, job))
-        timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
-        t = time.perf_counter()
-        paths = write_results(results, job, self.results_dir)
-        timings["write_results"] = time.perf_counter() - t
-        from pacs_landmarks.pipeline import RESULT_KINDS
-
-        job = self.store.transition(
-            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings,
-            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS)},
-        )
-        log_event(
-            "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),
-            **{f"t_{k}": v for k, v in timings.items()},
-        )
-        return job
-
-    def _deliver(self, job: Job) -> Job:
-        paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
-        missing = [str(p) for p in paths if not p.exists()]
-        required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
-        if any(kind not in job.results for kind in required) or missing:
-            return self._fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
-        answers: dict[str, str] = {}
-        permanent = None
-        t = time.perf_counter()
-        for dest in job.destinations:
-            key = destination_key(dest)
-            if job.delivery.get(key) == "success":
-                continue
-            try:
-                self.deliver(job, dest, paths)
-            except PermanentDeliveryError as exc:
-                answers[key] = permanent = f"{exc}"
-            except Exception as exc:
-                answers[key] = f"{type(exc).__name__}: {exc}"
-            else:
-                answers[key] = "success"
-            log_event("delivery", job=job.id, destination=key, result=answers[key], attempt=job.delivery_attempts + 1)
-        spent = time.perf_counter() - t
-        timings = {"delivery": job.timings.get("delivery", 0.0) + spent}
-        status = {**job.delivery, **answers}
-        if all(status.get(destination_key(d)) == "success" for d in job.destinations):
-            job = self.store.transition(job.id, "done", delivery=answers, timings=timings, delivery_attempt=True)
-            log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=len(job.destinations))
-            return job
-        attempts = job.delivery_attempts + 1
-        failed = "; ".join(f"{k}: {v}" for k, v in answers.items() if v != "success")
-        if permanent is not None or (self.max_delivery_attempts and attempts >= self.max_delivery_attempts):
-            self.store.transition(job.id, "delivering", delivery=answers, delivery_attempt=True, owner=self.owner)
-            return self._fail(job, f"delivery failed: {failed}")
-        delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempts - 1))
-        try:
-            job = self.store.transition(
-                job.id, "delivering", reason=f"delivery failed: {failed}", delivery=answers, timings=timings,
-                next_attempt_at=time.time() + delay, delivery_attempt=True,
-            )
-        except JobStateError:  # retried or failed by an operator meanwhile
-            return self.store.get(job.id)
-        log_event("delivery.retry", job=job.id, in_s=delay, attempt=attempts)
-        return job
+        """Analyse and deliver one claimed job (``JobSteps.run_job``)."""
+        return self.steps.run_job(job)

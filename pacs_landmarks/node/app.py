@@ -8,6 +8,11 @@ Storage layout (``storage`` setting)::
     results/job-<id>-<attempt>/    landmarks-sr.dcm, measurements-sr.dcm, seg.dcm, landmarks.json
     incomplete/<SeriesUID>/<SOP>.dcm  never-acknowledged files a power loss cut short (set aside at start)
 
+Distributed mode (``queue = "postgres"``, docs/scale-out.md): ``storage`` is shared storage (the same path
+on every worker host); the job records live in PostgreSQL and a completed series is queued there with its
+folder as reference (``Cluster.defer_analyse``). No model is loaded here and no worker thread runs:
+``pacs-landmarks worker`` processes analyse and deliver. Calls to PostgreSQL retry while it is unreachable.
+
 Start-up resumes what a crash left: ``running`` jobs are re-queued, ``delivering`` ones are retried now, and
 ``received`` ones (series still arriving when the node died) complete after the idle timeout from start; their
 folders are first checked for files a power loss cut short (``set_aside_incomplete``).
@@ -77,21 +82,26 @@ class Node:
         self.model = model
         self._process_series = process_series
         self.address: tuple[str, int] | None = None
+        self.worker: Worker | None = None
 
     def start(self) -> tuple[str, int]:
         cfg = self.cfg
         root = cfg.storage_path
         root.mkdir(parents=True, exist_ok=True)
-        if self.model is None:  # loaded once, before listening: a bad model path fails the start
-            self.model = load_model(cfg.model, cfg.device)
-        self.store = JobStore(root / "jobs.sqlite")
-        unfinished = self.store.resume()
-        self.worker = Worker(
-            self.store, self.model, loader=lambda job: series_files(job.source), deliver=StoreSCU(cfg.ae_title),
-            results_dir=root / "results", backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s,
-            max_delivery_attempts=cfg.max_delivery_attempts, process_series=self._process_series,
-        )
-        self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=lambda job_id: self.worker.wake())
+        if cfg.queue == "postgres":
+            unfinished, on_queued = self._start_cluster()
+        else:
+            if self.model is None:  # loaded once, before listening: a bad model path fails the start
+                self.model = load_model(cfg.model, cfg.device)
+            self.store = JobStore(root / "jobs.sqlite")
+            unfinished = self.store.resume()
+            self.worker = Worker(
+                self.store, self.model, loader=lambda job: series_files(job.source), deliver=StoreSCU(cfg.ae_title),
+                results_dir=root / "results", backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s,
+                max_delivery_attempts=cfg.max_delivery_attempts, process_series=self._process_series,
+            )
+            on_queued = lambda job_id: self.worker.wake()  # noqa: E731
+        self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=on_queued)
         for job in unfinished:
             if job.state == "received":  # its series was arriving when the node stopped
                 set_aside_incomplete(job.source, root / "incomplete")
@@ -102,7 +112,8 @@ class Node:
             "destinations": [d.to_job() for d in cfg.destinations],
         }
         self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults)
-        self.worker.start()
+        if self.worker is not None:
+            self.worker.start()
         self.tracker.start()
         self.address = self.scp.start()
         if not cfg.allow:
@@ -116,8 +127,32 @@ class Node:
         )
         return self.address
 
+    def _start_cluster(self) -> tuple[list, Callable[[int], None]]:
+        """The distributed mode: PostgreSQL store (retrying), enqueue on completion; see the module docstring."""
+        from pacs_landmarks.jobs.distributed import Cluster, RetryingStore, retrying
+
+        # Workers on other hosts find a series by its folder: record absolute paths.
+        self.cfg.storage = str(self.cfg.storage_path.resolve())
+        settings = self.cfg.cluster_settings()
+        self.cluster = Cluster(settings)
+        self.store = RetryingStore(self.cluster.store, settings.enqueue_retry_s)
+        self.worker = None
+        spool = str(self.cfg.storage_path.resolve())
+        # Only this node's series (its spool folder); running jobs belong to workers, not to us.
+        unfinished = [j for j in self.store.unfinished() if j.source.startswith(spool)]
+        for job in unfinished:
+            if job.state == "queued":  # a crash between completion and enqueue; the queueing lock dedups
+                self.cluster.defer_analyse(job)
+
+        def on_queued(job_id: int) -> None:
+            job = self.store.get(job_id)
+            retrying("enqueue", lambda: self.cluster.defer_analyse(job), settings.enqueue_retry_s)
+
+        return unfinished, on_queued
+
     def stop(self) -> None:
         self.scp.stop()
         self.tracker.stop()
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         log_event("node.stopped", ae_title=self.cfg.ae_title)

@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _add_config_args(p)
+    p.add_argument("--dsn", help="the distributed mode's PostgreSQL: list the cluster's jobs (every node, worker)")
     p.add_argument("--json", action="store_true", help="machine-readable output (one JSON array)")
     p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     actions = p.add_subparsers(dest="jobs_action", metavar="ACTION")
@@ -69,7 +70,7 @@ def effective_config(args: argparse.Namespace):
     try:
         cfg = config_mod.load(getattr(args, "config", None))
         for key in ("ae_title", "bind", "port", "storage", "idle_timeout", "model", "device", "log_format",
-                    "tls_cert", "tls_key", "tls_ca"):
+                    "tls_cert", "tls_key", "tls_ca", "queue", "dsn"):
             value = getattr(args, key, None)
             if value is not None:
                 setattr(cfg, key, value)
@@ -117,11 +118,18 @@ def _jobs(args: argparse.Namespace) -> int:
     from pacs_landmarks.cli import CommandError
     from pacs_landmarks.jobs.store import JobStateError, JobStore
 
+    if getattr(args, "dsn", None):
+        args.queue = "postgres"
     cfg = effective_config(args)
-    path = cfg.storage_path / "jobs.sqlite"
-    if not path.exists():
-        raise CommandError(f"no job store at {path} (use --storage or --config)")
-    store = JobStore(path)
+    if cfg.queue == "postgres":  # the cluster's jobs, whichever node or Orthanc queued them
+        from pacs_landmarks.jobs.pgstore import PgJobStore
+
+        store = PgJobStore(cfg.dsn)
+    else:
+        path = cfg.storage_path / "jobs.sqlite"
+        if not path.exists():
+            raise CommandError(f"no job store at {path} (use --storage or --config)")
+        store = JobStore(path)
     if args.jobs_action == "retry":
         try:
             job = store.retry(args.job_id)
@@ -131,12 +139,18 @@ def _jobs(args: argparse.Namespace) -> int:
         return 0
     jobs = store.list(args.state)
     if args.json:
-        print(json.dumps([j.to_json() for j in jobs], indent=2))
+        print(json.dumps([{**j.to_json(), "worker": j.owner or j.details.get("worker")} for j in jobs], indent=2))
         return 0
-    print(f"{'ID':>5}  {'STATE':<10}  {'CREATED (UTC)':<19}  {'N':>4}  {'TRY':>3}  SERIES / REASON")
+    print(f"{'ID':>5}  {'STATE':<10}  {'CREATED (UTC)':<19}  {'N':>4}  {'TRY':>3}  {'WAIT s':>6}  {'RUN s':>6}  "
+          f"{'WORKER':<20}  SERIES / REASON")
     for j in jobs:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(j.created_at))
-        line = f"{j.id:>5}  {j.state:<10}  {created}  {j.instances:>4}  {j.attempts:>3}  {j.series_instance_uid}"
+        wait = j.timings.get("queue_wait")
+        run = sum(j.timings.get(k, 0.0) for k in ("read", "volume", "cascade", "outputs", "write_results"))
+        worker = (j.owner or j.details.get("worker") or "-")[:20]
+        line = (f"{j.id:>5}  {j.state:<10}  {created}  {j.instances:>4}  {j.attempts:>3}  "
+                f"{'-' if wait is None else f'{wait:.2f}':>6}  {f'{run:.2f}' if run else '-':>6}  {worker:<20}  "
+                f"{j.series_instance_uid}")
         if j.reason:
             line += f"  ({j.reason})"
         print(line)

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any
 
 _AET = re.compile(r"^[\x20-\x7e]{1,16}$")  # PS3.5 6.2: AE is up to 16 characters, no backslash or control
+# ClusterSettings fields a [cluster] table may set (dsn and results_dir come from dsn and storage).
+CLUSTER_KEYS = ("heartbeat_s", "stalled_after_s", "sweep_interval_s", "max_routine_wait_s", "backoff_base_s",
+                "backoff_max_s", "max_delivery_attempts", "max_attempts", "reconcile_after_s", "enqueue_retry_s",
+                "stat_rule")
 _DEST = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
 
 
@@ -92,6 +96,11 @@ class NodeConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    # Job queue: "embedded" (jobs.sqlite + a worker thread in this process, the default) or "postgres" (the
+    # distributed mode, docs/scale-out.md: jobs in PostgreSQL at ``dsn``, analysed by `pacs-landmarks worker`).
+    queue: str = "embedded"
+    dsn: str | None = None  # libpq connection string, e.g. "postgresql://landmarks@db-host:5432/landmarks"
+    cluster: dict[str, Any] = field(default_factory=dict)  # [cluster] table: ClusterSettings tuning
     allow: list[AllowedCaller] = field(default_factory=list)  # empty: any calling AE title (warned at start)
     destinations: list[Destination] = field(default_factory=list)
 
@@ -116,7 +125,21 @@ class NodeConfig:
                 raise ConfigError(f"TLS file not found: {path}")
         for d in self.destinations:
             d.checked()
+        if self.queue not in ("embedded", "postgres"):
+            raise ConfigError(f"queue {self.queue!r}: use embedded or postgres")
+        if self.queue == "postgres" and not self.dsn:
+            raise ConfigError('queue = "postgres" needs dsn (a PostgreSQL connection string)')
+        unknown = set(self.cluster) - set(CLUSTER_KEYS)
+        if unknown:
+            raise ConfigError(f"[cluster]: unknown setting(s): {', '.join(sorted(unknown))}")
         return self
+
+    def cluster_settings(self) -> Any:
+        """The distributed mode's settings (pacs_landmarks.jobs.distributed.ClusterSettings); results go to
+        ``storage``/results, which every worker must see at the same path (shared storage)."""
+        from pacs_landmarks.jobs.distributed import ClusterSettings
+
+        return ClusterSettings(dsn=str(self.dsn), results_dir=str(self.storage_path / "results"), **self.cluster)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,9 +149,11 @@ class NodeConfig:
         lines = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("allow", "destinations") or value is None:
+            if f.name in ("allow", "destinations", "cluster") or value is None:
                 continue
             lines.append(f"{f.name} = {_toml(value)}")
+        if self.cluster:
+            lines += ["", "[cluster]"] + [f"{k} = {_toml(v)}" for k, v in self.cluster.items()]
         for a in self.allow:
             lines += ["", "[[allow]]", f"ae_title = {_toml(a.ae_title)}"]
             if a.addresses:
@@ -146,6 +171,8 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -81,7 +81,7 @@ class LandmarkPlugin:
     def __init__(self, orthanc: Any, settings: PluginSettings):
         self.orthanc = orthanc
         self.settings = settings
-        self.store = JobStore(settings.job_store_path)
+        self.store = self._open_store()
         self.events: queue.Queue[tuple[str, bool] | None] = queue.Queue()
         self.model: Any = None
         self.model_error: str | None = None
@@ -91,6 +91,9 @@ class LandmarkPlugin:
         self._stopping = threading.Event()
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="landmark-dispatcher", daemon=True)
         self._loader_thread = threading.Thread(target=self._load_model, name="landmark-model", daemon=True)
+
+    def _open_store(self) -> JobStore:
+        return JobStore(self.settings.job_store_path)
 
     # -- life cycle ----------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -314,6 +317,13 @@ class LandmarkPlugin:
             last = earlier[-1]
             log_event("series.already_processed", series=series_uid, job=last.id, state=last.state)
             return last, "already processed"
+        job, created = self._queue_job(series, series_uid, study_uid, series_id, count, force)
+        return job, "queued" if created else "already queued"
+
+    def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
+                   force: bool) -> tuple[Job, bool]:
+        """A queued job for the series in the local store; the worker thread is woken."""
+        name, version = self.model_identity
         job, created = self.store.ensure_job(
             series_uid, study_uid, series_id, model_name=name, model_version=version,
             destinations=[ORTHANC_DESTINATION], state="queued",
@@ -321,11 +331,10 @@ class LandmarkPlugin:
         if created:
             self.store.record_instances(job.id, count)
             job = self.store.get(job.id)
-            log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None,
-                      after=earlier[-1].id if earlier else None)
+            log_event("job.queued", job=job.id, series=series_uid, instances=count, forced=force or None)
         if self.worker is not None:
             self.worker.wake()
-        return job, "queued" if created else "already queued"
+        return job, created
 
     # -- REST ----------------------------------------------------------------------------------------------
     def _answer(self, output: Any, body: Any, status: int = 200) -> None:
@@ -407,7 +416,12 @@ def install(orthanc: Any) -> LandmarkPlugin:
     root.propagate = False
     prefer_gdcm_for_jpeg_ls()
     settings = PluginSettings.from_orthanc_config(json.loads(orthanc.GetConfiguration()))
-    _PLUGIN = LandmarkPlugin(orthanc, settings)
+    if settings.queue == "postgres":  # the distributed mode: this Orthanc only enqueues (plugin/cluster.py)
+        from pacs_landmarks.plugin.cluster import ClusterPlugin
+
+        _PLUGIN = ClusterPlugin(orthanc, settings)
+    else:
+        _PLUGIN = LandmarkPlugin(orthanc, settings)
     _PLUGIN.install()
     log_event("plugin.installed", work_directory=str(settings.work_directory), worker=settings.worker)
     return _PLUGIN

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,11 @@ class PluginSettings:
     superseded: str = "delete"  # what happens to earlier results of a series once newer ones are stored
 
     SUPERSEDED = ("delete", "keep")
+    queue: str = "embedded"  # "postgres": the distributed mode (docs/scale-out.md), this Orthanc only enqueues
+    dsn: str | None = None
+    dicomweb_url: str | None = None  # how workers reach this Orthanc (WADO-RS in, STOW-RS out)
+    dicomweb_peers: tuple[str, ...] = ()  # other Orthancs on the same index: used when this one is down
+    cluster: dict[str, Any] = field(default_factory=dict)  # ClusterSettings tuning (as node.toml [cluster])
 
     @classmethod
     def from_orthanc_config(cls, config: dict[str, Any]) -> "PluginSettings":
@@ -91,7 +96,22 @@ class PluginSettings:
             worker=bool(section.get("Worker", True)),
             skip_processed=bool(section.get("SkipProcessed", True)),
             superseded=superseded,
+            queue=str(section.get("Queue") or "embedded"),
+            dsn=section.get("Dsn") or None,
+            dicomweb_url=section.get("DicomWebUrl") or (
+                f"http://127.0.0.1:{config.get('HttpPort', 8042)}"
+                f"{'/' + str((config.get('DicomWeb') or {}).get('Root', '/dicom-web/')).strip('/')}"
+            ),
+            dicomweb_peers=tuple(section.get("DicomWebPeers") or ()),
+            cluster=dict(section.get("Cluster") or {}),
         )
+
+    def cluster_settings(self) -> Any:
+        from pacs_landmarks.jobs.distributed import ClusterSettings
+
+        if self.queue != "postgres" or not self.dsn:
+            raise ValueError('PacsLandmarks: "Queue": "postgres" needs "Dsn"')
+        return ClusterSettings(dsn=self.dsn, results_dir=str(self.results_dir), **self.cluster)
 
     @property
     def job_store_path(self) -> Path:

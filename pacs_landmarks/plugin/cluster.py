@@ -1,0 +1,89 @@
+"""The plugin in the distributed mode (``"Queue": "postgres"``): Orthanc only enqueues.
+
+No model and no torch inside Orthanc: a stable series (STABLE_SERIES or the change-log catch-up, exactly as
+in the embedded mode) becomes a queued job in PostgreSQL plus a procrastinate ``analyse`` task
+(``pacs_landmarks.jobs.distributed.Cluster.enqueue``) that refers to the series by WADO-RS on this Orthanc;
+the results come back with STOW-RS. Every Orthanc of a cluster may fire for the same series (measured: a
+series split over two Orthancs fires STABLE_SERIES on both): the series' queueing lock coalesces them, and
+the worker reads the instance list when the job starts. ``/pacs-landmarks/jobs`` lists the cluster's jobs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pacs_landmarks.jobs.distributed import Cluster, cluster_jobs, is_stat
+from pacs_landmarks.jobs.logs import log_event
+from pacs_landmarks.jobs.store import Job, UNFINISHED
+from pacs_landmarks.plugin.app import LandmarkPlugin
+
+
+class ClusterPlugin(LandmarkPlugin):
+    def _open_store(self) -> Any:
+        self.cluster = Cluster(self.settings.cluster_settings())
+        return self.cluster.store
+
+    def install(self) -> None:
+        o = self.orthanc
+        o.RegisterOnChangeCallback(self.on_change)
+        o.RegisterRestCallback("/pacs-landmarks/jobs", self.rest_jobs)
+        o.RegisterRestCallback("/pacs-landmarks/health", self.rest_health)
+        o.RegisterRestCallback("/pacs-landmarks/series/([^/]+)/run", self.rest_run)
+        self._model_ready.set()  # no model here: the workers have it
+
+    def start(self) -> None:
+        if not self._seq_file.exists():
+            self._save_change_seq()
+        # No resume: other processes of the cluster own running jobs; stalled ones are the sweeper's.
+        self._dispatcher.start()
+        log_event("plugin.cluster", dsn_host=self.settings.dsn.split("@")[-1] if self.settings.dsn else None,
+                  dicomweb=self.settings.dicomweb_url)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.events.put(None)
+
+    def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
+                   force: bool) -> tuple[Job, bool]:
+        facts: dict[str, Any] = {}
+        try:
+            remote = self.orthanc.RestApiGet(f"/instances/{series['Instances'][0]}/metadata/RemoteAET")
+            facts["calling_ae_title"] = remote.decode("ascii", "replace").strip()
+        except Exception:  # no metadata (uploaded over REST): no calling AE to match
+            pass
+        job, created = self.cluster.enqueue(
+            series_uid, study_uid, series_id, stat=is_stat(self.settings.cluster.get("stat_rule") or {}, facts),
+            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers)}],
+            details={"wado_rs": self.settings.dicomweb_url, "wado_rs_peers": list(self.settings.dicomweb_peers),
+                     "orthanc_series": series_id},
+        )
+        if created:
+            self.store.record_instances(job.id, count)
+            job = self.store.get(job.id)
+        return job, created
+
+    def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
+        """The cluster's jobs (every Orthanc's and node's), with the worker that ran each."""
+        if request.get("method") != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        args = request.get("get") or {}
+        states = [s for s in args.get("state", "").split(",") if s] or None
+        limit = int(args["limit"]) if str(args.get("limit", "")).isdigit() else 100
+        self._answer(output, cluster_jobs(self.store, states, limit))
+
+    def rest_health(self, output: Any, uri: str, **request: Any) -> None:
+        if request.get("method") != "GET":
+            output.SendMethodNotAllowed("GET")
+            return
+        counts: dict[str, int] = {}
+        try:
+            for job in self.store.list(UNFINISHED + ("failed",)):
+                counts[job.state] = counts.get(job.state, 0) + 1
+            status, error = "ok", self.last_error
+        except Exception as exc:  # PostgreSQL unreachable: series wait in Orthanc, the catch-up queues them
+            status, error = "degraded", f"job store: {type(exc).__name__}: {exc}"
+        self._answer(output, {
+            "status": status, "queue": "postgres", "model": None, "worker": {"enabled": False, "alive": None},
+            "queue_depth": counts.get("queued", 0) + counts.get("running", 0) + self.events.qsize(),
+            "pending_events": self.events.qsize(), "jobs": counts, "last_error": error,
+        })

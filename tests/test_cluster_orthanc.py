@@ -1,0 +1,61 @@
+"""The distributed mode end to end with the real model: an Orthanc whose plugin only enqueues, PostgreSQL,
+and one `pacs-landmarks worker` process that reads the series with one WADO-RS request and stores the results
+back with STOW-RS. Orthanc and the worker share a private network namespace; PostgreSQL is reached over its
+Unix socket (a file, so visible from that namespace)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from orthanc_harness import orthanc_factory, wait_for  # noqa: F401  (fixture)
+from test_orthanc import phantom, series_of  # noqa: F401  (fixture)
+
+from tests.conftest import REPO
+
+
+def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_server, phantom, tmp_path,
+                                                           validate_dicom):
+    pg_server.create_database("cluster_orthanc")
+    dsn = pg_server.socket_dsn("cluster_orthanc")
+    orthanc = orthanc_factory.start(Queue="postgres", Dsn=dsn)
+    health = orthanc.get_json("/pacs-landmarks/health")
+    assert health["queue"] == "postgres" and health["model"] is None  # no model, no torch inside Orthanc
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
+                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        case_dir, truth = phantom
+        orthanc.storescu(sorted(case_dir.glob("*.dcm")))
+        series_uid = truth.get("series_instance_uid") or orthanc.get_json(
+            f"/series/{series_of(orthanc, 'CT')[0]['ID']}")["MainDicomTags"]["SeriesInstanceUID"]
+
+        def finished():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            jobs = [j for j in orthanc.get_json("/pacs-landmarks/jobs") if j["series_instance_uid"] == series_uid]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            return [j for j in jobs if j["state"] == "done"]
+
+        job = wait_for(finished, 300, "the cluster job to be done")[0]
+        assert job["worker"] and job["attempts"] == 1 and job["timings"]["cascade"] > 0
+        assert list(job["delivery"].values()) == ["success"]
+        # The results are in Orthanc: landmark SR, measurements SR, SEG, valid DICOM.
+        results = series_of(orthanc, "SR") + series_of(orthanc, "SEG")
+        assert len(results) >= 2
+        for s in results:
+            for iid in s["Instances"]:
+                path = tmp_path / f"{iid}.dcm"
+                _, body = orthanc.request("GET", f"/instances/{iid}/file")
+                path.write_bytes(body)
+                validate_dicom(path)
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    text = (tmp_path / "worker.log").read_text()
+    assert text.count("worker.warm_up") == 1  # the model loaded and warmed once
+    assert "job.done" in text
