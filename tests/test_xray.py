@@ -219,7 +219,7 @@ def test_facing_left_is_mirrored_internally(tmp_path):
     np.testing.assert_allclose(right.from_canonical(block_centre), block_centre)
     np.testing.assert_allclose(left.from_canonical(block_centre), [[12.5, 20.0]])
     np.testing.assert_allclose(left.to_canonical(left.from_canonical(block_centre)), block_centre)
-    unknown = load_xray(write_xray(tmp_path / "u.dcm", img, bits_stored=12, facing=None))
+    unknown = load_xray(write_xray(tmp_path / "u.dcm", img, kind="CR", bits_stored=12, facing=None))
     assert unknown.facing == "unknown" and not unknown.flipped
 
 

@@ -122,6 +122,8 @@ def xray_dataset(
         ds.AnatomicRegionSequence = [_code("89546000", "SCT", "Skull")]
     if facing in ("right", "left"):
         ds.PatientOrientation = ["A" if facing == "right" else "P", "F"]
+    elif dx:
+        raise ValueError("a DX image needs Patient Orientation (C.8.11.3): give facing='right' or 'left'")
     else:
         ds.PatientOrientation = ""
     # Image Pixel (C.7.6.3)
@@ -162,8 +164,8 @@ def xray_dataset(
         if view_position in VIEW_CODES:  # View Code Sequence (C.8.11.5), CID 4010
             ds.ViewCodeSequence = [_code(*VIEW_CODES[view_position])]
             ds.ViewCodeSequence[0].ViewModifierCodeSequence = []
-        if positioner and dx:
-            ds.PositionerType = positioner
+        if dx:
+            ds.PositionerType = positioner or ""  # Type 2 (C.8.11.5)
         if magnification:
             ds.EstimatedRadiographicMagnificationFactor = _ds(magnification)
         if source_detector_mm:
