@@ -102,15 +102,17 @@ def evidence_headers(headers: list[Dataset]) -> list[Dataset]:
     return out
 
 
-def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, series_uid: str) -> Dataset:
-    """A Comprehensive 3D SR document (PS3.3 A.35.13) around a TID 1500 report built with highdicom.
+def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, series_uid: str, *,
+                three_d: bool = True) -> Dataset:
+    """A Comprehensive 3D SR document (PS3.3 A.35.13) around a TID 1500 report built with highdicom; a
+    Comprehensive SR (A.35.3) with ``three_d=False``, for content without SCOORD3D (results on a 2D image).
 
     highdicom's document constructor deep-copies and re-parses the whole content tree, which costs ~0.4 s
     for our 32 landmark groups; the content was already built (and checked) by highdicom's template classes.
     So the document modules are made around the same root container without its groups, and the built
     content is attached afterwards. ``evidence`` must list every instance the content references.
     """
-    from highdicom.sr import Comprehensive3DSR
+    from highdicom.sr import Comprehensive3DSR, ComprehensiveSR
 
     from pacs_landmarks.sr_templates.uids import result_uid
 
@@ -121,7 +123,7 @@ def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, seri
             stub.add(elem)
     stub.ContentSequence = []
     number, _ = SERIES[kind]
-    ds = Comprehensive3DSR(
+    ds = (Comprehensive3DSR if three_d else ComprehensiveSR)(
         evidence=evidence,
         content=stub,
         series_instance_uid=result_uid(series_uid, kind, alg.name, alg.version, "series"),
