@@ -167,7 +167,7 @@ def ceph_case(seed: int) -> PhantomCase:
     half = (top_z - bottom_z) / 2 * math.hypot(slope, 1.0)
     centre = np.array([0.0, -plane_f(mid_z), mid_z])
     shapes = [_ellipsoid("lower face air", "air", centre, (70.0, half, 90.0), R=R, clip=(0, 0.0))]
-    p = {"lip_upper_mm": float(rng.uniform(2.5, 6.0)), "lip_lower_mm": float(rng.uniform(1.5, 5.0)),
+    p = {"lip_upper_mm": float(rng.uniform(3.5, 7.0)), "lip_lower_mm": float(rng.uniform(3.0, 7.0)),
          "chin_soft_mm": float(rng.uniform(1.5, 4.0)), "stomion_dz_mm": float(rng.uniform(-1.0, 2.0))}
     for name, z, out, zr in (("upper lip", float(uit[2]) + 7.5 + p["stomion_dz_mm"], p["lip_upper_mm"], 8.5),
                              ("lower lip", float(uit[2]) - 7.0 + p["stomion_dz_mm"], p["lip_lower_mm"], 8.0)):
