@@ -21,6 +21,34 @@ def load_landmark_set(name: str = "craniofacial16") -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def set_dimension(name: str = "craniofacial16") -> int:
+    """2 for a set traced on a projection image (positions in image pixels, SCOORD), 3 for one on a volume
+    (positions in patient mm, SCOORD3D); sets without a ``dimension`` are 3D."""
+    return int(load_landmark_set(name).get("dimension", 3))
+
+
+def landmark_sets() -> list[str]:
+    """The names of the shipped landmark sets."""
+    folder = resources.files("pacs_landmarks") / "sets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def find_landmark(label: str, set_name: str) -> str:
+    """The set's name for a landmark given by name, abbreviation or alias (case-insensitive, spaces and
+    hyphens ignored), e.g. "Subspinale" or "a-point" -> "A point"; ``KeyError`` if none or ambiguous."""
+
+    def key(text: str) -> str:
+        return "".join(ch for ch in text.casefold() if ch not in " -_")
+
+    wanted = key(label)
+    hits = {lm["name"] for lm in load_landmark_set(set_name)["landmarks"]
+            if wanted in {key(lm["name"]), key(lm["abbreviation"]), *(key(a) for a in lm.get("aliases", ()))}}
+    if len(hits) != 1:
+        reason = "matches several" if hits else "is not"
+        raise KeyError(f"landmark {label!r} {reason} in set {set_name!r}" + (f": {sorted(hits)}" if hits else ""))
+    return hits.pop()
+
+
 def landmark_names(name: str = "craniofacial16") -> list[str]:
     return [lm["name"] for lm in load_landmark_set(name)["landmarks"]]
 

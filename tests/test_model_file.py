@@ -57,9 +57,9 @@ def test_other_torch_file_is_not_a_model(tmp_path):
 def test_other_landmark_set_fails_at_load(tmp_path):
     cascade = Cascade(DEFAULT_STAGES, 16)
     meta = new_metadata()
-    meta["landmark_set"] = "ceph19"
+    meta["landmark_set"] = "no-such-set"  # (ceph19 exists now: it is the 2D cephalogram set)
     save_model_file(tmp_path / "other.pt", cascade, meta)
-    with pytest.raises(ModelError, match="unknown landmark set 'ceph19'"):
+    with pytest.raises(ModelError, match="unknown landmark set 'no-such-set'"):
         LandmarkModel.load(tmp_path / "other.pt")
     path = make_untrained(tmp_path / "ok.pt")
     with pytest.raises(ModelError, match="not 'ceph19'"):

@@ -120,8 +120,9 @@ def evidence_headers(headers: list[Dataset]) -> list[Dataset]:
 
 
 def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, volume,
-                predecessors: list[Dataset] = ()) -> Dataset:
-    """A Comprehensive 3D SR document (PS3.3 A.35.13) around a TID 1500 report built with highdicom.
+                predecessors: list[Dataset] = (), *, three_d: bool = True) -> Dataset:
+    """A Comprehensive 3D SR document (PS3.3 A.35.13) around a TID 1500 report built with highdicom; a
+    Comprehensive SR (A.35.3) with ``three_d=False``, for content without SCOORD3D (results on a 2D image).
 
     highdicom's document constructor deep-copies and re-parses the whole content tree, which costs ~0.4 s
     for our 32 landmark groups; the content was already built (and checked) by highdicom's template classes.
@@ -132,7 +133,7 @@ def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, volu
     ``reference``). The newest one that is not this very document (same input -> same UID) goes into the
     Predecessor Documents Sequence (PS3.3 C.17.2.3): this document replaces it.
     """
-    from highdicom.sr import Comprehensive3DSR
+    from highdicom.sr import Comprehensive3DSR, ComprehensiveSR
 
     root = report[0]
     stub = Dataset()
@@ -143,7 +144,7 @@ def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, volu
     number, _ = SERIES[kind]
     series_uid, sop_uid = result_uids(volume, kind, alg)
     replaced = next((p for p in predecessors if str(p.SOPInstanceUID) != sop_uid), None)
-    ds = Comprehensive3DSR(
+    ds = (Comprehensive3DSR if three_d else ComprehensiveSR)(
         evidence=evidence,
         content=stub,
         series_instance_uid=series_uid,

@@ -33,7 +33,7 @@ class MeasurementValue:
     unit: str  # UCUM: "mm" or "deg"
     typical: float | None
     range: tuple[float, float] | None
-    points: dict[str, tuple[float, float, float]]  # the (possibly derived) points it was computed from
+    points: dict[str, tuple[float, ...]]  # the (possibly derived) points it was computed from, mm (2D or 3D)
     definition: dict
 
     @property
@@ -41,9 +41,8 @@ class MeasurementValue:
         return self.range is not None and not (self.range[0] <= self.value <= self.range[1])
 
 
-def _point_table(landmarks: list[Landmark], set_def: dict) -> dict[str, np.ndarray]:
+def _point_table(by_name: dict[str, np.ndarray], set_def: dict) -> dict[str, np.ndarray]:
     """Points by name and abbreviation, plus the derived (bilateral mean) points of the set."""
-    by_name = {lm.name: np.asarray(lm.position_lps_mm, float) for lm in landmarks}
     table: dict[str, np.ndarray] = {}
     for d in set_def["landmarks"]:
         if d["name"] in by_name:
@@ -84,13 +83,62 @@ def _evaluate(m: dict, p: dict[str, np.ndarray], done: dict[str, float]) -> floa
         a, b = (p[n] for n in m["line"])
         ang = _angle(b - a, _normal(*(p[n] for n in m["plane"])))
         return abs(90.0 - ang)
+    if kind == "line_angle":  # acute angle between two undirected lines
+        (a, b), (c, d) = ((p[n] for n in line) for line in m["lines"])
+        ang = _angle(b - a, d - c)
+        return min(ang, 180.0 - ang)
+    if kind == "vector_angle":  # angle between two directed segments, 0..180
+        (a, b), (c, d) = ((p[n] for n in vec) for vec in m["vectors"])
+        return _angle(b - a, d - c)
+    if kind == "projected_distance":  # (to - from) along a line, or along its normal that points like a vector
+        a, b = (p[n] for n in m["axis"])
+        axis = (b - a) / np.linalg.norm(b - a)
+        if "normal_toward" in m:
+            c, d = (p[n] for n in m["normal_toward"])
+            toward = d - c
+            axis = toward - np.dot(toward, axis) * axis
+            axis /= np.linalg.norm(axis)
+        return float(np.dot(p[m["to"]] - p[m["from"]], axis))
+    if kind == "point_line_distance":  # signed: positive on the side that the "positive" vector points to
+        a, b = (p[n] for n in m["line"])
+        c, d = (p[n] for n in m["positive"])
+        u = (b - a) / np.linalg.norm(b - a)
+        off = p[m["point"]] - a
+        normal = off - np.dot(off, u) * u
+        dist = float(np.linalg.norm(normal))
+        return dist if np.dot(normal, d - c) >= 0 else -dist
     raise ValueError(f"unknown measurement kind {kind!r}")
 
 
 def compute_measurements(landmarks: list[Landmark], set_name: str = "craniofacial16") -> list[MeasurementValue]:
     """Every measurement of the set whose landmarks are all present, in the order of the set file."""
+    return measurements_from_points({lm.name: lm.position_lps_mm for lm in landmarks}, set_name)
+
+
+def compute_measurements_2d(
+    points_px: dict[str, tuple[float, float] | None],
+    set_name: str = "ceph19",
+    pixel_spacing_mm: tuple[float, float] | None = None,
+) -> list[MeasurementValue]:
+    """Measurements of a 2D set from image points ``{name: (column, row)}`` (SCOORD pixels; None = missing).
+
+    Points are first put in mm with ``pixel_spacing_mm`` = (between rows, between columns), as in Pixel
+    Spacing (0028,0030), so that angles are right on non-square pixels too; the reported points are in mm
+    (x = column, y = row). Without a spacing, angles are computed on square pixels and lengths are left
+    out: a length in pixels is no cephalometric measurement. Signed measurements take their direction from
+    the landmarks (anterior = S->N, inferior = N->Me), so a face looking left or right gives the same values.
+    """
+    scale = np.array([pixel_spacing_mm[1], pixel_spacing_mm[0]], float) if pixel_spacing_mm else np.ones(2)
+    mm = {k: np.asarray(v, float) * scale for k, v in points_px.items() if v is not None}
+    out = measurements_from_points(mm, set_name)
+    return out if pixel_spacing_mm else [m for m in out if m.unit != "mm"]
+
+
+def measurements_from_points(by_name: dict, set_name: str) -> list[MeasurementValue]:
+    """Every measurement of the set whose points are all in ``by_name`` (landmark name -> coordinates in
+    mm, 2D or 3D), in the order of the set file."""
     set_def = load_landmark_set(set_name)
-    points = _point_table(landmarks, set_def)
+    points = _point_table({k: np.asarray(v, float) for k, v in by_name.items()}, set_def)
     done: dict[str, float] = {}
     out: list[MeasurementValue] = []
     for m in set_def.get("measurements", []):
