@@ -67,6 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pacs_landmarks.dicom.series import SeriesError, load_series
     from pacs_landmarks.inference.data import dicom_files
+    from pacs_landmarks.inference.landmark import landmark_json, landmark_table
 
     model = _load_model(args.model)
     series = Path(args.series)
@@ -83,17 +84,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"series_instance_uid": volume.series_instance_uid, "model": model.name,
                    "model_version": model.version, "landmark_set": model.landmark_set,
-                   "landmarks": [{"name": lm.name, "position_lps_mm": list(lm.position_lps_mm),
-                                  "confidence": lm.confidence, "stage_positions": [list(p) for p in
-                                                                                    lm.stage_positions]}
+                   "landmarks": [landmark_json(lm, 6) | {"stage_positions": [list(p) for p in lm.stage_positions]}
                                  for lm in landmarks]}, sys.stdout, indent=1)
         print()
         return 0
     print(f"series {volume.series_instance_uid}  model {model.name} {model.version}")
-    print(f"{'landmark':<12} {'x (mm)':>9} {'y (mm)':>9} {'z (mm)':>9} {'confidence':>10}")
-    for lm in landmarks:
-        x, y, z = lm.position_lps_mm
-        print(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:10.2f}")
+    print(landmark_table(landmarks))
     return 0
 
 
