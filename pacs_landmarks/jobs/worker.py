@@ -94,7 +94,9 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
     try:
         paths: dict[str, str] = {}
         for kind, name in RESULT_FILES:
-            ds: Dataset = getattr(results, kind)
+            ds: Dataset | None = getattr(results, kind)
+            if ds is None:  # nothing found: no such object (pipeline.Results)
+                continue
             _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
             paths[kind] = str(final / name)
         doc = {
@@ -104,7 +106,9 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
             "landmarks": [
                 {
                     "name": lm.name,
-                    "position_lps_mm": [float(v) for v in lm.position_lps_mm],
+                    "status": getattr(lm, "status", "found"),
+                    "position_lps_mm": ([float(v) for v in lm.position_lps_mm]
+                                        if lm.position_lps_mm is not None else None),
                     "confidence": float(lm.confidence),
                 }
                 for lm in results.landmarks
@@ -248,19 +252,30 @@ class Worker(threading.Thread):
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
+        nothing = bool(getattr(results, "nothing_found", False))
         job = self.store.transition(
-            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings
+            job.id, "delivering", expect="running", owner=self.owner, results=paths, timings=timings,
+            details={"nothing_found": nothing} if nothing else None,
         )
+        found = sum(1 for lm in results.landmarks if getattr(lm, "status", "found") == "found")
         log_event(
             "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),
-            **{f"t_{k}": v for k, v in timings.items()},
+            found=found, **{f"t_{k}": v for k, v in timings.items()},
         )
+        if nothing:
+            log_event("job.nothing_found", job=job.id, series=job.series_instance_uid,
+                      reason="no landmark found: no result objects go to the archive")
         return job
 
     def _deliver(self, job: Job) -> Job:
         paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
         missing = [str(p) for p in paths if not p.exists()]
-        if len(paths) != len(RESULT_FILES) or missing:
+        if job.details.get("nothing_found") and not paths:
+            # no landmark found: nothing goes to the archive (pipeline.Results.nothing_found)
+            job = self.store.transition(job.id, "done", reason="no landmark found: no result objects")
+            log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, nothing_found=True)
+            return job
+        if not paths or missing:
             return self._fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}
         permanent = None
