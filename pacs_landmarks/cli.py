@@ -16,7 +16,8 @@ COMMAND_MODULES = (
     "pacs_landmarks.dicom.cli",  # inspect
     "pacs_landmarks.inference.cli",  # train, evaluate, predict
     "pacs_landmarks.inference.phantom",  # phantom
-    "pacs_landmarks.sr_templates.cli",  # infer
+    "pacs_landmarks.sr_templates.cli",  # infer, read-sr
+    "pacs_landmarks.review",  # review
     "pacs_landmarks.node.cli",  # serve, jobs
 )
 

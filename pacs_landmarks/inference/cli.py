@@ -23,16 +23,17 @@ def _load_model(path):
 
 
 def _cases(args, names):
-    from pacs_landmarks.inference.data import DataError, load_cases
+    from pacs_landmarks.inference.data import DataError, load_cases, read_label_map
 
     try:
-        return load_cases(args.data, names, cache_dir=args.cache, progress=not args.quiet)
+        return load_cases(args.data, names, cache_dir=args.cache, progress=not args.quiet,
+                          label_map=read_label_map(args.label_map))
     except DataError as exc:
         raise _error(str(exc)) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pacs_landmarks.inference.data import DataError
+    from pacs_landmarks.inference.data import DataError, read_label_map
     from pacs_landmarks.inference.train import TrainConfig, train
 
     config = TrainConfig(epochs=args.epochs, batch_cases=args.batch_cases, lr=args.lr, seed=args.seed,
@@ -41,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.extra["version"] = args.model_version
     try:
         summary = train(args.data, args.out, config, cache_dir=args.cache, resume=args.resume, init=args.init,
-                        progress=not args.quiet)
+                        progress=not args.quiet, label_map=read_label_map(args.label_map))
     except DataError as exc:
         raise _error(str(exc)) from None
     print(f"model written to {summary['model']} (checkpoint {summary['checkpoint']})")
@@ -110,6 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch passing this wall time")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
+    p.add_argument("--label-map", default=None, metavar="FILE.json",
+                   help="Slicer markups labels -> landmark names ({\"label\": \"name\"}); default: by name "
+                   "or abbreviation")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--init", default=None, help="start from this model file's weights")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")
@@ -126,6 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write all statistics and raw errors here")
     p.add_argument("--plots", default=None, metavar="DIR", help="write a box plot PNG per landmark here")
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
+    p.add_argument("--label-map", default=None, metavar="FILE.json",
+                   help="Slicer markups labels -> landmark names; default: by name or abbreviation")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

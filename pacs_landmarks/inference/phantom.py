@@ -1150,6 +1150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="scan range: full head (default), routine head (foramen magnum to vertex), sinus, "
                    "facial bones, mandible only, dental cone-beam small/medium cylinder, random cuts, or "
                    "mixed (drawn per case)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                   help="fix a drawn case parameter for every case (repeatable), e.g. fillings=[4,5,18,19] "
+                   "metal_streaks_hu=500 cbct=true bone_density=0.5 (see make_case)")
     p.add_argument("--variety", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE",
                    help="share of cases (0-1, default 0; 1 when given alone) drawn with domain randomisation: jaw classes, metal with streaks, bone density, kernels, noise "
                    "up to 60 HU, head and gantry tilt, masks, cone-beam intensity (see docs/phantoms.md)")
@@ -1169,13 +1172,23 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None and not v > 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    overrides = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except ValueError:
+            raise CommandError(f"--param {item!r}: the value must be JSON (e.g. 0.5, true, [1, 2])") from None
+    unknown = set(overrides) - set(make_case(0).params)
+    if unknown:
+        raise CommandError(f"--param: unknown parameter(s) {', '.join(sorted(unknown))}")
     from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
     for k in tqdm(range(args.count), desc="phantoms", unit="case", disable=args.count < 2):
         # evenly spread: case k is a variety case when the running share steps up at k
         variety = int((k + 1) * args.variety + 1e-9) > int(k * args.variety + 1e-9)
-        case = make_case(args.seed + k, variety=variety)
+        case = make_case(args.seed + k, variety=variety, **overrides)
         region = None
         if args.coverage != "full":
             from pacs_landmarks.inference.coverage import draw_region, draw_training_kind

@@ -155,7 +155,8 @@ def _cut_centre(points: np.ndarray, soft: np.ndarray, region, voxel_ml: float, f
 
 
 def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir: str | Path | None = None,
-          resume: bool = False, init: str | Path | None = None, progress: bool = True) -> dict:
+          resume: bool = False, init: str | Path | None = None, progress: bool = True,
+          label_map: dict[str, str] | None = None) -> dict:
     """Train and write the model file ``out`` (and ``out``.ckpt for resuming). Returns the summary."""
     from tqdm import tqdm
 
@@ -174,7 +175,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     names = landmark_names(landmark_set)
     n_lm = len(names)
 
-    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress)
+    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress, label_map)
     n_val = min(config.val_cases, max(0, len(cases) - 1))
     train_cases, val_cases = (cases[:-n_val], cases[-n_val:]) if n_val else (cases, [])
     if not train_cases:
@@ -193,9 +194,12 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         cascade.load_state_dict(got, strict=False)
         log.info("initialised %d of %d tensors from %s", len(got), len(own), init)
     complete = np.stack([c.landmarks for c in train_cases])
-    shape_model = ShapeModel.fit_shapes(complete)
-    log.info("shape model: %d modes from %d shapes", len(shape_model.sd),
-             int(np.isfinite(complete).all(axis=(1, 2)).sum()))
+    n_complete = int(np.isfinite(complete).all(axis=(1, 2)).sum())
+    shape_model = ShapeModel.fit_shapes(complete) if n_complete >= 3 else None
+    if shape_model is None:
+        log.warning("only %d cases have every landmark: no shape model (no plausibility check)", n_complete)
+    else:
+        log.info("shape model: %d modes from %d shapes", len(shape_model.sd), n_complete)
     opt = torch.optim.AdamW(cascade.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_cases) / config.batch_cases)
     total_steps = steps_per_epoch * config.epochs
@@ -280,7 +284,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         meta = new_metadata(name="craniofacial16-demo", version=config.extra.get("version", "1.0.0"))
         meta["training"] = dict(summary_training, epochs_done=epoch, history=history[-3:],
                                 wall_minutes=round((time.monotonic() - t_start) / 60, 1), final=final)
-        meta["shape_model"] = shape_model.to_json()
+        meta["shape_model"] = shape_model.to_json() if shape_model is not None else None
         save_model_file(out, cascade, meta)
         ck = {"weights": cascade.state_dict(), "optimizer": opt.state_dict(), "step_count": step_count, "trained_s": trained_s,
               "torch_rng": gen.get_state(), "np_seed": int(rng.integers(2**31)), "err_ema": err_ema,
