@@ -37,7 +37,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.train import TrainConfig, train
 
     config = TrainConfig(epochs=args.epochs, batch_cases=args.batch_cases, lr=args.lr, seed=args.seed,
-                         val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads)
+                         val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads,
+                         only=args.only or "")
     if args.model_version:
         config.extra["version"] = args.model_version
     try:
@@ -59,6 +60,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
+    if args.calibrate:
+        from pacs_landmarks.inference.evaluate import calibrate_model
+
+        cal = calibrate_model(model, result, args.calibrate)
+        print(f"calibrated threshold {cal['low_confidence']:.2f}: {cal.get('share')} of {cal['n']} points at or "
+              f"above it within 2 mm; model written to {args.calibrate}")
     if args.plots:
         paths = box_plots(result, args.plots)
         print(f"{len(paths)} box plots in {args.plots}")
@@ -116,6 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or abbreviation")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--init", default=None, help="start from this model file's weights")
+    p.add_argument("--only", choices=("presence",), default=None,
+                   help="train only the presence output (the rest frozen; use with --init)")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -132,6 +141,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
     p.add_argument("--label-map", default=None, metavar="FILE.json",
                    help="Slicer markups labels -> landmark names; default: by name or abbreviation")
+    p.add_argument("--calibrate", default=None, metavar="OUT.pt",
+                   help="write the model with the lowest confidence threshold at which >= 95 %% of the points "
+                   "at or above it are within 2 mm on these cases (use held-out cases)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

@@ -182,3 +182,32 @@ def box_plots(result: dict, out_dir: str | Path) -> list[Path]:
 
 def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def choose_threshold(confidence: np.ndarray, error: np.ndarray, target: float = 0.95, within_mm: float = 2.0,
+                     floor: float = 0.3) -> dict:
+    """The lowest confidence threshold (>= ``floor``) at which at least ``target`` of the points at or above
+    it are within ``within_mm`` (points with a finite error only)."""
+    ok = np.isfinite(error)
+    c, e = np.asarray(confidence)[ok], np.asarray(error)[ok]
+    for t in np.round(np.arange(floor, 0.951, 0.01), 2):
+        sel = c >= t
+        if sel.sum() >= 10 and (e[sel] <= within_mm).mean() >= target:
+            return {"low_confidence": float(t), "target": target, "within_mm": within_mm, "n": int(sel.sum()),
+                    "share": float((e[sel] <= within_mm).mean()), "kept": float(sel.mean())}
+    return {"low_confidence": 0.95, "target": target, "within_mm": within_mm, "n": int((c >= 0.95).sum()),
+            "share": None, "kept": float((c >= 0.95).mean())}
+
+
+def calibrate_model(model, result: dict, out: str | Path) -> dict:
+    """Write ``out``: the model with ``metadata.calibration`` (the threshold from ``choose_threshold`` on
+    ``result``'s in-scan landmarks, final stage)."""
+    from pacs_landmarks.inference.model import save_model_file
+
+    conf = np.asarray(result["confidences"], float)
+    err = np.asarray(result["errors"], float)[:, -1]
+    cal = choose_threshold(conf.ravel(), err.ravel())
+    cal["cases"] = result["cases"]
+    meta = dict(model.metadata, calibration=cal)
+    save_model_file(out, model.cascade, meta)
+    return cal

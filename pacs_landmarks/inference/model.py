@@ -216,9 +216,15 @@ class LandmarkModel:
             return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                                fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model)
 
+    @property
+    def low_confidence(self) -> float:
+        """The confidence below which a landmark is not found: calibrated on held-out cases when the file
+        says so (``metadata.calibration.low_confidence``, ``evaluate --calibrate``), else ``LOW_CONFIDENCE``."""
+        return float((self.metadata.get("calibration") or {}).get("low_confidence", LOW_CONFIDENCE))
+
     def statuses(self, out):
         """(status, reason, confidence) per landmark of a ``run`` output (``landmark_statuses``)."""
-        return landmark_statuses(out, self.shape_model)
+        return landmark_statuses(out, self.shape_model, self.low_confidence)
 
     def predict(self, volume) -> list[Landmark]:
         """Every landmark of the set, in order, with status, confidence and every stage's position (LPS mm);

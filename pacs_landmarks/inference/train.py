@@ -48,6 +48,7 @@ class TrainConfig:
     local_landmarks: int = 8  # crops per case per step for each local stage
     presence_weight: float = 2.0  # weight of the presence loss (binary cross-entropy)
     outside_weight: float = 0.1  # stage-1 location loss weight of landmarks outside the scan range
+    only: str = ""  # "presence": train the presence output alone (everything else frozen), e.g. after --init
     coverage: bool = True  # cut inputs to clinical scan ranges (coverage.TRAIN_WEIGHTS) and learn presence
     domain: dict = field(default_factory=lambda: dict(DOMAIN))  # domain randomisation (see DOMAIN)
     extra: dict = field(default_factory=dict)
@@ -200,7 +201,13 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         log.warning("only %d cases have every landmark: no shape model (no plausibility check)", n_complete)
     else:
         log.info("shape model: %d modes from %d shapes", len(shape_model.sd), n_complete)
-    opt = torch.optim.AdamW(cascade.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.only not in ("", "presence"):
+        raise ValueError(f"only must be '' or 'presence', not {config.only!r}")
+    if config.only == "presence":
+        for name, prm in cascade.named_parameters():
+            prm.requires_grad = ".presence_" in name
+    params = [prm for prm in cascade.parameters() if prm.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_cases) / config.batch_cases)
     total_steps = steps_per_epoch * config.epochs
     step_count = 0
@@ -343,7 +350,8 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             # points past the cut and the presence output sees air or an edge there.
             w_out = torch.where(present_t.reshape(-1), 1.0, config.outside_weight)
             loss, dist, _ = _stage_loss(lp, p_all, truth.reshape(-1, 3), st.spacing_mm, config.ce_weight, w_out)
-            total = total + loss
+            if config.only != "presence":
+                total = total + loss
             if pres is not None:
                 total = total + config.presence_weight * F.binary_cross_entropy_with_logits(
                     pres, present_t.float())
@@ -353,6 +361,14 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             sums[0] += float(dist.sum())
             counts[0] += dist.numel()
             err_ema[0] = 0.9 * err_ema[0] + 0.1 * float(dist.mean()) if dist.numel() else err_ema[0]
+            if config.only == "presence":  # the local stages are frozen: nothing to run for them
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                step_count += 1
+                trained_s += time.monotonic() - t_step
+                loss_sum += float(total.detach())
+                continue
             # local stages: crops around truth + offsets as large as the previous stage's error
             # (a random subset of landmarks per case: the local stages cost most, and every landmark still
             # comes round often)
@@ -390,7 +406,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
                     err_ema[k] = 0.9 * err_ema[k] + 0.1 * float(dist.mean())
             opt.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(cascade.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             step_count += 1
             trained_s += time.monotonic() - t_step
