@@ -1081,16 +1081,26 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
         "params": {k: v for k, v in p.items()},
     }
     if coverage is not None:
-        lo_z, hi_z = float(zs.min()) - thick / 2, float(zs.max()) + thick / 2
-        from pacs_landmarks.inference.coverage import Region
-
-        scanned = Region(coverage.kind, max(lo_z, coverage.z_lo), min(hi_z, coverage.z_hi), coverage.cylinder)
-        doc["coverage"] = scanned.to_json()
+        # The scanned volume: the stack of (possibly tilted) slices, thickness included, within the field of
+        # view; and the cone-beam cylinder, if any.
+        normal = np.cross(row, col)
+        normal /= np.linalg.norm(normal)
+        offsets = np.array([float(normal @ f) for f in firsts])
+        lo_n, hi_n = offsets.min() - thick / 2, offsets.max() + thick / 2
+        doc["coverage"] = {"kind": coverage.kind, "z_lo": float(zs.min()), "z_hi": float(zs.max()),
+                           "slice_normal": normal.round(6).tolist(), "cylinder": list(coverage.cylinder)
+                           if coverage.cylinder else None}
         for item in doc["landmarks"]:
             q = np.asarray(item["position_lps_mm"])
-            # LPS z of a point on a tilted plane is not the slice position; the slab check is along z
-            item["in_scan"] = bool(scanned.contains(q))
-            item["edge_distance_mm"] = round(float(scanned.edge_distance(q)), 2)
+            along = float(normal @ q)
+            rel = q - firsts[0]
+            u, v = float(rel @ row), float(rel @ col)  # in-plane position (mm) from the first pixel
+            edges = [along - lo_n, hi_n - along, u + ps / 2, fov - ps / 2 - u, v + ps / 2, fov - ps / 2 - v]
+            if coverage.cylinder is not None:
+                cx, cy, rad = coverage.cylinder
+                edges.append(rad - math.hypot(q[0] - cx, q[1] - cy))
+            item["in_scan"] = bool(min(edges) >= 0)
+            item["edge_distance_mm"] = round(abs(min(edges)), 2)  # inside: to the nearest edge; outside: about
     (out / "landmarks.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
 
