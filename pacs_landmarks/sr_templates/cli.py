@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--model", type=Path, default=None, help="model file (default: the shipped demo model)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
+    p.add_argument("--report-nothing-found", action="store_true",
+                   help="when no landmark is found, still write a landmark SR and a measurements SR that say so "
+                   "(default: no result objects, only landmarks.json)")
     p.set_defaults(func=infer)
 
     r = sub.add_parser(
@@ -94,7 +97,7 @@ def infer(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise CommandError(str(exc)) from exc
     try:
-        results = process_series(files, model)
+        results = process_series(files, model, results_when_nothing_found=args.report_nothing_found)
     except SeriesError as exc:
         raise CommandError(f"cannot assemble the series: {exc}") from exc
 
@@ -110,7 +113,8 @@ def infer(args: argparse.Namespace) -> int:
     print(format_tables(results.landmarks, results.measurements, results.omitted))
     print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
     if results.nothing_found:
-        print("no landmark found: no SR or SEG written")
+        print("no landmark found: " + ("SRs that say so written, no SEG" if args.report_nothing_found
+                                       else "no SR or SEG written"))
     print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
