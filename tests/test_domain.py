@@ -47,8 +47,8 @@ def test_variety_keeps_the_basic_head_and_draws_new_parameters():
 
 @pytest.mark.parametrize("cls_shift", [-8.0, 8.0])
 def test_class_ii_iii_jaws_move_the_chin_landmarks(cls_shift):
-    base = ph.make_case(3, mandible_shift_mm=0.0, **QUIET)
-    moved = ph.make_case(3, mandible_shift_mm=cls_shift, **QUIET)
+    base = ph.make_case(3, mandible_shift_mm=0.0, windows_follow_jaws=True, **QUIET)
+    moved = ph.make_case(3, mandible_shift_mm=cls_shift, windows_follow_jaws=True, **QUIET)
     for name in ("Pogonion", "Menton", "B point"):
         dy = moved.landmarks[name][1] - base.landmarks[name][1]
         assert dy == pytest.approx(-cls_shift, abs=2.5), name  # +y is posterior: a Class III chin comes forward

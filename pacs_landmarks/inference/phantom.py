@@ -532,6 +532,7 @@ VARIETY_DEFAULTS: dict = {
     "bone_density": 1.0, "kernel": "standard", "kernel_strength": 0.0, "metal_streaks_hu": 0.0,
     "brackets": False, "mask": False, "gantry_tilt_deg": 0.0,
     "cbct": False, "cbct_gain": 1.0, "cbct_offset_hu": 0.0, "cupping_hu": 0.0, "rings_hu": 0.0,
+    "windows_follow_jaws": False,
 }
 
 
@@ -545,7 +546,7 @@ def draw_variety(seed: int, p: dict) -> dict:
     tilted/rotated up to 25 deg and gantry tilt; an immobilisation mask; cone-beam intensity.
     """
     rng = np.random.default_rng(np.random.SeedSequence([0x5EED, int(seed), 0xD0]))
-    v: dict = {}
+    v: dict = {"windows_follow_jaws": True}
     cls = rng.choice(["I", "II", "III"], p=[0.5, 0.25, 0.25])
     v["mandible_shift_mm"] = float({"I": rng.normal(0, 1.5), "II": -rng.uniform(3, 9), "III": rng.uniform(3, 9)}[cls])
     v["maxilla_shift_mm"] = float(rng.normal(0.0, 2.0))
@@ -844,8 +845,10 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
     h = lambda q: D @ np.asarray(q, float)  # noqa: E731  design -> head, skull
     hj = lambda q: D @ (jaw[:3, :3] @ np.asarray(q, float) + jaw[:3, 3])  # noqa: E731  design -> head, jaw
     lm: dict[str, np.ndarray] = {}
-    # search windows follow the jaws when they are shifted (Class II / III)
-    md, mx = case.params["mandible_shift_mm"], case.params["maxilla_shift_mm"]
+    # search windows follow the jaws when they are shifted far (Class II / III, variety cases); plain heads keep
+    # the windows their landmarks were always measured with
+    follow = case.params["windows_follow_jaws"]
+    md, mx = (case.params["mandible_shift_mm"], case.params["maxilla_shift_mm"]) if follow else (0.0, 0.0)
     aux: dict[str, np.ndarray] = {}
     lm["Sella"] = h((0, 0, 0))  # centre of the pituitary fossa sphere
     # Nasion: deepest point of the midline profile between glabella and the nasal bones.
