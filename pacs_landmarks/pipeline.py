@@ -97,9 +97,11 @@ def warm_up(model) -> float:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         datasets.append(ds)
     # A blank series makes the model warn "probably not a head CT": true, and not worth a log line here.
-    quiet = logging.getLogger("pacs_landmarks")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    # Only these two loggers: the node's other loggers (associations, jobs) keep logging meanwhile.
+    quiet = [logging.getLogger(n) for n in ("pacs_landmarks.inference.model", __name__)]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         res = process_series(datasets, model, results_when_nothing_found=True)
         if res.seg is None:  # nothing found on a blank series: build every object once anyway
@@ -111,7 +113,8 @@ def warm_up(model) -> float:
                       for lm in res.landmarks]
             build_outputs(res.volume, forced, Algorithm.of(model))
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     return time.perf_counter() - t
 
 
