@@ -18,7 +18,8 @@ COMMAND_MODULES = (
     "pacs_landmarks.inference.phantom",  # phantom
     "pacs_landmarks.inference.ceph_phantom",  # phantom --ceph (after phantom: it extends that command)
     "pacs_landmarks.inference.importers",  # import
-    "pacs_landmarks.sr_templates.cli",  # infer
+    "pacs_landmarks.sr_templates.cli",  # infer, read-sr
+    "pacs_landmarks.review",  # review
     "pacs_landmarks.node.cli",  # serve, jobs
     "pacs_landmarks.cluster_cli",  # worker
 )

@@ -2,6 +2,12 @@
 
 load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, presentation state (GSPS), with
 the seconds each step took ("volume", "cascade", "outputs").
+
+Every landmark has a status (``Landmark.status``).  Only ``found`` landmarks are SR points, SEG segments and
+GSPS marks; the landmark SR states the others, the measurements SR says which measurements it left out and
+why.  When no landmark is found (not a head, or a part of the head the model does not know), there are no
+result objects at all by default (``Results.nothing_found``; ``results_when_nothing_found=True`` makes a
+landmark SR and a measurements SR that say so, and no SEG or GSPS).
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ from typing import Iterable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
-from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.inference.landmark import FOUND, Landmark
+
+
+log = logging.getLogger(__name__)
 
 
 # The result objects in the order they are written and delivered: Results attribute -> kind (common.SERIES).
@@ -26,19 +35,30 @@ Predecessors = Mapping[str, Sequence[Dataset]]
 
 @dataclass
 class Results:
-    landmarks: list[Landmark]
-    landmark_sr: Dataset
-    measurements_sr: Dataset
-    seg: Dataset
-    gsps: Dataset | None  # None when the series' slices differ in rescale (sr_templates/gsps.py)
+    landmarks: list[Landmark]  # every landmark of the set, in order, with its status
+    landmark_sr: Dataset | None  # None: nothing found (see the module docstring)
+    measurements_sr: Dataset | None
+    seg: Dataset | None  # None when no landmark is found
+    gsps: Dataset | None  # None when nothing is found or the slices differ in rescale (sr_templates/gsps.py)
     timings: dict[str, float] = field(default_factory=dict)
     measurements: list = field(default_factory=list)  # MeasurementValue, for display
     volume: object | None = None  # the Volume the landmarks were found in
+    omitted: list = field(default_factory=list)  # OmittedMeasurement: left out, and why
+
+    @property
+    def nothing_found(self) -> bool:
+        return not any(lm.status == FOUND for lm in self.landmarks)
+
+    def objects(self) -> dict[str, Dataset]:
+        """The result objects there are, by attribute ("landmark_sr", "measurements_sr", "seg", "gsps")."""
+        return {k: getattr(self, k) for k in RESULT_KINDS if getattr(self, k) is not None}
 
 
-def build_outputs(volume, landmarks: list[Landmark], algorithm, predecessors: Predecessors | None = None
-                  ) -> tuple[Dataset, Dataset, Dataset, Dataset | None, list]:
-    """Landmark SR, measurements SR, SEG, GSPS and the measurement values, for landmarks found in ``volume``.
+def build_outputs(volume, landmarks: list[Landmark], algorithm, predecessors: Predecessors | None = None,
+                  results_when_nothing_found: bool = False
+                  ) -> tuple[Dataset | None, Dataset | None, Dataset | None, Dataset | None, list]:
+    """Landmark SR, measurements SR, SEG, GSPS and the measurement values for the landmarks of ``volume`` (all
+    of the set, with their status); ``None`` for an object there is nothing to put in (module docstring).
 
     ``predecessors``: what these results replace (the SRs name it, PS3.3 C.17.2.3; the SEG and GSPS IODs
     have no such attribute)."""
@@ -47,16 +67,19 @@ def build_outputs(volume, landmarks: list[Landmark], algorithm, predecessors: Pr
     from pacs_landmarks.sr_templates.measurements import build_measurements_sr, compute_measurements
     from pacs_landmarks.sr_templates.seg import build_landmark_seg
 
-    for lm in landmarks:
+    found = [lm for lm in landmarks if lm.status == FOUND]
+    for lm in found:
         if len(lm.position_lps_mm) != 3 or not all(math.isfinite(v) for v in lm.position_lps_mm):
             raise ValueError(f"landmark {lm.name!r} has no finite 3D position: {lm.position_lps_mm!r}")
     values = compute_measurements(landmarks, algorithm.landmark_set)
+    if not found and not results_when_nothing_found:
+        return None, None, None, None, values
     before = predecessors or {}
     return (
         build_landmark_sr(volume, landmarks, algorithm, predecessors=before.get("landmark-sr", ())),
         build_measurements_sr(volume, landmarks, algorithm, values, predecessors=before.get("measurements-sr", ())),
-        build_landmark_seg(volume, landmarks, algorithm),
-        build_gsps(volume, landmark_marks(volume, landmarks), algorithm),
+        build_landmark_seg(volume, landmarks, algorithm) if found else None,
+        build_gsps(volume, landmark_marks(volume, landmarks), algorithm) if found else None,
         values,
     )
 
@@ -88,25 +111,37 @@ def warm_up(model) -> float:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         datasets.append(ds)
     # A blank series makes the model warn "probably not a head CT": true, and not worth a log line here.
-    log = logging.getLogger("pacs_landmarks.inference.model")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    # Only these two loggers: the node's other loggers (associations, jobs) keep logging meanwhile.
+    quiet = [logging.getLogger(n) for n in ("pacs_landmarks.inference.model", __name__)]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
-        process_series(datasets, model)
+        res = process_series(datasets, model, results_when_nothing_found=True)
+        if res.seg is None:  # nothing found on a blank series: build every object once anyway
+            from dataclasses import replace
+
+            from pacs_landmarks.sr_templates.common import Algorithm
+
+            forced = [replace(lm, status=FOUND, reason="", position_lps_mm=lm.stage_positions[-1])
+                      for lm in res.landmarks]
+            build_outputs(res.volume, forced, Algorithm.of(model))
     finally:
-        log.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     return time.perf_counter() - t
 
 
-def process_series(datasets: Iterable[str | Path | Dataset], model, predecessors: Predecessors | None = None
-                   ) -> Results:
+def process_series(datasets: Iterable[str | Path | Dataset], model, predecessors: Predecessors | None = None,
+                   results_when_nothing_found: bool = False) -> Results:
     """Assemble the series, run the model's cascade, build the DICOM results.
 
     Raises ``pacs_landmarks.dicom.series.SeriesError`` for a series that cannot be assembled (clear reason),
-    ``ValueError`` if the model gives a landmark without a finite position. Nothing is written here: the
+    ``ValueError`` if the model gives a found landmark without a finite position. Nothing is written here: the
     caller decides where results go. Result UIDs are deterministic: the same source instances and model give
     the same UIDs, another set of instances of the series gives new ones (``sr_templates/uids.py``).
     ``predecessors``: the results these replace, by kind, newest first (see ``build_outputs``).
+    No landmark found: ``Results.nothing_found``, and no result objects unless ``results_when_nothing_found``.
     """
     from pacs_landmarks.dicom.series import load_series
     from pacs_landmarks.sr_templates.common import Algorithm
@@ -121,6 +156,14 @@ def process_series(datasets: Iterable[str | Path | Dataset], model, predecessors
     timings["cascade"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    landmark_sr, measurements_sr, seg, gsps, values = build_outputs(volume, landmarks, Algorithm.of(model), predecessors)
+    landmark_sr, measurements_sr, seg, gsps, values = build_outputs(
+        volume, landmarks, Algorithm.of(model), predecessors, results_when_nothing_found)
     timings["outputs"] = time.perf_counter() - t
-    return Results(landmarks, landmark_sr, measurements_sr, seg, gsps, timings, values, volume)
+    from pacs_landmarks.sr_templates.measurements import omitted_measurements
+
+    results = Results(landmarks, landmark_sr, measurements_sr, seg, gsps, timings, values, volume,
+                      omitted_measurements(landmarks, model.landmark_set))
+    if results.nothing_found:
+        log.warning("series %s: no landmark found: %s", volume.series_instance_uid,
+                    "reporting that nothing was found" if results_when_nothing_found else "no result objects")
+    return results

@@ -86,7 +86,8 @@ def test_empty_volume_gives_no_confident_landmark(demo_model):
     lms = demo_model.predict(_volume(np.full((60, 128, 128), -1000.0)))
     assert len(lms) == 16
     assert max(lm.confidence for lm in lms) < LOW_CONFIDENCE
-    assert all(np.isfinite(lm.position_lps_mm).all() for lm in lms)
+    assert not any(lm.found for lm in lms) and all(lm.position_lps_mm is None for lm in lms)
+    assert all(np.isfinite(lm.stage_positions).all() for lm in lms)  # the estimates stay for review
 
 
 def test_abdomen_sized_soft_tissue_gives_no_confident_landmark(demo_model):
@@ -98,6 +99,7 @@ def test_abdomen_sized_soft_tissue_gives_no_confident_landmark(demo_model):
     arr += rng.normal(0, 15, arr.shape)
     lms = demo_model.predict(_volume(arr))
     assert max(lm.confidence for lm in lms) < LOW_CONFIDENCE
+    assert not any(lm.found for lm in lms)
 
 
 def test_predict_returns_every_stage(demo_model):
@@ -106,8 +108,8 @@ def test_predict_returns_every_stage(demo_model):
     assert [lm.name for lm in lms] == demo_model.landmark_names
     for lm in lms:
         assert len(lm.stage_positions) == len(demo_model.stages)
-        assert lm.stage_positions[-1] == lm.position_lps_mm
-        assert 0.0 <= lm.confidence <= 1.0
+        assert lm.position_lps_mm is None if not lm.found else lm.stage_positions[-1] == lm.position_lps_mm
+        assert 0.0 <= lm.confidence <= 1.0 and lm.status in ("found", "not_found", "outside_field_of_view")
 
 
 # --- on phantoms (seeds 7000-7999: never used for training; the demo model trains on 1000-1999) ---
@@ -189,10 +191,12 @@ def test_predict_cli_table_and_json(tiny_cases):
     case = sorted(p for p in tiny_cases.iterdir() if p.is_dir())[0]
     proc = _run_cli("predict", str(case))
     assert proc.returncode == 0, proc.stderr
-    assert "Sella" in proc.stdout and "confidence" in proc.stdout
+    assert "Sella" in proc.stdout and "status" in proc.stdout and "conf" in proc.stdout
     proc = _run_cli("predict", str(case), "--json")
     doc = json.loads(proc.stdout)
     assert [lm["name"] for lm in doc["landmarks"]][:2] == ["Sella", "Nasion"]
+    assert len(doc["landmarks"]) == 16 and all("status" in lm for lm in doc["landmarks"])
+    assert all((lm["position_lps_mm"] is None) == (lm["status"] != "found") for lm in doc["landmarks"])
     truth = json.loads((case / "landmarks.json").read_text())
     assert doc["series_instance_uid"] == truth["series_instance_uid"]
 
@@ -221,5 +225,9 @@ def test_truth_from_a_landmark_sr_when_there_is_no_json(tiny_cases, tmp_path):
     case = load_case(case_dir, landmark_names(), cache_dir=tmp_path / "cache")
     predicted = json.loads((tmp_path / "out" / "landmarks.json").read_text())["landmarks"]
     assert case.array.ndim == 3 and case.landmarks.shape == (16, 3)
+    assert any(item["status"] == "found" for item in predicted)
     for i, item in enumerate(predicted):
-        assert np.allclose(case.landmarks[i], item["position_lps_mm"], atol=0.01)
+        if item["status"] == "found":
+            assert np.allclose(case.landmarks[i], item["position_lps_mm"], atol=0.01)
+        else:  # stated in the SR as not found: no truth for it
+            assert np.isnan(case.landmarks[i]).all()

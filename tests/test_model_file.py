@@ -96,7 +96,41 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
-    assert model.trained and model.version == "1.0.0"
+    assert model.trained and model.version == "2.0.0"
+    # 2.0: a presence output, a shape model of the training truth, a calibrated threshold
+    assert model.stages[0].presence and model.shape_model is not None
+    assert model.shape_model.n_landmarks == 16 and 0.3 <= model.low_confidence < 0.9
     training = model.metadata["training"]
     assert training["cases"] >= 60 and training["pixel_spacing_mm"] == [1.0]
     assert np.isfinite([p.abs().sum().item() for p in model.cascade.parameters()]).all()
+
+
+def test_damaged_shape_model_fails_at_load(tmp_path):
+    import json
+
+    import torch
+
+    payload = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
+    meta = json.loads(payload["metadata"])
+    meta["shape_model"]["kind"] = "something-else"
+    payload["metadata"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match="shape model"):
+        LandmarkModel.load(tmp_path / "bad.pt")
+
+
+def test_model_1x_without_presence_or_shape_model_still_loads_and_runs(tmp_path):
+    """A 1.x file (no presence output, no shape model) loads; statuses fall back to the crop rule."""
+    from pacs_landmarks.dicom.volume import Volume
+    from pacs_landmarks.inference.cascade import StageConfig
+    from pacs_landmarks.inference.model import new_metadata, save_model_file
+
+    stages = tuple(StageConfig(s.name, s.kind, s.size, s.spacing_mm, s.width) for s in DEFAULT_STAGES)
+    meta = new_metadata(version="1.9.9")
+    meta["training"] = {"cases": 1}
+    path = save_model_file(tmp_path / "old.pt", Cascade(stages, 16), meta)
+    model = LandmarkModel.load(path, device="cpu")
+    assert not model.stages[0].presence and model.shape_model is None
+    vol = Volume(np.full((20, 32, 32), -1000.0, np.float32), np.eye(4), "1.2.3", "1.2.4", "1.2.5", [])
+    lms = model.predict(vol)
+    assert len(lms) == 16 and not any(lm.found for lm in lms)

@@ -189,3 +189,25 @@ def test_a_result_set_without_presentation_state_is_delivered(tmp_path):
     assert job.state == "done", job.reason
     assert dest.received == [["landmarks-sr.dcm", "measurements-sr.dcm", "seg.dcm"]]
     assert "gsps" not in job.results and "gsps" not in job.details["result_uids"]
+def test_nothing_found_is_done_without_result_objects(tmp_path):
+    """No landmark found (pipeline.Results.nothing_found): nothing goes to the archive, the job is done with
+    the reason, landmarks.json keeps the statuses."""
+    from pacs_landmarks.inference.landmark import NOT_FOUND
+
+    def nothing(datasets, model, predecessors=None):
+        return SimpleNamespace(
+            landmarks=[Landmark("Nasion", None, 0.05, status=NOT_FOUND, reason="low confidence")],
+            landmark_sr=None, measurements_sr=None, seg=None, gsps=None, timings={"cascade": 0.01},
+            nothing_found=True)
+
+    dest = FlakyDestination()
+    store, job, worker = _setup(tmp_path, dest)
+    worker.steps._process_series = nothing
+    assert worker.run_once()
+    job = store.get(job.id)
+    assert job.state == "done" and "no landmark found" in job.reason
+    assert dest.calls == 0
+    assert set(job.results) == {"landmarks_json"}
+    doc = json.loads(Path(job.results["landmarks_json"]).read_text())
+    assert doc["landmarks"][0] == {"name": "Nasion", "status": "not_found", "position_lps_mm": None,
+                                   "confidence": 0.05}

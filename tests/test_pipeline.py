@@ -45,8 +45,11 @@ def _check_results(results, volume_series_uid, tmp_path, validate_dicom):
         # These test series have no Body Part Examined: the GSPS's Laterality is then empty (unknown).
         allowed = (LOCAL_SCHEME, "<Laterality>") if name == "gsps" else (LOCAL_SCHEME,)
         assert all(any(a in w for a in allowed) for w in warnings), warnings
+    found = [lm for lm in results.landmarks if lm.found]
+    assert len(found) >= 12, [(lm.name, lm.status, lm.reason) for lm in results.landmarks]
     back = read_landmark_sr(pydicom.dcmread(tmp_path / "landmark_sr.dcm"))
-    for want, got in zip(results.landmarks, back):
+    assert len(back) == len(found)
+    for want, got in zip(found, back):
         assert want.name == got.name
         assert np.allclose(want.position_lps_mm, got.position_lps_mm, atol=0.01)
     seg = pydicom.dcmread(tmp_path / "seg.dcm")
@@ -54,14 +57,21 @@ def _check_results(results, volume_series_uid, tmp_path, validate_dicom):
     assert seg.FrameOfReferenceUID == results.volume.frame_of_reference_uid
 
 
+def _phantom_files(folder, seed, **kw):
+    """A real head (phantom) series: the model finds its landmarks, so every result object is made."""
+    from pacs_landmarks.inference.phantom import make_case, write_case
+
+    out = write_case(make_case(seed), folder, size=128, pixel_spacing=2.0, **kw)
+    return sorted(out.glob("*.dcm")), json.loads((out / "landmarks.json").read_text())
+
+
 def test_process_series_tilted_files(tmp_path, validate_dicom, model):
     from pacs_landmarks.pipeline import process_series
 
-    datasets, truth = make_series("tilted", seed=11)
-    paths = _write(datasets, tmp_path / "in")
+    paths, truth = _phantom_files(tmp_path / "in", 7102, slice_thickness=2.5, tilt_deg=15.0)
     results = process_series(paths, model)
     assert results.volume.resampled  # the loader resampled the tilted series; outputs use the source planes
-    _check_results(results, truth.series_instance_uid, tmp_path, validate_dicom)
+    _check_results(results, truth["series_instance_uid"], tmp_path, validate_dicom)
 
     # Same series, other order, datasets instead of files: same result UIDs (a re-run replaces).
     shuffled = [pydicom.dcmread(p) for p in paths]
@@ -78,7 +88,8 @@ def test_process_series_enhanced_ct(tmp_path, validate_dicom, model):
 
     from pacs_landmarks.pipeline import process_series
 
-    datasets, _ = make_series("thick", seed=12)
+    paths, _ = _phantom_files(tmp_path / "in", 7103, slice_thickness=5.0)
+    datasets = [pydicom.dcmread(p) for p in paths]
     for ds in datasets:
         ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
         ds.AcquisitionDate, ds.AcquisitionTime = ds.StudyDate, ds.StudyTime
@@ -100,23 +111,49 @@ def _cli(*args):
 
 
 def test_infer_command(tmp_path):
-    datasets, truth = make_series("anisotropic", seed=13)
-    _write(datasets, tmp_path / "series")
+    _, truth = _phantom_files(tmp_path / "series", 7104, slice_thickness=3.0)
+    (tmp_path / "series" / "landmarks.json").unlink()
     proc = _cli("infer", tmp_path / "series", "--out", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr
     for name in ("landmarks-sr.dcm", "measurements-sr.dcm", "landmarks-seg.dcm", "landmarks-gsps.dcm", "landmarks.json"):
         assert (tmp_path / "out" / name).is_file()
     doc = json.loads((tmp_path / "out" / "landmarks.json").read_text())
-    assert doc["series_instance_uid"] == truth.series_instance_uid
+    assert doc["series_instance_uid"] == truth["series_instance_uid"]
     assert [lm["name"] for lm in doc["landmarks"]] == landmark_names()
-    assert "SNA angle" in proc.stdout and "Gonion L" in proc.stdout
+    assert "SNA angle" in proc.stdout and "Gonion L" in proc.stdout and "status" in proc.stdout
+    found = [entry for entry in doc["landmarks"] if entry["status"] == "found"]
     back = read_landmark_sr(pydicom.dcmread(tmp_path / "out" / "landmarks-sr.dcm"))
-    for lm, entry in zip(back, doc["landmarks"]):
+    assert [lm.name for lm in back] == [entry["name"] for entry in found]
+    for lm, entry in zip(back, found):
         assert np.allclose(lm.position_lps_mm, entry["position_lps_mm"], atol=0.01)
 
     proc = _cli("read-sr", tmp_path / "out" / "landmarks-sr.dcm")
     assert proc.returncode == 0, proc.stderr
-    assert [lm["name"] for lm in json.loads(proc.stdout)["landmarks"]] == landmark_names()
+    read = json.loads(proc.stdout)["landmarks"]
+    assert [lm["name"] for lm in read] == landmark_names()
+    assert [lm["status"] for lm in read] == [entry["status"] for entry in doc["landmarks"]]
+
+
+def test_infer_on_no_head_writes_no_result_objects(tmp_path):
+    """Noise, not a head: no landmark found, so no SR or SEG (the default), a clear line, the statuses in
+    landmarks.json."""
+    datasets, truth = make_series("anisotropic", seed=13)
+    _write(datasets, tmp_path / "series")
+    proc = _cli("infer", tmp_path / "series", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "no landmark found" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["landmarks.json"]
+    doc = json.loads((tmp_path / "out" / "landmarks.json").read_text())
+    assert doc["series_instance_uid"] == truth.series_instance_uid
+    assert len(doc["landmarks"]) == 16 and all(lm["status"] != "found" for lm in doc["landmarks"])
+    assert all(lm["position_lps_mm"] is None for lm in doc["landmarks"])
+
+    proc = _cli("infer", tmp_path / "series", "--out", tmp_path / "out2", "--report-nothing-found")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [
+        "landmarks-sr.dcm", "landmarks.json", "measurements-sr.dcm"]
+    back = read_landmark_sr(pydicom.dcmread(tmp_path / "out2" / "landmarks-sr.dcm"), include_missing=True)
+    assert len(back) == 16 and not any(lm.found for lm in back)
 
 
 def test_infer_command_bad_input(tmp_path):

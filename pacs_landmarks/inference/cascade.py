@@ -32,6 +32,7 @@ class StageConfig:
     size: int  # box edge in voxels
     spacing_mm: float
     width: int  # base channel count of the network
+    presence: bool = False  # global stage: a per-landmark "inside the scanned volume" output (models >= 2.0)
 
     @property
     def extent_mm(self) -> float:
@@ -39,7 +40,7 @@ class StageConfig:
 
 
 DEFAULT_STAGES = (
-    StageConfig("global", "global", 64, 4.0, 16),
+    StageConfig("global", "global", 64, 4.0, 16, presence=True),
     StageConfig("local", "local", 24, 1.25, 8),
     StageConfig("fine", "local", 24, 0.6, 8),
 )
@@ -62,7 +63,7 @@ class Cascade(nn.Module):
             raise ValueError("a cascade is one global stage followed by local stages")
         self.stages = tuple(stages)
         self.n_landmarks = n_landmarks
-        self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width) for s in stages)
+        self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width, s.presence) for s in stages)
 
 
 def coordinate_channels(size: int, device=None) -> torch.Tensor:
@@ -115,6 +116,21 @@ class CascadeOutput:
     confidence: np.ndarray  # (L,) 0..1
     bone_ml: float
     timings: dict[str, float]
+    presence: np.ndarray | None = None  # (L,) 0..1 "inside the scanned volume" (None: model without it)
+    inside_fraction: np.ndarray | None = None  # (L,) share of the last stage's crop inside the volume
+    reseeded: np.ndarray | None = None  # (L,) bool: local stages started from the shape model's estimate
+
+
+def inside_fraction(sampler: VolumeSampler, points: np.ndarray, extent_mm: float, n: int = 5) -> np.ndarray:
+    """Share of a box of ``extent_mm`` around each point (L, 3) that lies inside the scanned volume."""
+    offs = (np.arange(n) - (n - 1) / 2) * (extent_mm / n)
+    grid = np.stack(np.meshgrid(offs, offs, offs, indexing="ij"), -1).reshape(-1, 3)
+    pts = np.asarray(points, float)[:, None, :] + grid[None]
+    inv = np.linalg.inv(sampler.affine)
+    idx = pts @ inv[:3, :3].T + inv[:3, 3]
+    size = np.asarray(sampler.shape, float)
+    ok = ((idx >= -0.5) & (idx <= size - 0.5)).all(-1)
+    return ok.mean(1)
 
 
 def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spreads: np.ndarray,
@@ -135,13 +151,16 @@ def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spre
 
 @torch.no_grad()
 def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False,
-                fuse: bool = False) -> CascadeOutput:
+                fuse: bool = False, shape=None) -> CascadeOutput:
     """All stages on one volume; positions of every stage come back for reporting and evaluation.
 
     ``fuse``: a local stage's point is the inverse-variance mean, per axis, of its own soft-argmax and the
     previous stage's point (variances = widths of the probability maps along x, y, z).  Where a fine crop
     holds little information along one axis (5 mm slices along z), its map is wide along that axis and the
     coarser stage keeps more weight there.
+
+    ``shape`` (a ``shape.ShapeModel``): a global estimate that does not fit the other landmarks is replaced by
+    where the others put it before the local stages start (``CascadeOutput.reseeded``).
     """
     import time
 
@@ -159,11 +178,29 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     pts = box_points(torch.as_tensor(centre, dtype=torch.float32, device=dev)[None], st.size, st.spacing_mm)
     hu = sampler.sample(pts, st.spacing_mm)
     with amp:
-        logits = cascade.nets[0](global_input(hu))
+        logits, pres = cascade.nets[0](global_input(hu), with_presence=True)
+    presence = torch.sigmoid(pres[0].float()).cpu().double().numpy() if pres is not None else None
     pts_all = pts.expand(n_lm, *pts.shape[1:])
     pos, var, _ = soft_argmax(logits[0].float(), pts_all)
     positions.append(pos)
     spreads.append(var.sum(-1).sqrt())
+    reseeded = np.zeros(n_lm, bool)
+    if shape is not None:
+        p1 = pos.cpu().double().numpy()
+        cand = presence >= 0.5 if presence is not None else np.ones(n_lm, bool)
+        bad, _ = shape.check(p1, cand)
+        if bad.any():
+            seed = shape.predict(p1, cand & ~bad)
+            ok = bad & np.isfinite(seed).all(1)
+            if ok.any():
+                reseeded = ok
+                pos = pos.clone()
+                positions[-1] = pos
+                pos[torch.as_tensor(ok, device=pos.device)] = torch.as_tensor(seed[ok], dtype=pos.dtype,
+                                                                              device=pos.device)
+                # the re-seeded start is as uncertain as the shape model's threshold
+                var = var.clone()
+                var[torch.as_tensor(ok, device=var.device)] = 25.0
     timings[f"stage1_{st.name}"] = time.perf_counter() - t0
 
     for k, st in enumerate(stages[1:], start=2):
@@ -186,7 +223,8 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     positions_np = torch.stack(positions).cpu().double().numpy()
     spreads_np = torch.stack(spreads).cpu().double().numpy()
     conf = confidence_from(stages, positions_np, spreads_np, bone_ml)
-    return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings)
+    inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
+    return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside, reseeded)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -23,25 +23,27 @@ def _load_model(path):
 
 
 def _cases(args, names):
-    from pacs_landmarks.inference.data import DataError, load_cases
+    from pacs_landmarks.inference.data import DataError, load_cases, read_label_map
 
     try:
-        return load_cases(args.data, names, cache_dir=args.cache, progress=not args.quiet)
+        return load_cases(args.data, names, cache_dir=args.cache, progress=not args.quiet,
+                          label_map=read_label_map(args.label_map))
     except DataError as exc:
         raise _error(str(exc)) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pacs_landmarks.inference.data import DataError
+    from pacs_landmarks.inference.data import DataError, read_label_map
     from pacs_landmarks.inference.train import TrainConfig, train
 
     config = TrainConfig(epochs=args.epochs, batch_cases=args.batch_cases, lr=args.lr, seed=args.seed,
-                         val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads)
+                         val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads,
+                         only=args.only or "")
     if args.model_version:
         config.extra["version"] = args.model_version
     try:
         summary = train(args.data, args.out, config, cache_dir=args.cache, resume=args.resume, init=args.init,
-                        progress=not args.quiet)
+                        progress=not args.quiet, label_map=read_label_map(args.label_map))
     except DataError as exc:
         raise _error(str(exc)) from None
     print(f"model written to {summary['model']} (checkpoint {summary['checkpoint']})")
@@ -58,6 +60,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
+    if args.calibrate:
+        from pacs_landmarks.inference.evaluate import calibrate_model
+
+        cal = calibrate_model(model, result, args.calibrate)
+        print(f"calibrated threshold {cal['low_confidence']:.2f}: {cal.get('share')} of {cal['n']} points at or "
+              f"above it within 2 mm; model written to {args.calibrate}")
     if args.plots:
         paths = box_plots(result, args.plots)
         print(f"{len(paths)} box plots in {args.plots}")
@@ -67,6 +75,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pacs_landmarks.dicom.series import SeriesError, load_series
     from pacs_landmarks.inference.data import dicom_files
+    from pacs_landmarks.inference.landmark import landmark_json, landmark_table
 
     model = _load_model(args.model)
     series = Path(args.series)
@@ -83,17 +92,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         json.dump({"series_instance_uid": volume.series_instance_uid, "model": model.name,
                    "model_version": model.version, "landmark_set": model.landmark_set,
-                   "landmarks": [{"name": lm.name, "position_lps_mm": list(lm.position_lps_mm),
-                                  "confidence": lm.confidence, "stage_positions": [list(p) for p in
-                                                                                    lm.stage_positions]}
+                   "landmarks": [landmark_json(lm, 6) | {"stage_positions": [list(p) for p in lm.stage_positions]}
                                  for lm in landmarks]}, sys.stdout, indent=1)
         print()
         return 0
     print(f"series {volume.series_instance_uid}  model {model.name} {model.version}")
-    print(f"{'landmark':<12} {'x (mm)':>9} {'y (mm)':>9} {'z (mm)':>9} {'confidence':>10}")
-    for lm in landmarks:
-        x, y, z = lm.position_lps_mm
-        print(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:10.2f}")
+    print(landmark_table(landmarks))
     return 0
 
 
@@ -114,8 +118,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch passing this wall time")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
+    p.add_argument("--label-map", default=None, metavar="FILE.json",
+                   help="Slicer markups labels -> landmark names ({\"label\": \"name\"}); default: by name "
+                   "or abbreviation")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--init", default=None, help="start from this model file's weights")
+    p.add_argument("--only", choices=("presence",), default=None,
+                   help="train only the presence output (the rest frozen; use with --init)")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -130,6 +139,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="OUT.json", help="write all statistics and raw errors here")
     p.add_argument("--plots", default=None, metavar="DIR", help="write a box plot PNG per landmark here")
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
+    p.add_argument("--label-map", default=None, metavar="FILE.json",
+                   help="Slicer markups labels -> landmark names; default: by name or abbreviation")
+    p.add_argument("--calibrate", default=None, metavar="OUT.pt",
+                   help="write the model with the lowest confidence threshold at which >= 95 %% of the points "
+                   "at or above it are within 2 mm on these cases (use held-out cases)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

@@ -5,6 +5,17 @@ A case is a directory holding one CT series and its truth, as ``pacs-landmarks p
 landmark SR (PS3.16 TID 1500) among the files, read with ``pacs_landmarks.sr_templates.read_landmark_sr``.
 Decoding a few hundred slices costs seconds; the cache (HU as int16, the affine, the truth) costs
 milliseconds, so repeated epochs and evaluations read the cache.
+
+Truth may also be a 3D Slicer markups file (``*.mrk.json``, the format Slicer writes for point lists:
+``markups[].controlPoints[]`` with ``label`` and ``position``, in the file's ``coordinateSystem``, RAS or
+LPS; RAS points are turned into LPS by negating x and y).  Labels are matched to the landmark set by name or
+abbreviation (case-insensitive), or through a label map (``--label-map FILE.json``: ``{"label": "landmark
+name"}``).  An unknown label, a point outside the scanned volume or truth in another frame of reference is a
+``DataError`` naming the case, never a crash.
+
+A phantom cut to a scan range (``phantom --coverage``) also records, per landmark, whether it lies inside the
+scanned volume and how far from its edge (``Case.in_scan``, ``Case.edge_distance``): evaluation scores the
+presence output with them.
 """
 from __future__ import annotations
 
@@ -17,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class DataError(Exception):
@@ -31,6 +42,8 @@ class Case:
     affine: np.ndarray  # 4x4 array index (k, j, i) -> LPS mm
     landmarks: np.ndarray  # (L, 3) LPS mm; NaN where the truth lacks a landmark
     slice_thickness: float
+    in_scan: np.ndarray | None = None  # (L,) bool: the true landmark lies inside the scanned volume
+    edge_distance: np.ndarray | None = None  # (L,) mm from the edge of the scanned volume (inf: unknown)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -68,6 +81,83 @@ def _truth_from_json(path: Path, names: list[str], landmark_set: str) -> np.ndar
     return truth
 
 
+def _scan_flags(path: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    index = {n: i for i, n in enumerate(names)}
+    in_scan = np.ones(len(names), bool)
+    edge = np.full(len(names), np.inf)
+    for item in doc["landmarks"]:
+        if item["name"] in index:
+            in_scan[index[item["name"]]] = bool(item.get("in_scan", True))
+            edge[index[item["name"]]] = float(item.get("edge_distance_mm", np.inf))
+    return in_scan, edge
+
+
+def markups_files(case_dir: Path) -> list[Path]:
+    return sorted(case_dir.glob("*.mrk.json"))
+
+
+def read_markups(path: str | Path, names: list[str], landmark_set: str = "craniofacial16",
+                 label_map: dict[str, str] | None = None) -> np.ndarray:
+    """Truth (L, 3) LPS mm from a 3D Slicer markups file; ``DataError`` for bad truth (see module docstring)."""
+    from pacs_landmarks.landmark_sets import load_landmark_set
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        markups = doc["markups"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a Slicer markups file ({exc})") from None
+    lookup = {}
+    for d in load_landmark_set(landmark_set)["landmarks"]:
+        lookup[d["name"].lower()] = d["name"]
+        lookup[d["abbreviation"].lower()] = d["name"]
+    for label, name in (label_map or {}).items():
+        if name not in names:
+            raise DataError(f"label map: {name!r} (for label {label!r}) is not a landmark of {landmark_set!r}")
+        lookup[label.strip().lower()] = name
+    truth = np.full((len(names), 3), np.nan)
+    index = {n: i for i, n in enumerate(names)}
+    for m in markups:
+        system = str(m.get("coordinateSystem", "LPS")).upper()
+        if system not in ("LPS", "RAS"):
+            raise DataError(f"{path}: coordinate system {system!r} is neither RAS nor LPS")
+        flip = np.array([-1.0, -1.0, 1.0]) if system == "RAS" else np.ones(3)
+        for cp in m.get("controlPoints", []):
+            label = str(cp.get("label", "")).strip()
+            if cp.get("positionStatus", "defined") != "defined":
+                continue
+            name = lookup.get(label.lower())
+            if name is None:
+                raise DataError(f"{path}: label {label!r} is not a landmark of {landmark_set!r} "
+                                f"(use --label-map to map it)")
+            pos = np.asarray(cp["position"], float)
+            if pos.shape != (3,) or not np.isfinite(pos).all():
+                raise DataError(f"{path}: point {label!r} has no finite 3D position")
+            if np.isfinite(truth[index[name]]).all():
+                raise DataError(f"{path}: landmark {name!r} is given twice")
+            truth[index[name]] = pos * flip
+    if not np.isfinite(truth).any():
+        raise DataError(f"{path}: no control points")
+    return truth
+
+
+def _check_truth_in_volume(case_dir: Path, truth: np.ndarray, array_shape, affine: np.ndarray,
+                           names: list[str], margin_mm: float = 5.0) -> None:
+    """A true point outside the scanned volume means truth for another series / frame of reference."""
+    inv = np.linalg.inv(affine)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    for i, p in enumerate(truth):
+        if not np.isfinite(p).all():
+            continue
+        idx = inv[:3, :3] @ p + inv[:3, 3]
+        slack = margin_mm / spacing
+        if np.any(idx < -0.5 - slack) or np.any(idx > np.asarray(array_shape) - 0.5 + slack):
+            raise DataError(f"{case_dir}: truth point {names[i]!r} at {np.round(p, 1).tolist()} mm (LPS) is "
+                            "outside the scanned volume: truth for another series or frame of reference, or "
+                            "RAS/LPS mixed up")
+
+
 def _truth_from_sr(files: list[Path], names: list[str]) -> np.ndarray | None:
     import pydicom
 
@@ -96,18 +186,26 @@ def _cache_key(files: list[Path], truth_file: Path | None) -> str:
 
 
 def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "craniofacial16",
-              cache_dir: str | Path | None = None) -> Case:
+              cache_dir: str | Path | None = None, label_map: dict[str, str] | None = None) -> Case:
     """Decode (or read from the cache) one case. The cache goes to ``cache_dir`` or ``case_dir/.cache``."""
     case_dir = Path(case_dir)
     files = dicom_files(case_dir)
     truth_file = case_dir / "landmarks.json"
     truth_file = truth_file if truth_file.is_file() else None
-    key = _cache_key(files, truth_file)
+    markups = markups_files(case_dir) if truth_file is None else []
+    if len(markups) > 1:
+        raise DataError(f"{case_dir}: {len(markups)} markups files; keep one per case")
+    truth_src = truth_file or (markups[0] if markups else None)
+    key = _cache_key(files, truth_src)
+    if label_map:
+        key = hashlib.sha1((key + json.dumps(label_map, sort_keys=True)).encode()).hexdigest()[:16]
     cdir = Path(cache_dir) / case_dir.name if cache_dir else case_dir / ".cache"
     cpath = cdir / f"volume-{key}.npz"
     if cpath.is_file():
         z = np.load(cpath)
-        return Case(case_dir.name, z["array"], z["affine"], z["landmarks"], float(z["slice_thickness"]))
+        return Case(case_dir.name, z["array"], z["affine"], z["landmarks"], float(z["slice_thickness"]),
+                    z["in_scan"], z["edge_distance"])
+    markup_truth = read_markups(markups[0], names, landmark_set, label_map) if markups else None
 
     from pacs_landmarks.dicom.series import SeriesError, load_series
 
@@ -117,20 +215,30 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
         volume = load_series(files)  # leaves out non-image instances (e.g. a truth SR) by itself
     except SeriesError as exc:
         raise DataError(f"{case_dir}: {exc}") from None
+    in_scan, edge = np.ones(len(names), bool), np.full(len(names), np.inf)
     if truth_file is not None:
         truth = _truth_from_json(truth_file, names, landmark_set)
+        in_scan, edge = _scan_flags(truth_file, names)
+        doc_for = json.loads(truth_file.read_text(encoding="utf-8")).get("frame_of_reference_uid")
+        if doc_for and volume.frame_of_reference_uid and doc_for != volume.frame_of_reference_uid:
+            raise DataError(f"{case_dir}: landmarks.json is for frame of reference {doc_for}, the series is in "
+                            f"{volume.frame_of_reference_uid}")
+    elif markup_truth is not None:
+        truth = markup_truth
+        _check_truth_in_volume(case_dir, truth, volume.array.shape, np.asarray(volume.affine, float), names)
     else:
         truth = _truth_from_sr(files, names)
         if truth is None:
-            raise DataError(f"{case_dir}: no ground truth (landmarks.json or a landmark SR)")
+            raise DataError(f"{case_dir}: no ground truth (landmarks.json, a Slicer *.mrk.json or a landmark SR)")
     thickness = float(getattr(volume.source_headers[0], "SliceThickness", 0) or 0) if volume.source_headers \
         else 0.0
     array = np.clip(np.rint(volume.array), -32768, 32767).astype(np.int16)
-    case = Case(case_dir.name, array, np.asarray(volume.affine, float), truth, thickness or volume.spacing[0])
+    case = Case(case_dir.name, array, np.asarray(volume.affine, float), truth, thickness or volume.spacing[0],
+                in_scan, edge)
     cdir.mkdir(parents=True, exist_ok=True)
     tmp = cdir / f".tmp-{key}.npz"
     np.savez(tmp, array=case.array, affine=case.affine, landmarks=case.landmarks,
-             slice_thickness=case.slice_thickness)
+             slice_thickness=case.slice_thickness, in_scan=in_scan, edge_distance=edge)
     tmp.replace(cpath)
     for old in cdir.glob("volume-*.npz"):
         if old != cpath:
@@ -139,11 +247,31 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
 
 
 def load_cases(data_dir: str | Path, names: list[str], landmark_set: str = "craniofacial16",
-               cache_dir: str | Path | None = None, progress: bool = True) -> list[Case]:
+               cache_dir: str | Path | None = None, progress: bool = True,
+               label_map: dict[str, str] | None = None) -> list[Case]:
     from tqdm import tqdm
 
     dirs = find_cases(data_dir)
-    cases = []
+    cases, errors = [], []
     for d in tqdm(dirs, desc="reading cases", unit="case", disable=not progress):
-        cases.append(load_case(d, names, landmark_set, cache_dir))
+        try:
+            cases.append(load_case(d, names, landmark_set, cache_dir, label_map))
+        except DataError as exc:  # report every bad case at once, not just the first
+            log.error("%s", exc)
+            errors.append(str(exc))
+    if errors:
+        raise DataError(f"{len(errors)} of {len(dirs)} case(s) cannot be used:\n  " + "\n  ".join(errors))
     return cases
+
+
+def read_label_map(path: str | Path | None) -> dict[str, str] | None:
+    """``{"label": "landmark name"}`` from a JSON file (``--label-map``); ``DataError`` if it is not one."""
+    if path is None:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"label map {path}: {exc}") from None
+    if not isinstance(doc, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        raise DataError(f"label map {path}: expected a JSON object of label -> landmark name")
+    return doc

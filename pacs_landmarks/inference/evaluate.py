@@ -2,7 +2,13 @@
 
 Radial error = Euclidean distance in patient mm between the predicted and the true point.  Reported per
 landmark and overall, one row per cascade stage: MRE +- SD, median (IQR), successful detection rate (SDR:
-share of points within 2 / 2.5 / 3 / 4 mm) and mean absolute error per LPS axis.
+share of points within 2 / 2.5 / 3 / 4 mm) and mean absolute error per LPS axis.  Landmarks whose truth lies
+outside the scanned volume (cut phantoms) have no error.
+
+Statuses: how many true-in-scan landmarks are ``found``; presence correct (``outside_field_of_view`` exactly
+when the truth is outside the scan) for landmarks more than 5 mm from the scan's edge; ``found`` landmarks
+whose truth is not in the scan (must be 0); the error of ``found`` landmarks; and a reliability table
+(confidence bin -> share within 2 mm, count) over every in-scan landmark.
 """
 from __future__ import annotations
 
@@ -38,15 +44,24 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
 
     names = model.landmark_names
     stages = [s.name for s in model.stages]
-    diffs, confs, per_case = [], [], []
+    diffs, confs, per_case, statuses, in_scans, edges = [], [], [], [], [], []
     for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
         vol = Volume(c.array.astype(np.float32), c.affine, "", "", "", [])
         out = model.run(vol)
-        d = out.positions - c.landmarks[None]  # (stages, L, 3)
+        status, _, conf = model.statuses(out)
+        in_scan = c.in_scan if c.in_scan is not None else np.ones(len(names), bool)
+        in_scan = in_scan & np.isfinite(c.landmarks).all(1)
+        truth = np.where(in_scan[:, None], c.landmarks, np.nan)
+        d = out.positions - truth[None]  # (stages, L, 3)
         diffs.append(d)
-        confs.append(out.confidence)
+        confs.append(conf)
+        statuses.append(status)
+        in_scans.append(in_scan)
+        edges.append(c.edge_distance if c.edge_distance is not None else np.full(len(names), np.inf))
         per_case.append({"case": c.name, "slice_thickness_mm": c.slice_thickness,
-                         "mre_final": float(np.nanmean(np.linalg.norm(d[-1], axis=-1))),
+                         "mre_final": float(np.nanmean(np.linalg.norm(d[-1], axis=-1))) if in_scan.any() else None,
+                         "found": int((status == "found").sum()), "in_scan": int(in_scan.sum()),
+                         "statuses": [str(v) for v in status],
                          "cascade_s": float(sum(out.timings.values()))})
     diff = np.stack(diffs)  # (cases, stages, L, 3)
     err = np.linalg.norm(diff, axis=-1)
@@ -59,7 +74,41 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
     conf = np.stack(confs)
     result["confidence"] = {"mean": float(conf.mean()), "min": float(conf.min())}
     result["errors"] = err.tolist()  # raw, for plots and re-analysis
+    status = np.stack(statuses)
+    in_scan = np.stack(in_scans)
+    edge = np.stack(edges)
+    found = status == "found"
+    final = err[:, -1]
+    far = edge > 5.0
+    present_pred = status != "outside_field_of_view"
+    result["status"] = {
+        "landmarks": int(status.size), "in_scan": int(in_scan.sum()), "found": int(found.sum()),
+        "found_of_in_scan": float(found[in_scan].mean()) if in_scan.any() else None,
+        "presence_correct_beyond_5mm": float((present_pred == in_scan)[far].mean()) if far.any() else None,
+        "presence_n_beyond_5mm": int(far.sum()),
+        "found_not_in_scan": int((found & ~in_scan).sum()),
+        "found_error": error_stats(final[found & in_scan], diff[:, -1][found & in_scan]),
+        "counts": {s: int((status == s).sum()) for s in ("found", "not_found", "outside_field_of_view")},
+    }
+    result["reliability"] = reliability(conf[in_scan], final[in_scan])
+    result["confidences"] = conf.tolist()
     return result
+
+
+RELIABILITY_BINS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0)
+
+
+def reliability(confidence: np.ndarray, error: np.ndarray, bins=RELIABILITY_BINS) -> list[dict]:
+    """Confidence bins -> share of points within 2 mm and count (points with a finite error)."""
+    ok = np.isfinite(error)
+    c, e = confidence[ok], error[ok]
+    rows = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (c >= lo) & ((c < hi) if hi < bins[-1] else (c <= hi))
+        rows.append({"from": lo, "to": hi, "n": int(sel.sum()),
+                     "within_2mm": float((e[sel] <= 2.0).mean()) if sel.any() else None,
+                     "mre": float(e[sel].mean()) if sel.any() else None})
+    return rows
 
 
 def _row(label: str, s: dict) -> str:
@@ -84,6 +133,22 @@ def format_report(result: dict) -> str:
     lines += ["", HEADER.format(what=f"landmark ({final} stage)")]
     for name in result["landmarks"]:
         lines.append(_row(name, result["per_landmark"][final][name]))
+    st = result.get("status")
+    if st:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        lines += ["", "| statuses | value |", "|---|---|",
+                  f"| landmarks (in scan) | {st['landmarks']} ({st['in_scan']}) |",
+                  f"| found / not found / outside field of view | {st['counts']['found']} / "
+                  f"{st['counts']['not_found']} / {st['counts']['outside_field_of_view']} |",
+                  f"| found, of the landmarks in the scan % | {pct(st['found_of_in_scan'])} |",
+                  f"| presence correct, > 5 mm from the scan's edge % (n) | "
+                  f"{pct(st['presence_correct_beyond_5mm'])} ({st['presence_n_beyond_5mm']}) |",
+                  f"| found but not in the scan | {st['found_not_in_scan']} |"]
+        lines += ["", HEADER.format(what="found landmarks"), _row("found", st["found_error"])]
+        lines += ["", "| confidence | n | within 2 mm % | MRE (mm) |", "|---|---|---|---|"]
+        for r in result["reliability"]:
+            mre = "-" if r["mre"] is None else f"{r['mre']:.2f}"
+            lines.append(f"| {r['from']:.1f}–{r['to']:.1f} | {r['n']} | {pct(r['within_2mm'])} | {mre} |")
     return "\n".join(lines)
 
 
@@ -117,3 +182,32 @@ def box_plots(result: dict, out_dir: str | Path) -> list[Path]:
 
 def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def choose_threshold(confidence: np.ndarray, error: np.ndarray, target: float = 0.95, within_mm: float = 2.0,
+                     floor: float = 0.3) -> dict:
+    """The lowest confidence threshold (>= ``floor``) at which at least ``target`` of the points at or above
+    it are within ``within_mm`` (points with a finite error only)."""
+    ok = np.isfinite(error)
+    c, e = np.asarray(confidence)[ok], np.asarray(error)[ok]
+    for t in np.round(np.arange(floor, 0.951, 0.01), 2):
+        sel = c >= t
+        if sel.sum() >= 10 and (e[sel] <= within_mm).mean() >= target:
+            return {"low_confidence": float(t), "target": target, "within_mm": within_mm, "n": int(sel.sum()),
+                    "share": float((e[sel] <= within_mm).mean()), "kept": float(sel.mean())}
+    return {"low_confidence": 0.95, "target": target, "within_mm": within_mm, "n": int((c >= 0.95).sum()),
+            "share": None, "kept": float((c >= 0.95).mean())}
+
+
+def calibrate_model(model, result: dict, out: str | Path) -> dict:
+    """Write ``out``: the model with ``metadata.calibration`` (the threshold from ``choose_threshold`` on
+    ``result``'s in-scan landmarks, final stage)."""
+    from pacs_landmarks.inference.model import save_model_file
+
+    conf = np.asarray(result["confidences"], float)
+    err = np.asarray(result["errors"], float)[:, -1]
+    cal = choose_threshold(conf.ravel(), err.ravel())
+    cal["cases"] = result["cases"]
+    meta = dict(model.metadata, calibration=cal)
+    save_model_file(out, model.cascade, meta)
+    return cal

@@ -10,7 +10,15 @@ no pickled code)::
 metadata JSON: ``name``, ``version``, ``landmark_set``, ``landmark_names`` (in output order), ``stages``
 (list of StageConfig: name, kind, size, spacing_mm, width), ``intensity`` (how HU are normalised),
 ``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``fuse_stages``
-(inference option, see ``cascade.run_cascade``), ``created``.
+(inference option, see ``cascade.run_cascade``), ``created``; from model 2.0 also ``shape_model`` (the
+Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional).
+
+Status of each landmark (``Landmark.status``, see ``landmark_statuses``):
+``outside_field_of_view`` when the model's presence output says the landmark is not in the scanned volume
+(< 0.5) or less than half of the last stage's crop lies inside the volume; else ``not_found`` when the
+confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the point does not fit the other landmarks
+under the shape model ("implausible position", confidence halved); else ``found``.  A model file without a
+presence output or shape model (1.x) uses the crop rule alone and skips the plausibility check.
 Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
 """
 from __future__ import annotations
@@ -25,15 +33,43 @@ from typing import Any
 
 import numpy as np
 
-from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.inference.landmark import FOUND, NOT_FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pacs-landmarks-model"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "craniofacial16-demo.pt"
-# Below this a landmark should be treated as not found / needing review (SR and UI consumers use it).
+# Below this a landmark is not_found ("low confidence").
 LOW_CONFIDENCE = 0.3
+# At or above this presence probability a landmark counts as inside the scanned volume.
+PRESENCE_THRESHOLD = 0.5
+# Less than this share of the last stage's crop inside the volume: the point is at or past the scan's edge.
+MIN_INSIDE_FRACTION = 0.5
+
+
+def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE):
+    """(status (L,), reason (L,), confidence (L,)) for one ``CascadeOutput`` (see the module docstring)."""
+    n = out.positions.shape[1]
+    conf = np.array(out.confidence, float)
+    status = np.array([FOUND] * n, dtype=object)
+    reason = np.array([""] * n, dtype=object)
+    inside = out.inside_fraction if out.inside_fraction is not None else np.ones(n)
+    absent = inside < MIN_INSIDE_FRACTION
+    if out.presence is not None:
+        absent |= out.presence < PRESENCE_THRESHOLD
+    status[absent] = OUTSIDE_FIELD_OF_VIEW
+    reason[absent] = "not in the scanned volume"
+    low = ~absent & (conf < low_confidence)
+    status[low] = NOT_FOUND
+    reason[low] = "low confidence"
+    cand = status == FOUND
+    if shape is not None and cand.any():
+        bad, _ = shape.check(out.positions[-1], cand)
+        status[bad] = NOT_FOUND
+        reason[bad] = "implausible position"
+        conf[bad] *= 0.5
+    return status, reason, conf
 
 
 class ModelError(Exception):
@@ -100,11 +136,15 @@ class LandmarkModel:
     """A loaded cascade. Load once, reuse for every series; ``predict`` is thread-safe."""
 
     def __init__(self, cascade, metadata: dict[str, Any], device, path: Path | None = None):
+        from pacs_landmarks.inference.shape import ShapeModel
+
         self.cascade = cascade
         self.metadata = metadata
         self.device = device
         self.path = path
         self._lock = threading.Lock()
+        doc = metadata.get("shape_model")
+        self.shape_model = ShapeModel.from_json(doc) if doc else None
 
     name = property(lambda self: self.metadata["name"])
     version = property(lambda self: self.metadata["version"])
@@ -143,6 +183,16 @@ class LandmarkModel:
             cascade.load_state_dict(weights)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ModelError(f"{path}: weights do not fit the stages described in the file ({exc})") from exc
+        if meta.get("shape_model") is not None:
+            from pacs_landmarks.inference.shape import ShapeModel
+
+            try:
+                sm = ShapeModel.from_json(meta["shape_model"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ModelError(f"{path}: shape model is damaged ({exc})") from exc
+            if sm.n_landmarks != len(meta["landmark_names"]):
+                raise ModelError(f"{path}: shape model has {sm.n_landmarks} landmarks, the set has "
+                                 f"{len(meta['landmark_names'])}")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -164,19 +214,37 @@ class LandmarkModel:
         with self._lock:
             sampler = VolumeSampler(volume.array, volume.affine, self.device)
             return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
-                               fuse=bool(self.metadata.get("fuse_stages", False)))
+                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model)
+
+    @property
+    def low_confidence(self) -> float:
+        """The confidence below which a landmark is not found: calibrated on held-out cases when the file
+        says so (``metadata.calibration.low_confidence``, ``evaluate --calibrate``), else ``LOW_CONFIDENCE``."""
+        return float((self.metadata.get("calibration") or {}).get("low_confidence", LOW_CONFIDENCE))
+
+    def statuses(self, out):
+        """(status, reason, confidence) per landmark of a ``run`` output (``landmark_statuses``)."""
+        return landmark_statuses(out, self.shape_model, self.low_confidence)
 
     def predict(self, volume) -> list[Landmark]:
-        """Landmarks (patient LPS mm) of one Volume, with confidence and every stage's position."""
+        """Every landmark of the set, in order, with status, confidence and every stage's position (LPS mm);
+        ``position_lps_mm`` only for ``found`` ones."""
         out = self.run(volume)
-        if float(np.max(out.confidence, initial=0.0)) < LOW_CONFIDENCE:
-            log.warning("series %s: no confident landmark (bone in scan %.0f ml): probably not a head CT",
-                        volume.series_instance_uid, out.bone_ml)
+        status, reason, conf = self.statuses(out)
+        n_found = int((status == FOUND).sum())
+        if n_found == 0:
+            log.warning("series %s: no landmark found (bone in scan %.0f ml): probably not a head CT or not "
+                        "the part of the head this model knows", volume.series_instance_uid, out.bone_ml)
+        else:
+            log.info("series %s: %d of %d landmarks found, %d outside the field of view, %d not found",
+                     volume.series_instance_uid, n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()),
+                     int((status == NOT_FOUND).sum()))
         result = []
         for i, name in enumerate(self.landmark_names):
             stage_pos = tuple(tuple(float(v) for v in out.positions[k, i]) for k in range(out.positions.shape[0]))
-            result.append(Landmark(name=name, position_lps_mm=stage_pos[-1],
-                                   confidence=float(out.confidence[i]), stage_positions=stage_pos))
+            result.append(Landmark(name=name, position_lps_mm=stage_pos[-1] if status[i] == FOUND else None,
+                                   confidence=float(conf[i]), stage_positions=stage_pos,
+                                   status=str(status[i]), reason=str(reason[i])))
         return result
 
 

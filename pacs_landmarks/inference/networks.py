@@ -29,9 +29,16 @@ class GlobalNet(nn.Module):
     tell an otherwise translation-invariant network where it is (left from right, up from down).
     """
 
-    def __init__(self, n_landmarks: int, width: int = 16, in_channels: int = 4):
+    def __init__(self, n_landmarks: int, width: int = 16, in_channels: int = 4, presence: bool = False):
         super().__init__()
         w = width
+        self.presence = presence
+        if presence:
+            # Per landmark: is it inside the scanned volume?  From the features where the landmark's own map
+            # puts it (air or a cut edge there when it is not) and from the whole box (which part of the head
+            # the scan holds).
+            self.presence_local = nn.Parameter(torch.zeros(n_landmarks, 2 * w))
+            self.presence_global = nn.Linear(4 * w, n_landmarks)
         self.enc1 = nn.Sequential(_block(in_channels, w, 2))  # 1/2
         self.enc2 = nn.Sequential(_block(w, 2 * w, 2), _block(2 * w, 2 * w))  # 1/4
         self.enc3 = nn.Sequential(_block(2 * w, 3 * w, 2), _block(3 * w, 3 * w), _block(3 * w, 3 * w))  # 1/8
@@ -40,7 +47,9 @@ class GlobalNet(nn.Module):
         self.dec2 = _block(5 * w, 2 * w)
         self.head = nn.Conv3d(2 * w, n_landmarks, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, with_presence: bool = False):
+        """Logit maps (N, L, *size); with ``with_presence`` also presence logits (N, L) (None without a
+        presence head)."""
         size = x.shape[2:]
         e1 = self.enc1(x)
         e2 = self.enc2(e1)
@@ -50,7 +59,18 @@ class GlobalNet(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(d3, size=e2.shape[2:], mode="trilinear"), e2], 1))
         # Logits at 1/4 resolution are upsampled (no convolution at full size: that would cost most of the
         # compute); the soft-argmax on the full grid still gives sub-voxel points.
-        return F.interpolate(self.head(d2), size=size, mode="trilinear")
+        coarse = self.head(d2)
+        logits = F.interpolate(coarse, size=size, mode="trilinear")
+        if not with_presence:
+            return logits
+        if not self.presence:
+            return logits, None
+        n, n_lm = coarse.shape[:2]
+        # the map is a fixed pointer here (detached): presence must not pull the points around
+        att = torch.softmax(coarse.detach().reshape(n, n_lm, -1).float(), -1)
+        feat = torch.einsum("nlp,ncp->nlc", att, d2.reshape(n, d2.shape[1], -1).float())
+        pooled = e4.mean((2, 3, 4))
+        return logits, (feat * self.presence_local).sum(-1) + self.presence_global(pooled)
 
 
 class LocalNet(nn.Module):
@@ -80,9 +100,9 @@ class LocalNet(nn.Module):
         return F.interpolate(self.head(d2), size=size, mode="trilinear")
 
 
-def build_network(kind: str, n_landmarks: int, width: int) -> nn.Module:
+def build_network(kind: str, n_landmarks: int, width: int, presence: bool = False) -> nn.Module:
     if kind == "global":
-        return GlobalNet(n_landmarks, width)
+        return GlobalNet(n_landmarks, width, presence=presence)
     if kind == "local":
         return LocalNet(n_landmarks, width)
     raise ValueError(f"unknown network kind {kind!r}")

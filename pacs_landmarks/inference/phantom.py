@@ -368,12 +368,72 @@ class PhantomCase:
             rng = rng or np.random.default_rng(self.seed)
             gain = 1.0 / math.sqrt(np.prod([_gauss_sq_sum(s) for s in sig]))
             vol += rng.standard_normal(vol.shape, dtype=np.float32) * np.float32(self.params["noise_hu"] * gain)
+        metal = vol > 3000.0 if (noise and self.params["metal_streaks_hu"] > 0) else None
         if any(sig):
             vol = gaussian_filter(vol, sig, mode="nearest", truncate=_TRUNCATE)
+        if noise:
+            vol = self._scanner_effects(vol, metal, spacing, rng)
+        return vol
+
+    def _scanner_effects(self, vol: np.ndarray, metal: np.ndarray | None, spacing: np.ndarray,
+                         rng: np.random.Generator) -> np.ndarray:
+        """What ``variety`` adds after reconstruction: kernel, metal streaks, cone-beam intensity (slice-wise,
+        axis 0 = slices)."""
+        from scipy.ndimage import gaussian_filter
+
+        p = self.params
+        px = float(spacing[1])
+        if p["kernel"] == "sharp":
+            # bone kernel: unsharp masking -> edge overshoot and high-frequency (more, finer) noise
+            base = gaussian_filter(vol, [0.0, 0.8 / px, 0.8 / px], mode="nearest")
+            vol = vol + p["kernel_strength"] * 1.5 * (vol - base)
+        elif p["kernel"] == "soft":
+            vol = gaussian_filter(vol, [0.0, p["kernel_strength"] / px, p["kernel_strength"] / px], mode="nearest")
+        if metal is not None and metal.any():
+            for k in np.flatnonzero(metal.any(axis=(1, 2))):
+                vol[k] += metal_streaks(metal[k], p["metal_streaks_hu"], rng)
+        if p["cbct"]:
+            n, h, w = vol.shape
+            jj, ii = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2, indexing="ij")
+            r = np.hypot(jj, ii) * px
+            big_r = max(h, w) * px / 2
+            shade = -p["cupping_hu"] * np.clip(1.0 - (r / big_r) ** 2, 0.0, 1.0)
+            ring_rng = np.random.default_rng(self.seed + 77)
+            for radius, amp in zip(ring_rng.uniform(5.0, big_r, 6), ring_rng.uniform(-1, 1, 6)):
+                shade = shade + p["rings_hu"] * amp * np.exp(-0.5 * ((r - radius) / 0.8) ** 2)
+            vol = vol * np.float32(p["cbct_gain"]) + np.float32(p["cbct_offset_hu"]) + shade.astype(np.float32)
         return vol
 
 
 _TRUNCATE = 3.0
+
+
+def metal_streaks(metal: np.ndarray, amplitude_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive streak image (HU) for one slice whose metal pixels are ``metal`` (2D bool): bright and dark
+    streaks through the metal along random directions, and a dark band (beam hardening) between the two
+    furthest metal objects, as in adult head CT with fillings (photon starvation along the longest paths)."""
+    h, w = metal.shape
+    out = np.zeros((h, w), np.float32)
+    idx = np.argwhere(metal)
+    if len(idx) == 0 or amplitude_hu <= 0:
+        return out
+    jj, ii = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    n_lines = int(min(12, 3 + len(idx) // 8))
+    for _ in range(n_lines):
+        j0, i0 = idx[rng.integers(len(idx))]
+        ang = rng.uniform(0, np.pi)
+        d = (jj - j0) * np.cos(ang) - (ii - i0) * np.sin(ang)
+        along = np.abs((jj - j0) * np.sin(ang) + (ii - i0) * np.cos(ang))
+        amp = amplitude_hu * rng.uniform(0.3, 1.0) * (1 if rng.random() < 0.5 else -1)
+        out += (amp * np.exp(-0.5 * (d / rng.uniform(0.7, 2.0)) ** 2) / (1.0 + along / (0.5 * max(h, w)))
+                ).astype(np.float32)
+    a, b = idx[np.argmin(idx[:, 1])], idx[np.argmax(idx[:, 1])]
+    if np.linalg.norm(a - b) > 4:
+        ab = (b - a).astype(np.float32)
+        t = np.clip(((jj - a[0]) * ab[0] + (ii - a[1]) * ab[1]) / float(ab @ ab), 0.0, 1.0)
+        dist = np.hypot(jj - (a[0] + t * ab[0]), ii - (a[1] + t * ab[1]))
+        out -= (amplitude_hu * 0.8 * np.exp(-0.5 * (dist / 3.0) ** 2)).astype(np.float32)
+    return out
 
 
 def _gauss_sq_sum(sigma: float) -> float:
@@ -388,11 +448,17 @@ def _gauss_sq_sum(sigma: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------- anatomy
-def make_case(seed: int, **overrides) -> PhantomCase:
+def make_case(seed: int, variety: bool = False, **overrides) -> PhantomCase:
     """Draw one random head. ``overrides`` fix any drawn parameter (see ``PhantomCase.params``), e.g.
     ``mouth_opening_deg=0``, ``rotation_deg=(0, 0, 0)``, ``translation_mm=(0, 0, 0)``, ``size=1.0``,
     ``noise_hu=10``, ``pixel_spacing=0.5``, ``slice_thickness=1.0``, ``vertex_cut_mm=0``, ``headrest=False``,
-    ``missing_teeth=()``."""
+    ``missing_teeth=()``.
+
+    ``variety``: domain randomisation for what real scanners send (``draw_variety``): Class II/III jaws, open
+    bite, asymmetric faces, edentulous jaws, fillings/crowns/brackets with streaks, lower bone density, sharp or
+    soft kernels, noise up to 60 HU, head tilt up to 25 deg and gantry tilt, an immobilisation mask, cone-beam
+    intensity (no HU calibration, cupping, rings). Drawn from a separate stream, so a seed's basic head is
+    the same either way."""
     rng = np.random.default_rng(np.random.SeedSequence([0x5EED, int(seed)]))
     p: dict = {}
     p["size"] = float(np.clip(rng.normal(1.0, 0.04), 0.88, 1.12))
@@ -417,6 +483,9 @@ def make_case(seed: int, **overrides) -> PhantomCase:
     p["vertex_cut_mm"] = float(0.0 if rng.random() < 0.7 else rng.uniform(5.0, 40.0))
     p["headrest"] = bool(rng.random() < 0.8)
     p["hu_jitter"] = float(rng.uniform(0.93, 1.07))
+    p.update(VARIETY_DEFAULTS)
+    if variety:
+        p.update(draw_variety(seed, p))
     unknown = set(overrides) - set(p)
     if unknown:
         raise TypeError(f"make_case: unknown parameter(s) {sorted(unknown)}")
@@ -431,6 +500,12 @@ def make_case(seed: int, **overrides) -> PhantomCase:
     hu = np.array(list(MATERIALS.values()), np.float32)
     bone_ids = [MATERIAL_IDS[m] for m in ("cortical", "diploe", "cancellous", "dentin")]
     hu[bone_ids] *= p["hu_jitter"]
+    # Lower bone density (elderly, children, physical phantoms whose "bone" is ~700-800 HU): bone HU above
+    # soft tissue scaled down; cancellous bone drops more than cortical (osteoporosis thins trabeculae first).
+    for m, extra in (("cortical", 1.0), ("diploe", 1.15), ("cancellous", 1.3)):
+        i = MATERIAL_IDS[m]
+        f = max(0.15, 1.0 - (1.0 - p["bone_density"]) * extra)
+        hu[i] = 60.0 + (hu[i] - 60.0) * f
 
     # Pose: rotate about a point near the head's centre, then translate; the head centre sits at the origin.
     R = _rot("z", p["rotation_deg"][2]) @ _rot("y", p["rotation_deg"][1]) @ _rot("x", p["rotation_deg"][0])
@@ -442,12 +517,88 @@ def make_case(seed: int, **overrides) -> PhantomCase:
     case = PhantomCase(int(seed), b.shapes, hu, head_to_lps, {}, {}, p)
     if p["headrest"]:
         case.shapes[:0] = _headrest(case)
+    if p["mask"]:
+        case.shapes[:0] = _immobilisation_mask(case)
     head_lm, aux = _measure_landmarks(case, b)
     case.head_landmarks = head_lm
     to_lps = lambda q: head_to_lps[:3, :3] @ q + head_to_lps[:3, 3]  # noqa: E731
     case.landmarks = {n: to_lps(head_lm[n]) for n in NAMES}
     case.aux_points = {n: to_lps(q) for n, q in aux.items()}
     return case
+
+
+# Parameters that only ``variety`` draws; these values leave a case as it always was.
+VARIETY_DEFAULTS: dict = {
+    "bone_density": 1.0, "kernel": "standard", "kernel_strength": 0.0, "metal_streaks_hu": 0.0,
+    "brackets": False, "mask": False, "gantry_tilt_deg": 0.0,
+    "cbct": False, "cbct_gain": 1.0, "cbct_offset_hu": 0.0, "cupping_hu": 0.0, "rings_hu": 0.0,
+    "windows_follow_jaws": False,
+}
+
+
+def draw_variety(seed: int, p: dict) -> dict:
+    """Domain randomisation (issue 10 section 4): the parameters that ``make_case(variety=True)`` redraws.
+
+    Anatomy beyond +-15 %: Class II / III jaws (mandible and maxilla shifted up to ~9 mm), open bite (mouth
+    open up to 12 deg), asymmetric faces, edentulous jaws and missing teeth; metal (fillings, crowns,
+    brackets) with streaks; bone density 0.45-1.1 (a physical phantom's ~700-800 HU cortical bone at the
+    low end); sharp (edge overshoot, high-frequency noise) and soft kernels; noise up to 60 HU; head
+    tilted/rotated up to 25 deg and gantry tilt; an immobilisation mask; cone-beam intensity.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([0x5EED, int(seed), 0xD0]))
+    v: dict = {"windows_follow_jaws": True}
+    cls = rng.choice(["I", "II", "III"], p=[0.5, 0.25, 0.25])
+    v["mandible_shift_mm"] = float({"I": rng.normal(0, 1.5), "II": -rng.uniform(3, 9), "III": rng.uniform(3, 9)}[cls])
+    v["maxilla_shift_mm"] = float(rng.normal(0.0, 2.0))
+    v["mandible_scale"] = float(rng.uniform(0.88, 1.12))
+    v["size"] = float(rng.uniform(0.85, 1.15))
+    v["chin_prominence_mm"] = float(rng.uniform(-2.0, 4.0))
+    v["mouth_opening_deg"] = float(0.0 if rng.random() < 0.4 else rng.uniform(0.5, 12.0))
+    v["asymmetry_mm"] = float(rng.normal(0.0, 3.0))
+    v["rotation_deg"] = [float(rng.uniform(-25, 25)), float(rng.uniform(-15, 15)), float(rng.uniform(-20, 20))]
+    if rng.random() < 0.12:
+        v["missing_teeth"] = list(range(28))  # edentulous
+    else:
+        v["missing_teeth"] = [int(t) for t in np.flatnonzero(rng.random(28) < rng.uniform(0.0, 0.3))]
+    v["fillings"] = [int(t) for t in np.flatnonzero(rng.random(28) < rng.uniform(0.0, 0.3))]
+    v["brackets"] = bool(rng.random() < 0.12)
+    v["metal_streaks_hu"] = float(rng.uniform(150.0, 700.0))
+    v["bone_density"] = float(rng.choice([rng.uniform(0.45, 0.6), rng.uniform(0.6, 1.1)], p=[0.25, 0.75]))
+    v["kernel"] = str(rng.choice(["standard", "sharp", "soft"], p=[0.4, 0.4, 0.2]))
+    v["kernel_strength"] = float(rng.uniform(0.4, 1.2))
+    v["noise_hu"] = float(rng.uniform(5.0, 60.0))
+    v["gantry_tilt_deg"] = float(0.0 if rng.random() < 0.6 else rng.uniform(-25.0, 25.0))
+    v["mask"] = bool(rng.random() < 0.15)
+    v["headrest"] = bool(rng.random() < 0.85)
+    if rng.random() < 0.2:
+        v["cbct"] = True
+        v["cbct_gain"] = float(rng.uniform(0.6, 1.4))
+        v["cbct_offset_hu"] = float(rng.uniform(-300.0, 300.0))
+        v["cupping_hu"] = float(rng.uniform(0.0, 250.0))
+        v["rings_hu"] = float(rng.uniform(0.0, 60.0))
+    return v
+
+
+def _immobilisation_mask(case: PhantomCase) -> list[Shape]:
+    """A thermoplastic mask: a ~2.5 mm shell of plastic a few mm in front of the face (painted first, so the
+    head overwrites its inside)."""
+    shapes = []
+    for s in case.shapes:
+        if s.name == "face" and s.material == MATERIAL_IDS["skin"]:
+            for name, mat, grow in (("mask", "cartilage", 6.5), ("mask inside", "air", 4.0)):
+                Minv = np.linalg.inv(np.vstack([s.M, [0, 0, 0, 1]]))
+                centre = Minv[:3, 3]
+                A = Minv[:3, :3]
+                axes = np.linalg.norm(A, axis=0)
+                A2 = A * ((axes + grow) / axes)
+                M = np.linalg.inv(np.vstack([np.hstack([A2, centre[:, None]]), [0, 0, 0, 1]]))[:3]
+                # keep the anterior half only (clip on the local coordinate pointing forward)
+                shapes.append(Shape(name, MATERIAL_IDS[mat], "ellipsoid", M, clip=(1, 0.0)))
+            break
+    # the clip must keep the anterior (-y) side: flip the local y axis
+    for sh in shapes:
+        sh.M = np.diag([1.0, -1.0, 1.0]) @ sh.M
+    return shapes
 
 
 def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
@@ -575,6 +726,9 @@ def _arch(b: _Builder, which: str, *, y_front, z, width, depth, crest_dz, p) -> 
             b.cap(f"{which} root", "dentin", (x, y, root_end), (x, y, crown), (2.0, r * 0.7, r * 0.7), hint=(1, 0, 0))
             mat = "metal" if tooth in p["fillings"] else "enamel"
             b.ell(f"{which} crown", mat, (x, y, crown), (r, r, 3.5))
+            if p["brackets"]:  # orthodontic bracket on the labial/buccal face of the crown
+                nrm = np.array([math.sin(phi), -math.cos(phi), 0.0])
+                b.ell(f"{which} bracket", "metal", np.array([x, y, crown]) + nrm * (r + 0.6), (1.6, 1.6, 1.6))
     return {"y_front": y_front, "z": z}
 
 
@@ -691,6 +845,10 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
     h = lambda q: D @ np.asarray(q, float)  # noqa: E731  design -> head, skull
     hj = lambda q: D @ (jaw[:3, :3] @ np.asarray(q, float) + jaw[:3, 3])  # noqa: E731  design -> head, jaw
     lm: dict[str, np.ndarray] = {}
+    # search windows follow the jaws when they are shifted far (Class II / III, variety cases); plain heads keep
+    # the windows their landmarks were always measured with
+    follow = case.params["windows_follow_jaws"]
+    md, mx = (case.params["mandible_shift_mm"], case.params["maxilla_shift_mm"]) if follow else (0.0, 0.0)
     aux: dict[str, np.ndarray] = {}
     lm["Sella"] = h((0, 0, 0))  # centre of the pituitary fossa sphere
     # Nasion: deepest point of the midline profile between glabella and the nasal bones.
@@ -709,19 +867,19 @@ def _measure_landmarks(case: PhantomCase, b: _Builder) -> tuple[dict, dict]:
         gone = np.flatnonzero(~bone)
         edge = xs[gone[0] - 1] if len(gone) and gone[0] > 0 else xs[-1]
         lm[f"Porion {side}"] = np.array([edge, top[1], top[2]])
-    ans = h((0, -72, -41.5))
+    ans = h((0, -72 - mx, -41.5))
     lm["ANS"] = _support(case, ans, (0, 8, 3.5), (0, -1, 0), plane_x=0.0)
     pns = h((0, -22, -42.5))
     lm["PNS"] = _support(case, pns, (0, 6, 3.0), (0, 1, 0), plane_x=0.0)
-    pr = h((0, -72, -57))
+    pr = h((0, -72 - mx, -57))
     aux["Prosthion"] = _support(case, pr, (0, 8, 5), (0, -1, -0.3), plane_x=0.0)
     lm["A point"] = _deepest(case, 0.0, lm["ANS"][1] - 2, lm["ANS"][1] + 20, aux["Prosthion"][2], lm["ANS"][2] - 2.5)
-    chin = hj((0, -66, -97))
+    chin = hj((0, -66 - md, -97))
     lm["Pogonion"] = _support(case, chin, (0, 8, 7), (0, -1, 0), plane_x=0.0)
-    me = hj((0, -59, -110.0))
+    me = hj((0, -59 - md, -110.0))
     lm["Menton"] = _support(case, me, (0, 10, 6), (0, 0, -1), plane_x=0.0)
     lm["Gnathion"] = _support(case, (lm["Pogonion"] + lm["Menton"]) / 2, (0, 8, 8), (0, -1, -1), plane_x=0.0)
-    idl = hj((0, -67, -74))
+    idl = hj((0, -67 - md, -74))
     aux["Infradentale"] = _support(case, idl, (0, 8, 5), (0, -1, 0.3), plane_x=0.0)
     lm["B point"] = _deepest(case, 0.0, lm["Pogonion"][1] - 2, lm["Pogonion"][1] + 22, lm["Pogonion"][2] + 1.0,
                              aux["Infradentale"][2] - 1.0)
@@ -807,7 +965,7 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
                slice_thickness: float | None = None, size: int = 512, tilt_deg: float = 0.0,
                gaps: Sequence[float] | Callable[[int], float] | None = None, order: str = "ascending",
                transfer_syntax: str = ExplicitVRLittleEndian, z_range: tuple[float, float] | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, coverage=None) -> Path:
     """Render ``case`` and write it as a CT Image Storage series, one file per slice, plus landmarks.json.
 
     ``pixel_spacing``/``slice_thickness`` default to the case's drawn values (the spacing is for a 512
@@ -816,6 +974,9 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
     image plane is tilted about the patient x axis while slice positions step along z (PS3.3 C.7.6.2.1.1).
     ``order`` sets Instance Number against position: "ascending" (inferior first), "reversed", "shuffled".
     ``z_range`` = (z_min, z_max) LPS mm overrides the automatic chin-to-vertex extent.
+    ``coverage``: a ``coverage.Region`` (a clinical scan range): slices only within its slab, and pixels
+    outside its cylinder (cone-beam field of view) set to air; landmarks.json records the region and, per
+    landmark, whether it lies inside the scanned volume.
     """
     from pacs_landmarks.dicom.write import SeriesInfo, save, slice_dataset
 
@@ -838,6 +999,10 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
         z1 -= p["vertex_cut_mm"]
     else:
         z0, z1 = z_range
+    if coverage is not None:
+        z0, z1 = max(z0, coverage.z_lo), min(z1, coverage.z_hi)
+        if z1 < z0:
+            raise ValueError(f"coverage {coverage.kind} leaves no slice of this head")
     n = max(1, int(math.floor((z1 - z0) / thick)) + 1)
     steps = np.full(n, thick)
     steps[0] = 0.0
@@ -885,6 +1050,12 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
     for c0 in iterator:
         c1 = min(n, c0 + chunk)
         hu = _render_slices(case, firsts[c0:c1], row, col, ps, size, thick, rng)
+        if coverage is not None and coverage.cylinder is not None:
+            cx, cy, rad = coverage.cylinder
+            grid = np.arange(size) * ps
+            for k in range(c0, c1):
+                pos = firsts[k][None, None] + grid[:, None, None] * col + grid[None, :, None] * row
+                hu[k - c0][(pos[..., 0] - cx) ** 2 + (pos[..., 1] - cy) ** 2 > rad * rad] = -1000.0
         for k in range(c0, c1):
             ds = slice_dataset(
                 hu[k - c0], info=info, sop_instance_uid=_uid(case.seed, "sop", write_params, k),
@@ -912,6 +1083,27 @@ def write_case(case: PhantomCase, out_dir: str | Path, pixel_spacing: float | No
         "measurements": {k: round(v, 3) for k, v in measurements(case.landmarks, case.aux_points).items()},
         "params": {k: v for k, v in p.items()},
     }
+    if coverage is not None:
+        # The scanned volume: the stack of (possibly tilted) slices, thickness included, within the field of
+        # view; and the cone-beam cylinder, if any.
+        normal = np.cross(row, col)
+        normal /= np.linalg.norm(normal)
+        offsets = np.array([float(normal @ f) for f in firsts])
+        lo_n, hi_n = offsets.min() - thick / 2, offsets.max() + thick / 2
+        doc["coverage"] = {"kind": coverage.kind, "z_lo": float(zs.min()), "z_hi": float(zs.max()),
+                           "slice_normal": normal.round(6).tolist(), "cylinder": list(coverage.cylinder)
+                           if coverage.cylinder else None}
+        for item in doc["landmarks"]:
+            q = np.asarray(item["position_lps_mm"])
+            along = float(normal @ q)
+            rel = q - firsts[0]
+            u, v = float(rel @ row), float(rel @ col)  # in-plane position (mm) from the first pixel
+            edges = [along - lo_n, hi_n - along, u + ps / 2, fov - ps / 2 - u, v + ps / 2, fov - ps / 2 - v]
+            if coverage.cylinder is not None:
+                cx, cy, rad = coverage.cylinder
+                edges.append(rad - math.hypot(q[0] - cx, q[1] - cy))
+            item["in_scan"] = bool(min(edges) >= 0)
+            item["edge_distance_mm"] = round(abs(min(edges)), 2)  # inside: to the nearest edge; outside: about
     (out / "landmarks.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
     return out
 
@@ -965,6 +1157,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tilt", type=float, default=0.0, metavar="DEG", help="gantry tilt in degrees")
     p.add_argument("--order", choices=("ascending", "reversed", "shuffled"), default="ascending",
                    help="instance numbering against slice position")
+    from pacs_landmarks.inference.coverage import KINDS
+
+    p.add_argument("--coverage", choices=KINDS + ("mixed",), default="full",
+                   help="scan range: full head (default), routine head (foramen magnum to vertex), sinus, "
+                   "facial bones, mandible only, dental cone-beam small/medium cylinder, random cuts, or "
+                   "mixed (drawn per case)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=JSON",
+                   help="fix a drawn case parameter for every case (repeatable), e.g. fillings=[4,5,18,19] "
+                   "metal_streaks_hu=500 cbct=true bone_density=0.5 (see make_case)")
+    p.add_argument("--variety", type=float, nargs="?", const=1.0, default=0.0, metavar="SHARE",
+                   help="share of cases (0-1, default 0; 1 when given alone) drawn with domain randomisation: jaw classes, metal with streaks, bone density, kernels, noise "
+                   "up to 60 HU, head and gantry tilt, masks, cone-beam intensity (see docs/phantoms.md)")
     p.set_defaults(func=_cmd_phantom)
 
 
@@ -973,21 +1177,43 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
     if args.count < 1:
         raise CommandError("--count must be at least 1")
+    if not 0.0 <= args.variety <= 1.0:
+        raise CommandError("--variety must be a share between 0 and 1")
     if args.size < 16 or args.size > 2048:
         raise CommandError("--size must be between 16 and 2048")
     for name in ("slice_thickness", "pixel_spacing"):
         v = getattr(args, name)
         if v is not None and not v > 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive")
+    overrides = {}
+    for item in args.param:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name.strip()] = json.loads(value)
+        except ValueError:
+            raise CommandError(f"--param {item!r}: the value must be JSON (e.g. 0.5, true, [1, 2])") from None
+    unknown = set(overrides) - set(make_case(0).params)
+    if unknown:
+        raise CommandError(f"--param: unknown parameter(s) {', '.join(sorted(unknown))}")
     from tqdm import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
     for k in tqdm(range(args.count), desc="phantoms", unit="case", disable=args.count < 2):
-        case = make_case(args.seed + k)
+        # evenly spread: case k is a variety case when the running share steps up at k
+        variety = int((k + 1) * args.variety + 1e-9) > int(k * args.variety + 1e-9)
+        case = make_case(args.seed + k, variety=variety, **overrides)
+        region = None
+        if args.coverage != "full":
+            from pacs_landmarks.inference.coverage import draw_region, draw_training_kind
+
+            crng = np.random.default_rng(np.random.SeedSequence([0xC0, args.seed + k]))
+            kind = draw_training_kind(crng) if args.coverage == "mixed" else args.coverage
+            region = draw_region(kind, case.landmarks, crng)
+        tilt = args.tilt or case.params["gantry_tilt_deg"]
         try:
             write_case(case, args.out / f"case-{k + 1:04d}", pixel_spacing=args.pixel_spacing,
-                       slice_thickness=args.slice_thickness, size=args.size, tilt_deg=args.tilt, order=args.order,
-                       progress=args.count < 2)
+                       slice_thickness=args.slice_thickness, size=args.size, tilt_deg=tilt, order=args.order,
+                       progress=args.count < 2, coverage=region)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     print(f"wrote {args.count} case(s) to {args.out}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,22 @@ class TrainConfig:
     offset_floor_mm: tuple[float, ...] = (2.5, 1.0)  # minimum offset sigma per local stage
     ce_weight: float = 0.5
     local_landmarks: int = 8  # crops per case per step for each local stage
+    presence_weight: float = 2.0  # weight of the presence loss (binary cross-entropy)
+    outside_weight: float = 0.1  # stage-1 location loss weight of landmarks outside the scan range
+    only: str = ""  # "presence": train the presence output alone (everything else frozen), e.g. after --init
+    coverage: bool = True  # cut inputs to clinical scan ranges (coverage.TRAIN_WEIGHTS) and learn presence
+    domain: dict = field(default_factory=lambda: dict(DOMAIN))  # domain randomisation (see DOMAIN)
     extra: dict = field(default_factory=dict)
+
+
+# Training-time domain randomisation of intensities (issue 10 section 4); each entry is a probability or range.
+DOMAIN = {
+    "gain": 0.05, "offset_hu": 30.0,  # every crop: gain +-5 %, offset +-30 HU
+    "noise_hu": 60.0, "correlated_noise_p": 0.5,  # noise SD up to 60 HU, half of it spatially correlated
+    "bone_density_p": 0.3, "bone_density": (0.45, 1.1),  # bone HU above soft tissue scaled
+    "sharp_p": 0.3, "sharp": (0.3, 1.5), "soft_p": 0.15,  # bone kernel (edge overshoot) / soft kernel
+    "cbct_p": 0.15, "cbct_gain": (0.6, 1.4), "cbct_offset_hu": 300.0, "cupping_hu": 250.0,  # no HU calibration
+}
 
 
 def _gaussian_ce(prob_log: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -54,7 +70,8 @@ def _gaussian_ce(prob_log: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor,
     return -(target * prob_log).sum(1)
 
 
-def _stage_loss(logits: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, spacing: float, ce_weight: float):
+def _stage_loss(logits: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, spacing: float, ce_weight: float,
+                weight: torch.Tensor | None = None):
     n = logits.shape[0]
     flat = logits.reshape(n, -1).float()
     logp = torch.log_softmax(flat, 1)
@@ -66,27 +83,85 @@ def _stage_loss(logits: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, sp
     dist = (pos - t).norm(dim=1)
     ce = _gaussian_ce(logp, pts, t, 1.5 * spacing)
     per = dist / spacing + ce_weight * ce
-    loss = (per * valid).sum() / valid.sum().clamp_min(1)
-    return loss, dist.detach()[valid], pos.detach()
+    w = valid.float() if weight is None else valid.float() * weight
+    loss = (per * w).sum() / valid.sum().clamp_min(1)
+    scored = valid if weight is None else valid & (weight >= 1.0)
+    return loss, dist.detach()[scored], pos.detach()
 
 
-def _augment_hu(hu: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _uniform(shape, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=gen)
+
+
+def augment_hu(hu: torch.Tensor, gen: torch.Generator, domain: dict | None = None) -> torch.Tensor:
+    """Domain randomisation of sampled HU (N, D, H, W): what real scanners do to intensities (``DOMAIN``).
+
+    Bone density (elderly, children, physical phantoms), reconstruction kernel (sharp: unsharp masking with
+    edge overshoot; soft: smoothing), noise up to 60 HU, white or correlated, and cone-beam CT's missing HU
+    calibration (per-crop gain and offset) with cupping (a darker centre).  Air outside the volume stays air:
+    the sampler pads with it, and the network must see where the data ends.
+    """
+    d = DOMAIN if domain is None else domain
     n = hu.shape[0]
     shape = (n,) + (1,) * (hu.dim() - 1)
-    gain = 1 + (torch.rand(shape, generator=gen) * 2 - 1) * 0.05
-    offset = (torch.rand(shape, generator=gen) * 2 - 1) * 30
-    noise = torch.rand(shape, generator=gen) * 20
-    air = hu <= -990  # keep air at air: the sampler pads outside the volume with it
-    out = hu * gain + offset + noise * torch.randn(hu.shape, generator=gen)
-    return torch.where(air, hu, out)
+    pad = hu <= -999.5
+    x = hu
+    f = torch.where(torch.rand(shape, generator=gen) < d["bone_density_p"],
+                    _uniform(shape, *d["bone_density"], gen), torch.ones(shape))
+    x = torch.where(x > 100.0, 100.0 + (x - 100.0) * f, x)
+    pool = lambda v: F.avg_pool3d(v[:, None], 3, 1, 1, count_include_pad=False)[:, 0]  # noqa: E731
+    r = torch.rand(shape, generator=gen)
+    sharp = torch.where(r < d["sharp_p"], _uniform(shape, *d["sharp"], gen), torch.zeros(shape))
+    soft = (r >= d["sharp_p"]) & (r < d["sharp_p"] + d["soft_p"])
+    smooth = pool(x)
+    x = x + sharp * (x - smooth)
+    x = torch.where(soft, smooth, x)
+    sigma = torch.rand(shape, generator=gen) * d["noise_hu"]
+    noise = torch.randn(hu.shape, generator=gen)
+    corr = torch.rand(shape, generator=gen) < d["correlated_noise_p"]
+    noise = torch.where(corr, pool(noise) * 3.0, noise)  # a 3^3 mean keeps 1/sqrt(27) of the SD: scale back ~
+    x = x + sigma * noise
+    gain = 1 + (torch.rand(shape, generator=gen) * 2 - 1) * d["gain"]
+    offset = (torch.rand(shape, generator=gen) * 2 - 1) * d["offset_hu"]
+    cb = torch.rand(shape, generator=gen) < d["cbct_p"]
+    gain = torch.where(cb, _uniform(shape, *d["cbct_gain"], gen), gain)
+    offset = torch.where(cb, (torch.rand(shape, generator=gen) * 2 - 1) * d["cbct_offset_hu"], offset)
+    x = x * gain + offset
+    if hu.dim() == 4:  # cupping across the axial plane (box axes h, w = LPS y, x)
+        s = hu.shape[-1]
+        c = torch.linspace(-1, 1, s)
+        r2 = (c[:, None] ** 2 + c[None, :] ** 2).clamp(max=1.0)
+        cup = torch.rand(shape, generator=gen) * d["cupping_hu"] * cb
+        x = x - cup * (1 - r2)[None, None]
+    return torch.where(pad, hu, x)
+
+
+def _region_mask(region, pts: torch.Tensor) -> torch.Tensor:
+    """Inside ``region`` (coverage.Region) for LPS points (..., 3)."""
+    z = pts[..., 2]
+    ok = (z >= region.z_lo) & (z <= region.z_hi)
+    if region.cylinder is not None:
+        cx, cy, rad = region.cylinder
+        ok &= (pts[..., 0] - cx) ** 2 + (pts[..., 1] - cy) ** 2 <= rad * rad
+    return ok
+
+
+def _cut_centre(points: np.ndarray, soft: np.ndarray, region, voxel_ml: float, fallback: np.ndarray) -> np.ndarray:
+    """Where inference would put the stage-1 box on the cut volume (as ``cascade.head_centre``)."""
+    bone = points[region.contains(points)] if len(points) else points
+    if len(bone) * voxel_ml > 20.0:
+        return bone.mean(0)
+    s = soft[region.contains(soft)] if len(soft) else soft
+    return s.mean(0) if len(s) else fallback
 
 
 def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir: str | Path | None = None,
-          resume: bool = False, init: str | Path | None = None, progress: bool = True) -> dict:
+          resume: bool = False, init: str | Path | None = None, progress: bool = True,
+          label_map: dict[str, str] | None = None) -> dict:
     """Train and write the model file ``out`` (and ``out``.ckpt for resuming). Returns the summary."""
     from tqdm import tqdm
 
-    from pacs_landmarks.inference.cascade import (DEFAULT_STAGES, Cascade, global_input, head_centre,
+    from pacs_landmarks.inference.cascade import (BONE_HU, DEFAULT_STAGES, Cascade, global_input, head_centre,
                                                   local_input, pick_channels, run_cascade)
     from pacs_landmarks.inference.data import DataError, load_cases
     from pacs_landmarks.inference.model import LandmarkModel, new_metadata, save_model_file
@@ -101,17 +176,38 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     names = landmark_names(landmark_set)
     n_lm = len(names)
 
-    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress)
+    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress, label_map)
     n_val = min(config.val_cases, max(0, len(cases) - 1))
     train_cases, val_cases = (cases[:-n_val], cases[-n_val:]) if n_val else (cases, [])
     if not train_cases:
         raise DataError("no training cases")
 
+    from pacs_landmarks.inference.coverage import draw_region, draw_training_kind
+    from pacs_landmarks.inference.shape import ShapeModel
+
     stages = DEFAULT_STAGES
     cascade = Cascade(stages, n_lm)
     if init is not None:
-        cascade.load_state_dict(LandmarkModel.load(init, device="cpu").cascade.state_dict())
-    opt = torch.optim.AdamW(cascade.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        # weights of another model where they fit (a model without the presence head starts it from zero)
+        own = cascade.state_dict()
+        got = {k: v for k, v in LandmarkModel.load(init, device="cpu").cascade.state_dict().items()
+               if k in own and own[k].shape == v.shape}
+        cascade.load_state_dict(got, strict=False)
+        log.info("initialised %d of %d tensors from %s", len(got), len(own), init)
+    complete = np.stack([c.landmarks for c in train_cases])
+    n_complete = int(np.isfinite(complete).all(axis=(1, 2)).sum())
+    shape_model = ShapeModel.fit_shapes(complete) if n_complete >= 3 else None
+    if shape_model is None:
+        log.warning("only %d cases have every landmark: no shape model (no plausibility check)", n_complete)
+    else:
+        log.info("shape model: %d modes from %d shapes", len(shape_model.sd), n_complete)
+    if config.only not in ("", "presence"):
+        raise ValueError(f"only must be '' or 'presence', not {config.only!r}")
+    if config.only == "presence":
+        for name, prm in cascade.named_parameters():
+            prm.requires_grad = ".presence_" in name
+    params = [prm for prm in cascade.parameters() if prm.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_cases) / config.batch_cases)
     total_steps = steps_per_epoch * config.epochs
     step_count = 0
@@ -155,12 +251,19 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     # Stage-1 inputs come from a box-filtered copy made once per case; local crops from the full volume.
     centres = []
     coarse = []
+    bone_pts, soft_pts, voxel_mls = [], [], []
     for c in train_cases:
         s = VolumeSampler(c.array, c.affine)
         centre, _ = head_centre(s, stages[0].spacing_mm)
         vol, inv = s._level(stages[0].spacing_mm)
-        coarse.append(VolumeSampler(vol[0, 0].clone(), np.linalg.inv(inv.double().numpy())))
+        aff = np.linalg.inv(inv.double().numpy())
+        coarse.append(VolumeSampler(vol[0, 0].clone(), aff))
         centres.append(centre)
+        arr = vol[0, 0]
+        to_lps = lambda m: torch.nonzero(m).double().numpy() @ aff[:3, :3].T + aff[:3, 3]  # noqa: E731
+        bone_pts.append(to_lps(arr > BONE_HU))
+        soft_pts.append(to_lps(arr > -300.0)[::4])
+        voxel_mls.append(abs(np.linalg.det(aff[:3, :3])) / 1000.0)
     truths = [torch.as_tensor(c.landmarks, dtype=torch.float32) for c in train_cases]
 
     summary_training = {
@@ -170,6 +273,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         "pixel_spacing_mm": sorted({round(c.spacing[2], 3) for c in train_cases}),
         "config": {k: v for k, v in config.__dict__.items() if k != "extra"} | config.extra,
     }
+    cov_rng = np.random.default_rng(config.seed + 17)
 
     def val_metrics() -> dict:
         if not val_cases:
@@ -187,6 +291,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         meta = new_metadata(name="craniofacial16-demo", version=config.extra.get("version", "1.0.0"))
         meta["training"] = dict(summary_training, epochs_done=epoch, history=history[-3:],
                                 wall_minutes=round((time.monotonic() - t_start) / 60, 1), final=final)
+        meta["shape_model"] = shape_model.to_json() if shape_model is not None else None
         save_model_file(out, cascade, meta)
         ck = {"weights": cascade.state_dict(), "optimizer": opt.state_dict(), "step_count": step_count, "trained_s": trained_s,
               "torch_rng": gen.get_state(), "np_seed": int(rng.integers(2**31)), "err_ema": err_ema,
@@ -200,6 +305,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         order = rng.permutation(len(train_cases))
         sums = np.zeros(len(stages))
         counts = np.zeros(len(stages))
+        sums_p = [0.0, 0]
         loss_sum = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                    disable=not progress, leave=False)
@@ -212,22 +318,57 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             b = len(idx)
             truth = torch.stack([truths[i] for i in idx])  # (B, L, 3)
             total = 0.0
+            # scan ranges: each case of the batch cut to a clinical range (or left whole)
+            regions, present, case_centres = [], [], []
+            for j, i in enumerate(idx):
+                kind = draw_training_kind(cov_rng) if config.coverage else "full"
+                tnp = truths[i].numpy().astype(np.float64)
+                region = draw_region(kind, dict(zip(names, tnp)), cov_rng)
+                inside = region.contains(tnp) & np.isfinite(tnp).all(1)
+                if not inside.any():
+                    region = draw_region("full", {}, cov_rng)
+                    inside = np.isfinite(tnp).all(1)
+                regions.append(region)
+                present.append(inside)
+                case_centres.append(centres[i] if region.kind == "full" else
+                                    _cut_centre(bone_pts[i], soft_pts[i], region, voxel_mls[i], centres[i]))
+            present_t = torch.as_tensor(np.stack(present))  # (B, L) bool
             # stage 1
             st = stages[0]
             shift = (torch.rand(b, 3, generator=gen) * 2 - 1) * config.shift_mm
-            ctr = torch.as_tensor(np.stack([centres[i] for i in idx]), dtype=torch.float32) + shift
+            ctr = torch.as_tensor(np.stack(case_centres), dtype=torch.float32) + shift
             rot = random_rotations(b, config.rotate_deg, gen)
             scl = 1 + (torch.rand(b, generator=gen) * 2 - 1) * config.scale
             pts = box_points(ctr, st.size, st.spacing_mm, rot, scl)
             hu = torch.cat([coarse[i].sample(pts[j:j + 1], st.spacing_mm) for j, i in enumerate(idx)])
-            logits = cascade.nets[0](global_input(_augment_hu(hu, gen)))
+            keep = torch.stack([_region_mask(regions[j], pts[j]) for j in range(b)])
+            hu = torch.where(keep, hu, torch.full_like(hu, -1000.0))
+            logits, pres = cascade.nets[0](global_input(augment_hu(hu, gen, config.domain)), with_presence=True)
             lp = logits.reshape(b * n_lm, *logits.shape[2:])
             p_all = pts[:, None].expand(b, n_lm, *pts.shape[1:]).reshape(b * n_lm, *pts.shape[1:])
-            loss, dist, _ = _stage_loss(lp, p_all, truth.reshape(-1, 3), st.spacing_mm, config.ce_weight)
-            total = total + loss
+            # A landmark outside the scan range still has a (weak) target: where the head continues, so its map
+            # points past the cut and the presence output sees air or an edge there.
+            w_out = torch.where(present_t.reshape(-1), 1.0, config.outside_weight)
+            loss, dist, _ = _stage_loss(lp, p_all, truth.reshape(-1, 3), st.spacing_mm, config.ce_weight, w_out)
+            if config.only != "presence":
+                total = total + loss
+            if pres is not None:
+                total = total + config.presence_weight * F.binary_cross_entropy_with_logits(
+                    pres, present_t.float())
+                pres_acc = float(((pres > 0) == present_t).float().mean())
+                sums_p[0] += pres_acc
+                sums_p[1] += 1
             sums[0] += float(dist.sum())
             counts[0] += dist.numel()
             err_ema[0] = 0.9 * err_ema[0] + 0.1 * float(dist.mean()) if dist.numel() else err_ema[0]
+            if config.only == "presence":  # the local stages are frozen: nothing to run for them
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                step_count += 1
+                trained_s += time.monotonic() - t_step
+                loss_sum += float(total.detach())
+                continue
             # local stages: crops around truth + offsets as large as the previous stage's error
             # (a random subset of landmarks per case: the local stages cost most, and every landmark still
             # comes round often)
@@ -235,6 +376,9 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             m = min(n_lm, config.local_landmarks)
             lm_idx = torch.stack([torch.randperm(n_lm, generator=gen)[:m] for _ in range(b)])  # (B, m)
             t_flat = torch.gather(truth, 1, lm_idx[..., None].expand(b, m, 3)).reshape(-1, 3)
+            # a landmark outside the scan range has no local truth to learn from
+            in_range = torch.gather(present_t, 1, lm_idx).reshape(-1)
+            t_flat = torch.where(in_range[:, None], t_flat, torch.full_like(t_flat, float("nan")))
             lm_idx = lm_idx.reshape(-1)
             ok = torch.isfinite(t_flat).all(1)
             t_centre = torch.where(ok[:, None], t_flat, torch.as_tensor(
@@ -250,7 +394,9 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
                 pts = box_points(t_centre + off, st.size, st.spacing_mm, rot, scl)
                 hu = torch.cat([samplers[int(i)].sample(pts[j * m:(j + 1) * m], st.spacing_mm)
                                 for j, i in enumerate(idx)])
-                logits = cascade.nets[k](local_input(_augment_hu(hu, gen)))
+                keep = torch.cat([_region_mask(regions[j], pts[j * m:(j + 1) * m]) for j in range(b)])
+                hu = torch.where(keep, hu, torch.full_like(hu, -1000.0))
+                logits = cascade.nets[k](local_input(augment_hu(hu, gen, config.domain)))
                 loss, dist, _ = _stage_loss(pick_channels(logits, lm_idx), pts, t_flat, st.spacing_mm,
                                             config.ce_weight)
                 total = total + loss
@@ -260,7 +406,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
                     err_ema[k] = 0.9 * err_ema[k] + 0.1 * float(dist.mean())
             opt.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(cascade.parameters(), 5.0)
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             step_count += 1
             trained_s += time.monotonic() - t_step
@@ -270,6 +416,8 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
                "lr": round(lr, 6),
                "minutes": round((time.monotonic() - t_start) / 60, 2)}
         row |= {f"train_err_{s.name}": round(float(sums[k] / max(counts[k], 1)), 3) for k, s in enumerate(stages)}
+        if sums_p[1]:
+            row["train_presence_acc"] = round(sums_p[0] / sums_p[1], 4)
         row |= val_metrics()
         history.append(row)
         line = "  ".join(f"{k}={v}" for k, v in row.items())

@@ -98,7 +98,7 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
         paths: dict[str, str] = {}
         for kind, name in RESULT_FILES:
             ds: Dataset | None = getattr(results, kind, None)
-            if ds is None and kind in OPTIONAL_RESULTS:
+            if ds is None:  # not made: nothing found (pipeline.Results), or no GSPS for this series
                 continue
             _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
             paths[kind] = str(final / name)
@@ -109,7 +109,9 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
             "landmarks": [
                 {
                     "name": lm.name,
-                    "position_lps_mm": [float(v) for v in lm.position_lps_mm],
+                    "status": getattr(lm, "status", "found"),
+                    "position_lps_mm": ([float(v) for v in lm.position_lps_mm]
+                                        if lm.position_lps_mm is not None else None),
                     "confidence": float(lm.confidence),
                 }
                 for lm in results.landmarks
@@ -211,21 +213,32 @@ class JobSteps:
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
+        nothing = bool(getattr(results, "nothing_found", False))
         job = self.store.transition(
             job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
             timings=timings,
-            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS)},
+            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS),
+                     **({"nothing_found": True} if nothing else {})},
         )
+        found = sum(1 for lm in results.landmarks if getattr(lm, "status", "found") == "found")
         log_event(
             "job.delivering", job=job.id, series=job.series_instance_uid, landmarks=len(results.landmarks),
-            **{f"t_{k}": v for k, v in timings.items()},
+            found=found, **{f"t_{k}": v for k, v in timings.items()},
         )
+        if nothing:
+            log_event("job.nothing_found", job=job.id, series=job.series_instance_uid,
+                      reason="no landmark found: no result objects go to the archive")
         return job
 
     def deliver(self, job: Job) -> Job:
         """Step 4 for a ``delivering`` job: ``done``, ``failed``, or ``delivering`` with a back-off."""
         paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
         missing = [str(p) for p in paths if not p.exists()]
+        if job.details.get("nothing_found") and not paths:
+            # no landmark found: nothing goes to the archive (pipeline.Results.nothing_found)
+            job = self.store.transition(job.id, "done", reason="no landmark found: no result objects")
+            log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, nothing_found=True)
+            return job
         required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
         if any(kind not in job.results for kind in required) or missing:
             return self.fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")

@@ -5,8 +5,9 @@ Landmark set definitions live in ``sets/*.json``; heavy imports (highdicom) happ
 from __future__ import annotations
 
 
-def read_landmark_sr(dataset, set_name: str = "craniofacial16"):
-    """Landmarks (3D, LPS mm) of a TID 1500 SR; see :mod:`pacs_landmarks.sr_templates.readback`."""
+def read_landmark_sr(dataset, set_name: str = "craniofacial16", include_missing: bool = False):
+    """Landmarks (3D, LPS mm) of a TID 1500 SR (with ``include_missing`` also those it states as not found);
+    see :mod:`pacs_landmarks.sr_templates.readback`."""
     from pacs_landmarks.sr_templates.readback import read_landmark_sr as _read
 
-    return _read(dataset, set_name)
+    return _read(dataset, set_name, include_missing)

@@ -1,9 +1,11 @@
-"""Subcommands of this part of the package (see pacs_landmarks.cli): ``infer``."""
+"""Subcommands of this part of the package (see pacs_landmarks.cli): ``infer``, ``read-sr``."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from pacs_landmarks.inference.landmark import landmark_json
 
 OUTPUT_FILES = {
     "landmark_sr": "landmarks-sr.dcm",
@@ -31,13 +33,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--model", type=Path, default=None, help="model file (default: the shipped demo model)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
+    p.add_argument("--report-nothing-found", action="store_true",
+                   help="when no landmark is found, still write a landmark SR and a measurements SR that say so "
+                   "(default: no result objects, only landmarks.json)")
     p.set_defaults(func=infer)
 
     r = sub.add_parser(
         "read-sr",
         help="print the 3D landmarks of a TID 1500 SR (ours or one corrected in a viewer)",
-        description="Read SCOORD3D landmark points with tracking identifiers from a TID 1500 SR file and "
-        "print them as JSON (the same form as landmarks.json).",
+        description="Read SCOORD3D landmark points with tracking identifiers from a TID 1500 SR file, and the "
+        "landmarks it states as not found or outside the field of view, and print them as JSON (the same form "
+        "as landmarks.json, with each landmark's status).",
     )
     r.add_argument("sr_file", metavar="SR_FILE", type=Path, help="DICOM SR file")
     r.set_defaults(func=read_sr)
@@ -50,11 +56,7 @@ def landmarks_json(landmarks, volume=None, model=None, measurements=()) -> dict:
         "frame_of_reference_uid": getattr(volume, "frame_of_reference_uid", None),
         "series_instance_uid": getattr(volume, "series_instance_uid", None),
         "model": {"name": model.name, "version": model.version} if model is not None else None,
-        "landmarks": [
-            {"name": lm.name, "position_lps_mm": [round(float(v), 4) for v in lm.position_lps_mm],
-             "confidence": round(float(lm.confidence), 4)}
-            for lm in landmarks
-        ],
+        "landmarks": [landmark_json(lm) for lm in landmarks],
         "measurements": [
             {"name": m.name, "value": round(m.value, 3), "unit": m.unit, "range": list(m.range) if m.range else None,
              "outside_range": m.outside_range}
@@ -63,20 +65,19 @@ def landmarks_json(landmarks, volume=None, model=None, measurements=()) -> dict:
     }
 
 
-def format_tables(landmarks, measurements, low_confidence: float = 0.3) -> str:
-    """The landmark table (LPS mm, confidence; LOW below ``low_confidence``) and the measurement table
-    (with the set's typical range; OUTSIDE when the value is not in it)."""
-    lines = [f"{'landmark':<12} {'x (L)':>9} {'y (P)':>9} {'z (S)':>9} {'conf':>5}"]
-    for lm in landmarks:
-        x, y, z = lm.position_lps_mm
-        flag = "  LOW" if lm.confidence < low_confidence else ""
-        lines.append(f"{lm.name:<12} {x:9.2f} {y:9.2f} {z:9.2f} {lm.confidence:5.2f}{flag}")
-    lines.append("")
+def format_tables(landmarks, measurements, omitted=()) -> str:
+    """The landmark table (every landmark with its status; LPS mm of found ones) and the measurement table
+    (with the set's typical range; OUTSIDE when the value is not in it; omitted ones with the reason)."""
+    from pacs_landmarks.inference.landmark import landmark_table
+
+    lines = [landmark_table(landmarks), ""]
     lines.append(f"{'measurement':<30} {'value':>8} {'unit':<4} {'typical range':<14}")
     for m in measurements:
         rng = f"{m.range[0]:g}-{m.range[1]:g}" if m.range else ""
         flag = "  OUTSIDE" if m.outside_range else ""
         lines.append(f"{m.name:<30} {m.value:8.1f} {m.unit:<4} {rng:<14}{flag}")
+    for om in omitted:
+        lines.append(f"{om.name:<30} {'-':>8} {'':<4} {'':<14}  {om.reason}")
     return "\n".join(lines)
 
 
@@ -98,23 +99,24 @@ def infer(args: argparse.Namespace) -> int:
     except ModelError as exc:
         raise CommandError(str(exc)) from exc
     try:
-        results = process_series(files, model)
+        results = process_series(files, model, results_when_nothing_found=args.report_nothing_found)
     except SeriesError as exc:
         raise CommandError(f"cannot assemble the series: {exc}") from exc
 
     args.out.mkdir(parents=True, exist_ok=True)
-    results.landmark_sr.save_as(args.out / OUTPUT_FILES["landmark_sr"], enforce_file_format=True)
-    results.measurements_sr.save_as(args.out / OUTPUT_FILES["measurements_sr"], enforce_file_format=True)
-    results.seg.save_as(args.out / OUTPUT_FILES["seg"], enforce_file_format=True)
-    if results.gsps is not None:  # None for a series whose slices differ in rescale (logged)
-        results.gsps.save_as(args.out / OUTPUT_FILES["gsps"], enforce_file_format=True)
+    written = []
+    for kind, ds in results.objects().items():
+        ds.save_as(args.out / OUTPUT_FILES[kind], enforce_file_format=True)
+        written.append(OUTPUT_FILES[kind])
     doc = landmarks_json(results.landmarks, results.volume, model, results.measurements)
     (args.out / OUTPUT_FILES["landmarks_json"]).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
-    from pacs_landmarks.inference.model import LOW_CONFIDENCE
+    written.append(OUTPUT_FILES["landmarks_json"])
 
-    print(format_tables(results.landmarks, results.measurements, LOW_CONFIDENCE))
+    print(format_tables(results.landmarks, results.measurements, results.omitted))
     print("\n" + "  ".join(f"{k} {v:.2f} s" for k, v in results.timings.items()))
-    written = [name for kind, name in OUTPUT_FILES.items() if kind != "gsps" or results.gsps is not None]
+    if results.nothing_found:
+        print("no landmark found: " + ("SRs that say so written, no SEG" if args.report_nothing_found
+                                       else "no SR or SEG written"))
     print(f"wrote {', '.join(written)} to {args.out}")
     return 0
 
@@ -127,7 +129,7 @@ def read_sr(args: argparse.Namespace) -> int:
 
     try:
         ds = pydicom.dcmread(args.sr_file)
-        landmarks = read_landmark_sr(ds)
+        landmarks = read_landmark_sr(ds, include_missing=True)
     except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
         raise CommandError(f"{args.sr_file}: {exc}") from exc
     doc = landmarks_json(landmarks)

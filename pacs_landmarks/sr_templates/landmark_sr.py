@@ -12,6 +12,12 @@ Finding = SCT 711101009 "Anatomical point"; Finding Category = SCT 91723000 "Ana
 Finding Sites = the landmark's own code first (its meaning is the landmark's name: OHIF labels the point with
 the first Finding Site), then its structure with topographic modifier and laterality.
 The document is PRELIMINARY and UNVERIFIED: a person verifies it, not this software.
+
+Only ``found`` landmarks are points.  Every other landmark of the set is stated, not dropped: one TID 1501
+"Measurement and Qualitative Evaluation Group" per landmark (same Tracking Identifier and UID as its points
+would have) whose Qualitative Evaluation (TID 1501 row 11, CONTAINS CODE) is DCM 121052 "Presence of
+property" = DCM 122288 "Not visualized" (outside the field of view) or DCM 121059 "Presence Undetermined"
+(in the volume, not found), with a DCM 121106 "Comment" giving the reason (``not_found_groups``).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_landmarks.dicom.volume import Volume
-from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.inference.landmark import FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
 from pacs_landmarks.sr_templates.common import (
     Algorithm,
     evidence_headers,
@@ -34,6 +40,38 @@ from pacs_landmarks.sr_templates.uids import tracking_uid
 
 # Local concept for the model's confidence in a landmark (0..1), a TID 300 numeric with UCUM unit "1".
 CONFIDENCE = {"value": "CONF", "scheme": "99PACSLMK", "meaning": "Landmark detection confidence"}
+PRESENCE = ("121052", "DCM", "Presence of property")
+NOT_VISUALIZED = ("122288", "DCM", "Not visualized")  # outside_field_of_view
+PRESENCE_UNDETERMINED = ("121059", "DCM", "Presence Undetermined")  # not_found
+COMMENT = ("121106", "DCM", "Comment")
+
+
+def not_found_groups(landmarks: list[Landmark], algorithm: Algorithm, series: str, algorithm_id) -> list:
+    """TID 1501 groups stating each landmark that is not ``found`` (see the module docstring)."""
+    from highdicom.sr import (CodedConcept, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
+                              TextContentItem, TrackingIdentifier)
+    from pydicom.sr.codedict import codes
+
+    groups = []
+    for lm in landmarks:
+        if lm.status == FOUND:
+            continue
+        definition = landmark_definition(lm.name, algorithm.landmark_set)
+        value = NOT_VISUALIZED if lm.status == OUTSIDE_FIELD_OF_VIEW else PRESENCE_UNDETERMINED
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=tracking_uid(series, algorithm.name, algorithm.version, lm.name), identifier=lm.name),
+            finding_type=codes.SCT.AnatomicalPoint,
+            finding_category=codes.SCT.AnatomicalStructure,
+            finding_sites=finding_sites(definition),
+            algorithm_id=algorithm_id,
+            qualitative_evaluations=[QualitativeEvaluation(CodedConcept(*PRESENCE), CodedConcept(*value))],
+        )
+        reason = f"{lm.status}: {lm.reason}" if lm.reason else lm.status
+        group[0].ContentSequence.append(
+            TextContentItem(name=CodedConcept(*COMMENT), value=reason[:1024], relationship_type="CONTAINS"))
+        groups.append(group)
+    return groups
 
 
 def finding_sites(definition: dict) -> list:
@@ -111,6 +149,7 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
 
     if not landmarks:
         raise ValueError("no landmarks to report")
+    everything, landmarks = landmarks, [lm for lm in landmarks if lm.status == FOUND]
     planes = source_planes(volume)
     series = volume.series_instance_uid
     algorithm_id = sr_algorithm_id(algorithm)  # the same items in every group: built once
@@ -167,6 +206,7 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
                 **common,
             )
         )
+    groups += not_found_groups(everything, algorithm, series, algorithm_id)
     report = MeasurementReport(
         observation_context=observation_context(algorithm),
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
@@ -175,8 +215,10 @@ def build_landmark_sr(volume: Volume, landmarks: list[Landmark], algorithm: Algo
     # TID 1500 row "Image Library" goes between Procedure Reported and Imaging Measurements.
     content = report[0].ContentSequence
     at = next(n for n, item in enumerate(content) if item.ValueType == "CONTAINER")
-    content.insert(at, image_library(list(referenced.values())))
+    if referenced:
+        content.insert(at, image_library(list(referenced.values())))
     # Evidence = the instances the content references (the slices of the 2D points); the 3D points reference
     # the frame of reference, not instances.
-    return sr_document(report, evidence_headers(list(referenced.values())), "landmark-sr", algorithm, volume,
-                       predecessors)
+    # Nothing found: the series that was looked at is the evidence.
+    evidence = list(referenced.values()) or list(volume.source_headers)
+    return sr_document(report, evidence_headers(evidence), "landmark-sr", algorithm, volume, predecessors)

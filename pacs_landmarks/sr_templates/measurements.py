@@ -11,7 +11,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_landmarks.dicom.volume import Volume
-from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.inference.landmark import FOUND, Landmark
 from pacs_landmarks.sr_templates.common import (
     Algorithm,
     evidence_headers,
@@ -112,7 +112,9 @@ def _evaluate(m: dict, p: dict[str, np.ndarray], done: dict[str, float]) -> floa
 
 def compute_measurements(landmarks: list[Landmark], set_name: str = "craniofacial16") -> list[MeasurementValue]:
     """Every measurement of the set whose landmarks are all present, in the order of the set file."""
-    return measurements_from_points({lm.name: lm.position_lps_mm for lm in landmarks}, set_name)
+    # Only found landmarks have a position to measure from (Landmark.status).
+    return measurements_from_points({lm.name: lm.position_lps_mm for lm in landmarks
+                                     if lm.status == FOUND and lm.position_lps_mm is not None}, set_name)
 
 
 def compute_measurements_2d(
@@ -160,6 +162,67 @@ def measurements_from_points(by_name: dict, set_name: str) -> list[MeasurementVa
     return out
 
 
+@dataclass(frozen=True)
+class OmittedMeasurement:
+    """A measurement of the set that could not be computed, and why (its landmarks that are not found)."""
+
+    name: str
+    missing: tuple[tuple[str, str, str], ...]  # (landmark, status, reason)
+    definition: dict
+
+    @property
+    def reason(self) -> str:
+        parts = [f"{n} {status.replace('_', ' ')}" + (f" ({why})" if why and status == "not_found" else "")
+                 for n, status, why in self.missing]
+        return "not computed: " + "; ".join(parts)
+
+
+def _landmarks_of(m: dict, set_def: dict, by_measure: dict[str, dict]) -> list[str]:
+    """Landmark names a measurement needs (derived points and the measurements it is a difference of
+    expanded)."""
+    abbrev = {d["abbreviation"]: d["name"] for d in set_def["landmarks"]}
+    derived = set_def.get("derived_points", {})
+    names: list[str] = []
+
+    def add(p: str) -> None:
+        if p in derived:
+            for q in derived[p]:
+                add(q)
+        else:
+            n = abbrev.get(p, p)
+            if n not in names:
+                names.append(n)
+
+    for p in m.get("points", []):
+        add(p)
+    for o in m.get("of", []):
+        for n in _landmarks_of(by_measure[o], set_def, by_measure):
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def omitted_measurements(landmarks: list[Landmark], set_name: str = "craniofacial16") -> list[OmittedMeasurement]:
+    """The set's measurements that ``compute_measurements`` leaves out, each with the landmarks it lacks."""
+    set_def = load_landmark_set(set_name)
+    done = {mv.name for mv in compute_measurements(landmarks, set_name)}
+    by_name = {lm.name: lm for lm in landmarks}
+    by_measure = {m["name"]: m for m in set_def.get("measurements", [])}
+    out = []
+    for m in set_def.get("measurements", []):
+        if m["name"] in done:
+            continue
+        missing = []
+        for n in _landmarks_of(m, set_def, by_measure):
+            lm = by_name.get(n)
+            if lm is None:
+                missing.append((n, "not_found", "not reported"))
+            elif lm.status != FOUND:
+                missing.append((n, lm.status, lm.reason))
+        out.append(OmittedMeasurement(m["name"], tuple(missing), m))
+    return out
+
+
 def build_measurements_sr(
     volume: Volume, landmarks: list[Landmark], algorithm: Algorithm, measurements: list[MeasurementValue] | None = None,
     predecessors: list[Dataset] = (),
@@ -179,7 +242,8 @@ def build_measurements_sr(
 
     if measurements is None:
         measurements = compute_measurements(landmarks, algorithm.landmark_set)
-    if not measurements:
+    omitted = omitted_measurements(landmarks, algorithm.landmark_set)
+    if not measurements and not omitted:
         raise ValueError("no measurement can be derived from these landmarks")
     series = volume.series_instance_uid
     groups = []
@@ -209,6 +273,7 @@ def build_measurements_sr(
                 measurements=[num],
             )
         )
+    groups += omitted_groups(omitted, algorithm, series)
     report = MeasurementReport(
         observation_context=observation_context(algorithm),
         procedure_reported=CodedConcept(*PROCEDURE_CT_HEAD),
@@ -216,3 +281,30 @@ def build_measurements_sr(
     )
     return sr_document(report, evidence_headers(volume.source_headers), "measurements-sr", algorithm, volume,
                        predecessors)
+
+
+VALUE_INDETERMINATE = ("114011", "DCM", "Value indeterminate")
+COMMENT = ("121106", "DCM", "Comment")
+
+
+def omitted_groups(omitted: list[OmittedMeasurement], algorithm: Algorithm, series: str) -> list:
+    """One TID 1501 group per omitted measurement: Qualitative Evaluation (TID 1501 row 11) = the
+    measurement's concept with value DCM 114011 "Value indeterminate", and a DCM 121106 "Comment" naming the
+    landmarks it lacks and why."""
+    from highdicom.sr import (CodedConcept, MeasurementsAndQualitativeEvaluations, QualitativeEvaluation,
+                              TextContentItem, TrackingIdentifier)
+
+    groups = []
+    for om in omitted:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=tracking_uid(series, algorithm.name, algorithm.version, "measurement:" + om.name),
+                identifier=om.name),
+            algorithm_id=sr_algorithm_id(algorithm),
+            qualitative_evaluations=[QualitativeEvaluation(coded(om.definition["code"]),
+                                                           CodedConcept(*VALUE_INDETERMINATE))],
+        )
+        group[0].ContentSequence.append(
+            TextContentItem(name=CodedConcept(*COMMENT), value=om.reason[:1024], relationship_type="CONTAINS"))
+        groups.append(group)
+    return groups

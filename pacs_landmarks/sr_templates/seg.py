@@ -14,7 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pacs_landmarks.dicom.volume import Volume
-from pacs_landmarks.inference.landmark import Landmark
+from pacs_landmarks.inference.landmark import FOUND, Landmark
 from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish, result_uids
 from pacs_landmarks.sr_templates.geometry import SourcePlane, plane_distances, source_planes
 from pacs_landmarks.landmark_sets import coded, landmark_definition, rgb_to_cielab
@@ -86,6 +86,10 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
     from pydicom.sr.codedict import codes
     from pydicom.uid import ExplicitVRLittleEndian
 
+    # Segments for found landmarks only: a landmark that is not found has no position to draw.
+    landmarks = [lm for lm in landmarks if lm.status == FOUND]
+    if not landmarks:
+        raise ValueError("no found landmark: nothing to segment")
     planes = source_planes(volume)
     radius = sphere_radius(volume)
     discs: list[tuple[int, int, tuple]] = []  # (plane index, segment index, disc)

@@ -1,0 +1,95 @@
+"""The shipped model on what real scanners send (phantoms made here, seeds never used in training): a series
+without the jaw never gets jaw points, a tilted metal-laden routine head is found, a non-head finds nothing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_landmarks.inference.coverage import draw_region
+from pacs_landmarks.inference.landmark import FOUND, OUTSIDE_FIELD_OF_VIEW
+from pacs_landmarks.inference.phantom import make_case, write_case
+
+JAW = ("B point", "Pogonion", "Menton", "Gnathion", "Gonion R", "Gonion L")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    m = LandmarkModel.load(device="cpu")
+    assert m.metadata.get("shape_model") and m.cascade.stages[0].presence, "model 2.x expected"
+    return m
+
+
+def _series(tmp_path, seed, region_kind=None, tilt=0.0, **params):
+    case = make_case(seed, **params)
+    region = draw_region(region_kind, case.landmarks, np.random.default_rng(seed)) if region_kind else None
+    out = write_case(case, tmp_path / f"s{seed}", size=200, pixel_spacing=1.2, slice_thickness=2.0, tilt_deg=tilt,
+                     coverage=region)
+    return case, out, json.loads((out / "landmarks.json").read_text())
+
+
+def test_series_without_the_jaw_has_no_jaw_points(tmp_path, model, validate_dicom):
+    from pacs_landmarks.pipeline import process_series
+
+    # foramen magnum to vertex, cut so that the whole jaw is well outside
+    case, folder, doc = _series(tmp_path, 7201, "routine")
+    in_scan = {d["name"]: d["in_scan"] for d in doc["landmarks"]}
+    assert not any(in_scan[n] for n in JAW)
+    results = process_series(sorted(folder.glob("*.dcm")), model)
+    by = {lm.name: lm for lm in results.landmarks}
+    for name in JAW:
+        assert by[name].status != FOUND and by[name].position_lps_mm is None, name
+    assert sum(lm.status == FOUND for lm in results.landmarks) >= 6
+    for lm in results.landmarks:
+        if lm.status == FOUND:
+            assert np.linalg.norm(np.subtract(lm.position_lps_mm, case.landmarks[lm.name])) < 3.0, lm.name
+    # nothing about the jaw among the SR's points or the SEG's segments; the SR says why
+    for kind, ds in results.objects().items():
+        path = tmp_path / f"{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        validate_dicom(path)
+    from pacs_landmarks.sr_templates import read_landmark_sr
+
+    sr = pydicom.dcmread(tmp_path / "landmark_sr.dcm")
+    assert not {lm.name for lm in read_landmark_sr(sr)} & set(JAW)
+    stated = {lm.name: lm.status for lm in read_landmark_sr(sr, include_missing=True)}
+    assert all(stated[n] in (OUTSIDE_FIELD_OF_VIEW, "not_found") for n in JAW)
+    seg = pydicom.dcmread(tmp_path / "seg.dcm")
+    labels = " ".join(str(s.SegmentLabel) for s in seg.SegmentSequence)
+    assert not any(n in labels for n in JAW)
+    assert len(seg.SegmentSequence) == sum(lm.status == FOUND for lm in results.landmarks)
+    assert any("Me" in om.definition.get("points", []) for om in results.omitted)
+
+
+def test_tilted_metal_routine_head_is_found(tmp_path, model):
+    from pacs_landmarks.dicom.series import load_series
+
+    case, folder, doc = _series(tmp_path, 7202, "routine", tilt=18.0, rotation_deg=(14, 4, 8),
+                                fillings=list(range(3, 7)) + list(range(10, 14)), metal_streaks_hu=600.0)
+    lms = model.predict(load_series(sorted(folder.glob("*.dcm"))))
+    in_scan = {d["name"]: (d["in_scan"], d["edge_distance_mm"]) for d in doc["landmarks"]}
+    found = [lm for lm in lms if lm.status == FOUND]
+    assert len(found) >= 6
+    for lm in found:
+        assert in_scan[lm.name][0], f"{lm.name} found but not in the scan"
+        assert np.linalg.norm(np.subtract(lm.position_lps_mm, case.landmarks[lm.name])) < 3.0, lm.name
+    for name in ("Sella", "Nasion", "Porion R", "Porion L"):  # well inside a routine head CT
+        assert name in {lm.name for lm in found}
+
+
+def test_an_mr_series_is_refused_before_the_model():
+    """An MR series never reaches the model: the loader takes CT image storage only (clear reason)."""
+    from sr_helpers import make_series
+
+    from pacs_landmarks.dicom.series import SeriesError, load_series
+
+    datasets, _ = make_series("axial", seed=3)
+    for ds in datasets:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        ds.Modality = "MR"
+    with pytest.raises(SeriesError, match="not a CT image"):
+        load_series(datasets)
