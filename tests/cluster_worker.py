@@ -39,6 +39,7 @@ class StubResults:
             ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
             ds.SOPInstanceUID = _uid(series, kind)  # deterministic, like the real results
             ds.SeriesInstanceUID = _uid(series, "results")
+            ds.StudyInstanceUID = _uid(series, "study")
             ds.file_meta = FileMetaDataset()
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -65,7 +66,7 @@ def main() -> None:
     write(event="model_loaded", t=time.time())  # once per process, before the first job
     model = object()
 
-    def process_series(datasets, model_):
+    def process_series(datasets, model_, predecessors=None):
         series = os.path.basename(str(datasets[0]))
         start = time.time()
         write(event="run_start", series=series, t=start)

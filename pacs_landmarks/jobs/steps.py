@@ -192,14 +192,17 @@ class JobSteps:
         log_event("job.running", job=job.id, series=job.series_instance_uid, attempt=job.attempts, worker=self.owner)
         if job.attempts > self.max_attempts:
             return self.fail(job, f"gave up after {job.attempts - 1} attempts that did not finish")
+        # Read from the job store before the series' own work: a store that is down (PostgreSQL restarting) is
+        # not the series' fault and must not fail the job; the error goes to the worker, which retries.
+        replaced = predecessors(self.store, job)
         try:
-            return self._analyse(job)
+            return self._analyse(job, replaced)
         except JobStateError:
             raise  # the job changed under us (an operator, a sweeper): not the series' fault
         except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
             return self.fail(job, f"{type(exc).__name__}: {exc}")
 
-    def _analyse(self, job: Job) -> Job:
+    def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> Job:
         timings: dict[str, float] = {}
         if job.queued_at:
             timings["queue_wait"] = max(0.0, (job.started_at or time.time()) - job.queued_at)
@@ -208,7 +211,7 @@ class JobSteps:
         timings["read"] = time.perf_counter() - t
         from pacs_landmarks.pipeline import RESULT_KINDS
 
-        results = self.pipeline()(datasets, self.model, predecessors=predecessors(self.store, job))
+        results = self.pipeline()(datasets, self.model, predecessors=replaced)
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
