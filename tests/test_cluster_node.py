@@ -36,7 +36,7 @@ def test_node_spools_and_enqueues_workers_analyse_and_deliver(pg_dsn, phantom, t
         job = wait_for(done, 300, "the cluster job to be done")[0]
         assert job.source.startswith(str((tmp_path / "spool").resolve()))  # a reference, not the images
         assert job.details["worker"] and job.attempts == 1
-        assert len(archive.files()) == 3  # landmark SR, measurements SR, SEG
+        assert len(archive.files()) == 4  # landmark SR, measurements SR, SEG, GSPS
         for f in archive.files():
             validate_dicom(f)
         # The node loaded no model: it only received and queued.
