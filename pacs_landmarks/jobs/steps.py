@@ -196,26 +196,33 @@ class JobSteps:
         # not the series' fault and must not fail the job; the error goes to the worker, which retries.
         replaced = predecessors(self.store, job)
         try:
-            return self._analyse(job, replaced)
+            datasets, results, paths, timings = self._analyse(job, replaced)
         except JobStateError:
             raise  # the job changed under us (an operator, a sweeper): not the series' fault
         except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
             return self.fail(job, f"{type(exc).__name__}: {exc}")
+        # Outside the try for the same reason as above: a store error here is retried, not the series' failure.
+        return self._record_analysis(job, datasets, results, paths, timings)
 
-    def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> Job:
+    def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> tuple[list, Any, dict[str, str], dict]:
+        """Read, run the pipeline, write the results: the series' own work."""
         timings: dict[str, float] = {}
         if job.queued_at:
             timings["queue_wait"] = max(0.0, (job.started_at or time.time()) - job.queued_at)
         t = time.perf_counter()
         datasets = self.load_series(job)
         timings["read"] = time.perf_counter() - t
-        from pacs_landmarks.pipeline import RESULT_KINDS
-
         results = self.pipeline()(datasets, self.model, predecessors=replaced)
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
+        return datasets, results, paths, timings
+
+    def _record_analysis(self, job: Job, datasets: list, results: Any, paths: dict[str, str],
+                         timings: dict[str, float]) -> Job:
+        from pacs_landmarks.pipeline import RESULT_KINDS
+
         nothing = bool(getattr(results, "nothing_found", False))
         job = self.store.transition(
             job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
