@@ -1,0 +1,43 @@
+"""Helpers for the cephalogram tests: one synthetic ceph per session, its variants, a truth "model".
+
+``TruthModel`` answers ``predict_image`` with the phantom's own landmarks (its ``landmarks.json``, the
+truth the image was rendered from), so tests of what is built from landmarks check exact values without
+depending on a trained model. Tests of the model path use ``make_untrained(..., landmark_set="ceph19")``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pacs_landmarks.inference.landmark2d import Landmark2D
+from pacs_landmarks.landmark_sets import landmark_names
+
+
+class TruthModel:
+    """The landmarks an image was rendered with (``landmarks.json``), as a 2D model's answer."""
+
+    name = "ceph19-truth"
+    version = "0.0.0-truth"
+    landmark_set = "ceph19"
+    dim = 2
+
+    def __init__(self, *truth_files: Path, missing: tuple[str, ...] = ()):
+        self.truth: dict[str, dict] = {}
+        for f in truth_files:
+            doc = json.loads(Path(f).read_text())
+            self.truth[doc["sop_instance_uid"]] = {lm["name"]: lm["position_px"] for lm in doc["landmarks"]}
+        self.missing = set(missing)
+
+    def add(self, sop_instance_uid: str, points: dict[str, list[float]]) -> None:
+        self.truth[sop_instance_uid] = points
+
+    def predict_image(self, image) -> list[Landmark2D]:
+        points = self.truth.get(image.sop_instance_uid, {})
+        out = []
+        for name in landmark_names("ceph19"):
+            p = points.get(name)
+            if p is None or name in self.missing:
+                out.append(Landmark2D(name, None, 0.1, "not_found"))
+            else:
+                out.append(Landmark2D(name, (float(p[0]), float(p[1])), 0.9, "found"))
+        return out
