@@ -254,3 +254,48 @@ def process_image(item: str | Path | Dataset, model, predecessors: Predecessors 
     if results.nothing_found:
         log.warning("image %s: no landmark found: no result objects", image.sop_instance_uid)
     return results
+
+
+def image_landmarks_json(results: Results, model_name: str | None = None, model_version: str | None = None) -> dict:
+    """The 2D ``landmarks.json`` of an image's results (the form ``pacs-landmarks import`` writes, plus status,
+    confidence, the spacing's source and the measurements): ``position_px`` = (column, row) in the image's
+    SCOORD pixels (PS3.3 C.18.6.1.2), null unless found; ``pixel_spacing_mm`` = [row, column] or null."""
+    from pacs_landmarks.sr_templates.landmark_sr_2d import spacing_text
+
+    image = results.image
+    spacing = image.spacing
+    return {
+        "landmark_set": _set_of(results),
+        "sop_instance_uid": image.sop_instance_uid,
+        "series_instance_uid": image.series_instance_uid,
+        "study_instance_uid": image.study_instance_uid,
+        "model": {"name": model_name, "version": model_version} if model_name else None,
+        "rows": int(image.shape[0]),
+        "columns": int(image.shape[1]),
+        "pixel_spacing_mm": [round(spacing.row_mm, 6), round(spacing.col_mm, 6)] if spacing else None,
+        "pixel_spacing_source": spacing.source if spacing else None,
+        "pixel_spacing": spacing_text(spacing),
+        "facing": image.facing,
+        "lateral_ceph_evidence": list(image.ceph.evidence),
+        "landmarks": [
+            {"name": lm.name, "status": lm.status,
+             "position_px": [round(float(v), 4) for v in lm.position_px] if lm.position_px is not None
+             and lm.status == FOUND else None,
+             "confidence": round(float(lm.confidence), 4)}
+            for lm in results.landmarks
+        ],
+        "measurements": [
+            {"name": m.name, "value": round(m.value, 3), "unit": m.unit, "range": list(m.range) if m.range else None,
+             "outside_range": m.outside_range}
+            for m in results.measurements
+        ],
+        "omitted_measurements": [{"name": o.name, "reason": o.reason} for o in results.omitted],
+    }
+
+
+def _set_of(results: Results) -> str:
+    """The landmark set whose names the results have, in order (a 2D model reports every landmark of its set)."""
+    from pacs_landmarks.landmark_sets import landmark_names, landmark_sets
+
+    names = [lm.name for lm in results.landmarks]
+    return next((s for s in landmark_sets() if landmark_names(s) == names), "ceph19")
