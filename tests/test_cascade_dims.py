@@ -43,3 +43,135 @@ def test_3d_model_gives_the_same_points_as_before_the_refactor(tmp_path):
         got = np.asarray(lm.stage_positions)
         assert got.shape == (3, 3)
         assert np.abs(got - np.asarray(stages)).max() < 1e-4 + 1e-5, name
+
+
+# --- 2D: the same sampler, networks and cascade on a projection image ---
+
+def test_2d_sampler_reads_the_right_place_in_mm():
+    from pacs_landmarks.inference.model import image_affine
+    from pacs_landmarks.inference.sampling import VolumeSampler, box_points
+
+    arr = np.zeros((50, 40), np.float32)
+    r, c = 31, 12
+    arr[r, c] = 1.0
+    spacing = (0.2, 0.3)  # row, column
+    s = VolumeSampler(arr, image_affine(spacing), outside=0.0)
+    x, y = (c + 0.5) * spacing[1], (r + 0.5) * spacing[0]  # the pixel's centre in SCOORD x spacing
+    assert s.sample(torch.tensor([[[x, y]]]), 0.01).item() == pytest.approx(1.0, abs=1e-5)
+    assert s.sample(torch.tensor([[[x + spacing[1] / 2, y]]]), 0.01).item() == pytest.approx(0.5, abs=1e-5)
+    assert s.sample(torch.tensor([[[x, y + spacing[0]]]]), 0.01).item() == pytest.approx(0.0, abs=1e-5)
+    assert s.sample(torch.tensor([[[-5.0, y]]]), 0.01).item() == 0.0
+    # box axes (h, w) run along (y, x): a box row is an image row
+    pts = box_points(torch.tensor([[x, y]]), 5, 0.3)
+    assert pts.shape == (1, 5, 5, 2)
+    assert torch.allclose(pts[0, 2, 3] - pts[0, 2, 2], torch.tensor([0.3, 0.0]))
+    assert torch.allclose(pts[0, 3, 2] - pts[0, 2, 2], torch.tensor([0.0, 0.3]))
+    with pytest.raises(ValueError, match="3x3 affine"):
+        VolumeSampler(arr, np.eye(4))
+
+
+def test_2d_rotations_are_rotations():
+    from pacs_landmarks.inference.sampling import random_rotations
+
+    r = random_rotations(16, 10.0, torch.Generator().manual_seed(3), dim=2)
+    assert r.shape == (16, 2, 2)
+    assert torch.allclose(r @ r.transpose(1, 2), torch.eye(2).expand(16, 2, 2), atol=1e-6)
+    ang = torch.rad2deg(torch.atan2(r[:, 1, 0], r[:, 0, 0])).abs()
+    assert float(ang.max()) <= 10.0 + 1e-4 and float(ang.max()) > 1.0
+
+
+@pytest.fixture(scope="module")
+def ceph_images(tmp_path_factory):
+    """One synthetic cephalogram written facing right and facing left (same pixels, mirrored)."""
+    from pacs_landmarks.dicom.xray import load_xray
+    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
+
+    out = tmp_path_factory.mktemp("ceph")
+    image = render_ceph(27901)
+    write_ceph(image, out / "right")
+    write_ceph(image, out / "left", facing="left")
+    return load_xray(out / "right" / "image.dcm"), load_xray(out / "left" / "image.dcm")
+
+
+@pytest.fixture(scope="module")
+def untrained_2d(tmp_path_factory):
+    from pacs_landmarks.inference.model import LandmarkModel, make_untrained
+
+    torch.set_num_threads(1)
+    path = make_untrained(tmp_path_factory.mktemp("m2d") / "ceph.pt", seed=3, landmark_set="ceph19")
+    return LandmarkModel.load(path, device="cpu")
+
+
+def test_untrained_2d_model_predicts_in_the_images_own_coordinates(untrained_2d, ceph_images):
+    from pacs_landmarks.landmark_sets import landmark_names
+
+    right, left = ceph_images
+    assert (right.facing, left.facing) == ("right", "left")
+    assert untrained_2d.dim == 2
+    a, b = untrained_2d.predict_image(right), untrained_2d.predict_image(left)
+    assert [lm.name for lm in a] == landmark_names("ceph19") == [lm.name for lm in b]
+    assert a.pixel_spacing_mm == pytest.approx(right.spacing.mm) and not a.spacing_nominal
+    width = right.shape[1]
+    for x, y in zip(a, b):
+        assert len(x.stage_positions) == 3
+        assert x.status in ("found", "not_found", "outside_field_of_view")
+        assert (x.position_px is None) == (x.status != "found")
+        for (cx, rx), (cy, ry) in zip(x.stage_positions, y.stage_positions):
+            assert cy == pytest.approx(width - cx, abs=1e-3) and ry == pytest.approx(rx, abs=1e-3)
+    # the random network puts its points somewhere inside the image, not at the origin or in mm
+    cols = np.array([lm.stage_positions[-1][0] for lm in a])
+    assert (cols > 0).all() and (cols < width).all() and cols.std() > 1.0
+
+
+def test_2d_image_without_spacing_runs_at_a_nominal_spacing(untrained_2d, ceph_images, caplog):
+    import dataclasses
+
+    from pacs_landmarks.inference.model import NOMINAL_IMAGE_HEIGHT_MM
+
+    image = dataclasses.replace(ceph_images[0], spacing=None)
+    with caplog.at_level("WARNING"):
+        out = untrained_2d.predict_image(image)
+    assert out.spacing_nominal and "nominal" in out.spacing_source
+    assert out.pixel_spacing_mm[0] == pytest.approx(NOMINAL_IMAGE_HEIGHT_MM / image.shape[0])
+    assert "no pixel spacing" in caplog.text
+    assert len(out) == 19
+
+
+def test_2d_stages_read_2d_crops(untrained_2d, ceph_images):
+    seen = []
+    hooks = [net.register_forward_pre_hook(lambda mod, args, k=k: seen.append((k, tuple(args[0].shape))))
+             for k, net in enumerate(untrained_2d.cascade.nets)]
+    try:
+        untrained_2d.predict_image(ceph_images[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    shapes = dict(seen)
+    stages = untrained_2d.stages
+    assert shapes[0] == (1, 3, stages[0].size, stages[0].size)  # grey + (h, w) coordinate channels
+    for k in (1, 2):
+        assert shapes[k] == (19, 1, stages[k].size, stages[k].size)
+    conv = untrained_2d.cascade.nets[1].enc1[0][0]
+    assert isinstance(conv, torch.nn.Conv2d)
+
+
+def test_2d_model_refuses_a_volume_and_3d_model_an_image(untrained_2d, ceph_images):
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    with pytest.raises(ValueError, match="predict_image"):
+        untrained_2d.run(type("V", (), {"array": np.zeros((4, 4, 4))})())
+    with pytest.raises(ValueError, match="use predict"):
+        LandmarkModel.load(device="cpu").predict_image(ceph_images[0])
+
+
+def test_load_by_landmark_set(tmp_path):
+    from pacs_landmarks.inference.model import LandmarkModel, ModelError, default_model_path
+
+    assert LandmarkModel.load(device="cpu").landmark_set == "craniofacial16"
+    assert default_model_path("ceph19").name == "ceph19-demo.pt"
+    m = LandmarkModel.load(landmark_set="ceph19", device="cpu")
+    assert (m.landmark_set, m.dim) == ("ceph19", 2)
+    with pytest.raises(ModelError, match="no shipped model"):
+        LandmarkModel.load(landmark_set="aariz29", device="cpu")
+    with pytest.raises(ModelError, match="not 'ceph19'"):
+        LandmarkModel.load(default_model_path(), landmark_set="ceph19", device="cpu")
