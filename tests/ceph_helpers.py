@@ -41,3 +41,30 @@ class TruthModel:
             else:
                 out.append(Landmark2D(name, (float(p[0]), float(p[1])), 0.9, "found"))
         return out
+
+
+def report_all_model(path: Path, seed: int = 0) -> Path:
+    """An untrained ceph19 model file whose calibrated threshold is 0: it reports every landmark it sees
+    inside the image as found (random points). For end-to-end tests where only the flow matters: result
+    objects are made and delivered; the points mean nothing."""
+    from pacs_landmarks.inference.model import LandmarkModel, make_untrained, save_model_file
+
+    make_untrained(path, seed=seed, landmark_set="ceph19")
+    model = LandmarkModel.load(path, device="cpu")
+    meta = dict(model.metadata, calibration={"low_confidence": 0.0}, name="ceph19-report-all")
+    return save_model_file(path, model.cascade, meta)
+
+
+def write_ceph_variant(src: Path, dst: Path, **changes) -> Path:
+    """A copy of an image with new Series/SOP Instance UIDs and the given attributes changed."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(src)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst

@@ -75,6 +75,21 @@ OPTIONAL_RESULTS = ("gsps",)
 IMAGE_RESULTS = ("landmark_sr", "measurements_sr")
 
 
+def starts_image_job(header: Dataset) -> bool:
+    """Whether a stored instance starts an image job (front ends: the node, the Orthanc plugin).
+
+    Every single-frame DX (For Presentation / For Processing) and CR image does, so that a panoramic or a
+    chest image ends with a job state that says what it is. A Secondary Capture does only when its header
+    does not refuse it: SC is also every screen capture of a CT, MR or ultrasound, and those are not
+    scanned film (``dicom.xray.ceph_check``)."""
+    from pacs_landmarks.dicom.xray import SECONDARY_CAPTURE, XRAY_CLASSES, ceph_check
+
+    sop_class = str(header.get("SOPClassUID", ""))
+    if sop_class not in XRAY_CLASSES or int(header.get("NumberOfFrames", 1) or 1) != 1:
+        return False
+    return sop_class != SECONDARY_CAPTURE or ceph_check(header).verdict != "refused"
+
+
 def input_kind(datasets: list[Any]) -> str:
     """"image" for one single-frame X-ray image (``dicom.xray.XRAY_CLASSES``), else "series": what decides
     between ``process_image`` and ``process_series``. Reads only the header of a path."""

@@ -3,8 +3,9 @@
 - Every storage SOP class is accepted (``AllStoragePresentationContexts``) with the transfer syntaxes in
   ``TRANSFER_SYNTAXES``. CT Image Storage and Enhanced CT Image Storage series start a job when complete;
   with a 2D model loaded (``image_defaults``), each single-frame X-ray image (DX For Presentation / For
-  Processing, CR, Secondary Capture: ``dicom.xray.XRAY_CLASSES``) starts its own job as soon as it is stored
-  (``images/<SeriesUID>/<SOP>.dcm``; one image is the whole input, no completion wait). Any other object is
+  Processing, CR, Secondary Capture that is not a screen capture of another modality:
+  ``jobs.steps.starts_image_job``) starts its own job as soon as it is stored (``images/<SeriesUID>/<SOP>.dcm``;
+  one image is the whole input, no completion wait). Any other object is
   still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as ignored.
 - An instance is written as received (the encoded dataset, PS3.10 file meta added) and is durable, data and
   name, before Success (0x0000) is answered (``receive.DurableWriter``: temporary file, rename, fdatasync
@@ -55,9 +56,9 @@ from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verific
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_landmarks.dicom.series import CT_CLASSES
-from pacs_landmarks.dicom.xray import XRAY_CLASSES
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.receive import DurableWriter, install_wakeups, quiet_pynetdicom
+from pacs_landmarks.jobs.steps import starts_image_job
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 
@@ -394,8 +395,7 @@ class StorageSCP:
         series_uid = safe_uid(series_uid, "Series Instance UID")
         safe_uid(study_uid, "Study Instance UID")
         for_job = "series" if sop_class in JOB_SOP_CLASSES else "image" if (
-            self.image_defaults is not None and sop_class in XRAY_CLASSES
-            and int(ds.get("NumberOfFrames", 1) or 1) == 1) else None
+            self.image_defaults is not None and starts_image_job(ds)) else None
         if for_job:
             try:
                 check_pixel_data(ds)
