@@ -59,6 +59,7 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.store import Job, JobStateError, SqlJobStore, destination_key
 from pacs_landmarks.jobs.supersede import predecessors, result_uids
+from pacs_landmarks.pipeline import input_kind, starts_image_job  # noqa: F401  (front ends import them here)
 
 Loader = Callable[[Job], Iterable[Any]]
 Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
@@ -74,36 +75,6 @@ OPTIONAL_RESULTS = ("gsps",)
 # What an image job must have written (a 2D image has no SEG).
 IMAGE_RESULTS = ("landmark_sr", "measurements_sr")
 
-
-def starts_image_job(header: Dataset) -> bool:
-    """Whether a stored instance starts an image job (front ends: the node, the Orthanc plugin).
-
-    Every single-frame DX (For Presentation / For Processing) and CR image does, so that a panoramic or a
-    chest image ends with a job state that says what it is. A Secondary Capture does only when its header
-    does not refuse it: SC is also every screen capture of a CT, MR or ultrasound, and those are not
-    scanned film (``dicom.xray.ceph_check``)."""
-    from pacs_landmarks.dicom.xray import SECONDARY_CAPTURE, XRAY_CLASSES, ceph_check
-
-    sop_class = str(header.get("SOPClassUID", ""))
-    if sop_class not in XRAY_CLASSES or int(header.get("NumberOfFrames", 1) or 1) != 1:
-        return False
-    return sop_class != SECONDARY_CAPTURE or ceph_check(header).verdict != "refused"
-
-
-def input_kind(datasets: list[Any]) -> str:
-    """"image" for one single-frame X-ray image (``dicom.xray.XRAY_CLASSES``), else "series": what decides
-    between ``process_image`` and ``process_series``. Reads only the header of a path."""
-    import pydicom
-
-    from pacs_landmarks.dicom.xray import XRAY_CLASSES
-
-    if len(datasets) != 1:
-        return "series"
-    item = datasets[0]
-    ds = item if isinstance(item, Dataset) else pydicom.dcmread(item, stop_before_pixels=True,
-                                                                specific_tags=["SOPClassUID", "NumberOfFrames"])
-    single = int(ds.get("NumberOfFrames", 1) or 1) == 1
-    return "image" if str(ds.get("SOPClassUID", "")) in XRAY_CLASSES and single else "series"
 
 
 class PermanentDeliveryError(Exception):

@@ -263,14 +263,15 @@ class ImagePlane:
                    int(header.Columns))
 
 
-# Tracing lines of a lateral cephalogram: (label, from, to, measurement shown beside it), by abbreviation.
+# Tracing lines of a lateral cephalogram: (label, from, to, (measurement shown beside it, its short name)), by
+# abbreviation.
 TRACING_LINES = (
-    ("S-N", "S", "N", "S-N length"),
+    ("S-N", "S", "N", ("S-N length", "")),
     ("FH", "Po", "Or", None),
-    ("MP", "Go", "Me", "FH to mandibular plane angle"),
-    ("N-A", "N", "A", "SNA angle"),
-    ("N-B", "N", "B", "SNB angle"),
-    ("N-Pog", "N", "Pog", "Facial angle"),
+    ("MP", "Go", "Me", ("FH to mandibular plane angle", "FMA")),
+    ("N-A", "N", "A", ("SNA angle", "SNA")),
+    ("N-B", "N", "B", ("SNB angle", "SNB")),
+    ("N-Pog", "N", "Pog", ("Facial angle", "facial angle")),
 )
 _UNIT_TEXT = {"deg": "\N{DEGREE SIGN}", "mm": " mm"}
 
@@ -292,10 +293,10 @@ def image_marks(header: Dataset, landmarks: list, set_name: str, measurements: l
         if pa is None or pb is None:
             continue
         text = label
-        if shown in values:
-            m = values[shown]
-            text = f"{label}: {m.value:.1f}{_UNIT_TEXT[m.unit]}" if shown == "S-N length" else \
-                f"{label} ({m.name.replace(' angle', '')} {m.value:.1f}{_UNIT_TEXT[m.unit]})"
+        if shown is not None and shown[0] in values:
+            m, short = values[shown[0]], shown[1]
+            value = f"{m.value:.1f}{_UNIT_TEXT[m.unit]}"
+            text = f"{label} ({short} {value})" if short else f"{label}: {value}"
         marks.append(Mark("TRACING", plane, "POLYLINE", (pa, pb), text))
     for lm in drawn_landmarks(landmarks):
         if lm.position_px is not None:
