@@ -260,3 +260,43 @@ def test_header_silent_image_must_be_confirmed(ceph, tmp_path):
     model.add(sop, {k: v for k, v in list(truth.items())[:5]})  # what a chest might give: 5 of 19
     with pytest.raises(NotACephalogram, match="not confirmed as a lateral cephalogram.*found 5 of 19"):
         process_image(path, model)
+
+
+def test_with_real_2d_models(ceph, tmp_path, validate_dicom):
+    """The real cascade (untrained ceph19 weights): every landmark of the set comes back with a status; the
+    results are made only from found ones and are valid. A model that reports everything it sees (threshold
+    0) exercises found, not found and outside-the-image statuses together."""
+    from ceph_helpers import report_all_model
+
+    from pacs_landmarks.inference.model import LandmarkModel, make_untrained
+    from pacs_landmarks.landmark_sets import landmark_names
+
+    path, _ = ceph
+    for model_file in (make_untrained(tmp_path / "u.pt", landmark_set="ceph19"), report_all_model(tmp_path / "r.pt")):
+        model = LandmarkModel.load(model_file, device="cpu")
+        results = process_image(path, model)
+        assert [lm.name for lm in results.landmarks] == landmark_names("ceph19")
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        for lm in results.landmarks:
+            assert lm.status in ("found", "not_found", "outside_field_of_view")
+            if lm.status == "found":
+                assert 0 <= lm.position_px[0] <= header.Columns and 0 <= lm.position_px[1] <= header.Rows
+            else:
+                assert lm.position_px is None
+        if results.nothing_found:
+            assert results.objects() == {}, "nothing found: no result objects"
+            continue
+        out = tmp_path / model_file.stem
+        out.mkdir()
+        for kind, ds in results.objects().items():
+            ds.save_as(out / f"{kind}.dcm", enforce_file_format=True)
+            validate_dicom(out / f"{kind}.dcm")
+        back = read_landmark_sr_2d(pydicom.dcmread(out / "landmark_sr.dcm"), include_missing=True)
+        assert {lm.name: lm.status for lm in back} == {lm.name: lm.status for lm in results.landmarks}
+
+
+def test_a_3d_model_is_refused_for_an_image(ceph):
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    with pytest.raises(ValueError, match="3D series, not in X-ray images"):
+        process_image(ceph[0], LandmarkModel.load(device="cpu"))
