@@ -54,6 +54,15 @@ def test_ceph_px_and_chest_through_orthanc(orthanc_factory, ceph, tmp_path, vali
         path.write_bytes(data)
         validate_dicom(path)
 
+    # Re-run by REST (the image's series): a new job for the image, the same results (UIDs follow the input).
+    series_id = orthanc.get_json(f"/instances/{job['source']}")["ParentSeries"]
+    rerun = orthanc.post_json(f"/pacs-landmarks/series/{series_id}/run")
+    assert rerun["result"] == "queued" and rerun["job"]["id"] != job["id"], rerun
+    wait_for(lambda: orthanc.get_json("/pacs-landmarks/jobs")[0]["state"] == "done", 60, "the re-run")
+    assert len(orthanc.findscu_series(study, "SR")) == 2, "a re-run must not duplicate results"
+    assert sorted(orthanc.get_json("/pacs-landmarks/jobs")[0]["details"]["result_instances"]) == sorted(
+        job["details"]["result_instances"])
+
     # A panoramic and a chest image: image jobs that end with the reason, no results stored.
     for name, changes, why in (("px", dict(Modality="PX", PositionerType="PANORAMIC"), "panoramic"),
                                ("chest", dict(BodyPartExamined="CHEST", PositionerType="", ViewPosition="PA"),
@@ -66,5 +75,5 @@ def test_ceph_px_and_chest_through_orthanc(orthanc_factory, ceph, tmp_path, vali
         assert job["state"] == "done" and job["reason"].startswith("not analysed: ") and why in job["reason"], job
         assert not job["details"].get("result_instances")
     assert len(orthanc.findscu_series(study, "SR")) == 2, "nothing was added for the refused images"
-    # Our own results start no job.
-    assert len(orthanc.get_json("/pacs-landmarks/jobs")) == 3
+    # Our own results start no job: the ceph (twice: the re-run), the panoramic, the chest image.
+    assert len(orthanc.get_json("/pacs-landmarks/jobs")) == 4

@@ -274,7 +274,9 @@ class LandmarkPlugin:
             except Exception as exc:
                 self.last_error = f"series {series_id}: {type(exc).__name__}: {exc}"
                 LOGGER.error("%s\n%s", self.last_error, traceback.format_exc())
-            if self.events.empty():
+            # Not after each instance event (every CT slice is one): the catch-up from an older sequence number
+            # only considers some images again, which finds them analysed or queued.
+            if self.events.empty() and force != "instance":
                 self._save_change_seq()
 
     @property
