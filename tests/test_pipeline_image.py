@@ -185,10 +185,13 @@ def test_compressed_input(ceph, tmp_path, validate_dicom):
 
 SPACINGS = {
     "fiducial": (dict(pixel_spacing=(0.35, 0.35), pixel_spacing_calibration="FIDUCIAL"), 0.35, "FIDUCIAL"),
+    "geometry": (dict(pixel_spacing=(0.33, 0.33), pixel_spacing_calibration="GEOMETRY"), 0.33, "GEOMETRY"),
     "magnification": (dict(magnification=1.25), IPS / 1.25, "Magnification Factor 1.25"),
     "SID/SOD": (dict(magnification=None, source_detector_mm=1650.0, source_patient_mm=1500.0), IPS / 1.1,
                 "SID 1650 / SOD 1500"),
     "detector": (dict(magnification=None), IPS, "at the detector"),
+    "stated": (dict(kind="CR", imager_pixel_spacing=None, magnification=None, pixel_spacing=(0.31, 0.31)), 0.31,
+               "calibration not stated"),
     "film": (dict(kind="SC", imager_pixel_spacing=None, magnification=None, nominal_scanned_spacing=(0.3, 0.3)),
              0.3, "Nominal Scanned"),
 }

@@ -55,6 +55,51 @@ def spacing_text(spacing) -> str:
     return f"{spacing.row_mm:g} x {spacing.col_mm:g} mm (rows x columns) from {spacing.source}; plane: {spacing.plane}"
 
 
+def library_images(header: Dataset) -> list[Dataset] | None:
+    """The image for highdicom's Image Library (``MeasurementReport(referenced_images=...)``), or None when
+    highdicom cannot describe it: its TID 1603 projection descriptors read Imager Pixel Spacing and two values
+    of Patient Orientation, which a CR (Type 3 there) or a scanned film (SC) may lack. Then
+    ``add_image_library`` puts a library with the IMAGE entry only."""
+    lean = evidence_headers([header])[0]
+    orientation = lean.get("PatientOrientation") or []
+    if "ImagerPixelSpacing" in lean and len(orientation) == 2 or str(lean.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.7":
+        return [lean]
+    return None
+
+
+def add_image_library(report, header: Dataset) -> None:
+    """TID 1600 Image Library with one IMAGE entry (no descriptors), before Imaging Measurements."""
+    from highdicom.sr import ContainerContentItem, ContentSequence, ImageContentItem, RelationshipTypeValues
+    from highdicom.sr import CodedConcept
+    from pydicom.sr.codedict import codes
+
+    contains = RelationshipTypeValues.CONTAINS
+    group = ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=contains)
+    group.ContentSequence = ContentSequence([ImageContentItem(
+        name=CodedConcept("260753009", "SCT", "Source"), referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID, relationship_type=contains)])
+    library = ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = ContentSequence([group])
+    content = report[0].ContentSequence
+    content.insert(next(n for n, item in enumerate(content) if item.ValueType == "CONTAINER"), library)
+
+
+def measurement_report(algorithm: Algorithm, groups: list, header: Dataset):
+    """The TID 1500 report of one image: Plain radiography, the Image Library, ``groups``."""
+    from highdicom.sr import CodedConcept, MeasurementReport
+
+    images = library_images(header)
+    report = MeasurementReport(
+        observation_context=observation_context(algorithm),
+        procedure_reported=CodedConcept(*PROCEDURE_RADIOGRAPHY),
+        imaging_measurements=groups,
+        referenced_images=images,  # the Image Library (TID 1600) with highdicom's descriptors
+    )
+    if images is None:
+        add_image_library(report, header)
+    return report
+
+
 def spacing_group(spacing, algorithm: Algorithm, series: str):
     """The TID 1501 group stating the pixel spacing the results use (module docstring)."""
     from highdicom.sr import (CodedConcept, Measurement, MeasurementsAndQualitativeEvaluations, TextContentItem,
@@ -89,7 +134,6 @@ def build_landmark_sr_2d(image: Dataset, landmarks: list[Landmark2D], algorithm:
         CodedConcept,
         ImageRegion,
         Measurement,
-        MeasurementReport,
         PlanarROIMeasurementsAndQualitativeEvaluations,
         SourceImageForRegion,
         TrackingIdentifier,
@@ -131,12 +175,7 @@ def build_landmark_sr_2d(image: Dataset, landmarks: list[Landmark2D], algorithm:
         lm.status = "not_found" if lm.status == "found" else lm.status
     groups += not_found_groups(others, algorithm, series, algorithm_id)
     groups.append(spacing_group(spacing, algorithm, series))
-    report = MeasurementReport(
-        observation_context=observation_context(algorithm),
-        procedure_reported=CodedConcept(*PROCEDURE_RADIOGRAPHY),
-        imaging_measurements=groups,
-        referenced_images=[evidence_headers([image])[0]],  # the Image Library (TID 1600)
-    )
+    report = measurement_report(algorithm, groups, image)
     return sr_document(report, evidence_headers([image]), "landmark-sr", algorithm, image_source(image),
                        predecessors, three_d=False)
 

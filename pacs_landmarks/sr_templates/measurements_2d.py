@@ -18,9 +18,9 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks.inference.landmark2d import Landmark2D
 from pacs_landmarks.landmark_sets import coded, load_landmark_set
-from pacs_landmarks.sr_templates.common import Algorithm, evidence_headers, observation_context, sr_algorithm_id
+from pacs_landmarks.sr_templates.common import Algorithm, evidence_headers, sr_algorithm_id
 from pacs_landmarks.sr_templates.common import sr_document
-from pacs_landmarks.sr_templates.landmark_sr_2d import PROCEDURE_RADIOGRAPHY, image_source, spacing_group
+from pacs_landmarks.sr_templates.landmark_sr_2d import image_source, measurement_report, spacing_group
 from pacs_landmarks.sr_templates.measurements import (
     _UCUM,
     MeasurementValue,
@@ -84,7 +84,6 @@ def build_measurements_sr_2d(image: Dataset, landmarks: list[Landmark2D], algori
         CoordinatesForMeasurement,
         Measurement,
         MeasurementProperties,
-        MeasurementReport,
         MeasurementsAndQualitativeEvaluations,
         NormalRangeProperties,
         SourceImageForRegion,
@@ -131,11 +130,6 @@ def build_measurements_sr_2d(image: Dataset, landmarks: list[Landmark2D], algori
         ))
     groups += omitted_groups(omitted, algorithm, series)
     groups.append(spacing_group(spacing, algorithm, series))
-    report = MeasurementReport(
-        observation_context=observation_context(algorithm),
-        procedure_reported=CodedConcept(*PROCEDURE_RADIOGRAPHY),
-        imaging_measurements=groups,
-        referenced_images=[evidence_headers([image])[0]],
-    )
+    report = measurement_report(algorithm, groups, image)
     return sr_document(report, evidence_headers([image]), "measurements-sr", algorithm, image_source(image),
                        predecessors, three_d=False)
