@@ -280,7 +280,7 @@ def _wait_model(orthanc: OrthancProcess, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         health = orthanc.get_json("/pacs-landmarks/health")
-        if health["model"]["loaded"]:
+        if health["model"]["loaded"] and not health["model"]["loading"]:  # the cephalogram model loads after it
             return health
         if health["model"]["error"] or time.monotonic() > deadline:
             raise DemoError(f"the plugin has no model: {health['model']['error'] or 'still loading'}")

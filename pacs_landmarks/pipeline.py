@@ -326,7 +326,13 @@ def input_kind(datasets: list[Any]) -> str:
     if len(datasets) != 1:
         return "series"
     item = datasets[0]
-    ds = item if isinstance(item, Dataset) else pydicom.dcmread(item, stop_before_pixels=True,
-                                                                specific_tags=["SOPClassUID", "NumberOfFrames"])
+    if isinstance(item, Dataset):
+        ds = item
+    else:
+        # Anything that is not a readable DICOM file is left to process_series, which says what is wrong.
+        try:
+            ds = pydicom.dcmread(item, stop_before_pixels=True, specific_tags=["SOPClassUID", "NumberOfFrames"])
+        except (OSError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
+            return "series"
     single = int(ds.get("NumberOfFrames", 1) or 1) == 1
     return "image" if str(ds.get("SOPClassUID", "")) in XRAY_CLASSES and single else "series"

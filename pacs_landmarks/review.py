@@ -240,7 +240,7 @@ def cmd_review(args: argparse.Namespace) -> int:
     from pacs_landmarks.sr_templates.cli import xray_inputs
 
     if not args.series_dir.exists():
-        raise CommandError(f"not found: {args.series_dir}")
+        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
     images = xray_inputs(args.series_dir)
     if images:
         return review_images(args, images)

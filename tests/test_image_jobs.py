@@ -63,6 +63,9 @@ def test_kind_follows_the_sop_class(ceph):
     from pydicom.data import get_testdata_file
 
     assert input_kind([get_testdata_file("CT_small.dcm")]) == "series"
+    # What is not a readable DICOM file is the series path's to refuse (with its own reason), not an error here.
+    assert input_kind(["no-such-file"]) == "series"
+    assert input_kind([path.parent / "landmarks.json"]) == "series"
 
 
 def test_image_job_results_and_landmarks_json(ceph, tmp_path):

@@ -201,7 +201,7 @@ def infer(args: argparse.Namespace) -> int:
     from pacs_landmarks.cli import CommandError
 
     if not args.series_dir.exists():
-        raise CommandError(f"not found: {args.series_dir}")
+        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
     images = xray_inputs(args.series_dir)
     if images:
         return infer_images(args, images)
