@@ -129,3 +129,26 @@ def test_train_with_a_3d_set_on_cephs_is_a_clear_error(tiny_cephs, tmp_path):
                 "--landmark-set", "craniofacial16", "-q")
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and "craniofacial16" in proc.stderr
+
+
+def test_predict_cli_on_a_cephalogram(tiny_cephs):
+    image = tiny_cephs / "ceph-1" / "image.dcm"  # facing left
+    proc = _cli("predict", str(image), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["landmark_set"] == "ceph19" and doc["facing"] == "left"
+    truth = json.loads((tiny_cephs / "ceph-1" / "landmarks.json").read_text())
+    assert doc["pixel_spacing_mm"] == pytest.approx(truth["pixel_spacing_mm"], rel=1e-4)
+    assert "Magnification" in doc["pixel_spacing_source"]
+    assert [lm["name"] for lm in doc["landmarks"]] == NAMES
+    for lm in doc["landmarks"]:
+        assert len(lm["stage_positions_px"]) == 3
+        if lm["position_px"] is not None:
+            c, r = lm["position_px"]
+            assert 0 <= c <= truth["columns"] and 0 <= r <= truth["rows"]
+            assert lm["position_mm"] == pytest.approx([c * doc["pixel_spacing_mm"][1], r * doc["pixel_spacing_mm"][0]],
+                                                      abs=1e-3)
+    proc = _cli("predict", str(image), "--pixel-spacing", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    assert "0.2500 x 0.2500 mm" in proc.stdout and "| Sella" not in proc.stdout
+    assert "Sella" in proc.stdout and "column" in proc.stdout
