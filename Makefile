@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo demo-ceph cluster-demo serve viewer train-demo bench
+.PHONY: bootstrap test demo demo-ceph cluster-demo serve viewer train-demo train-demo-ceph bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -32,6 +32,10 @@ viewer: bootstrap
 
 train-demo: bootstrap
 	scripts/train-demo
+
+# The cephalogram demo model from synthetic cephalograms (docs/training.md, Cephalograms).
+train-demo-ceph: bootstrap
+	scripts/train-demo-ceph
 
 bench: bootstrap
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

@@ -52,12 +52,12 @@ DEFAULT_STAGES = (
 )
 
 
-# 2D (a cephalogram, ~200-240 mm high): the whole image at 2 mm, crops of 32 mm at 0.5 mm, then of 11 mm
-# at 0.17 mm (about the detector's own resolution); a 2D crop costs a fraction of a 3D one, so they are larger.
+# 2D (a cephalogram, ~200-240 mm high): the whole image at 2 mm, crops of 24 mm at 0.5 mm, then of 8 mm
+# at 0.17 mm (about the detector's own resolution); 48 px, about what the local network's receptive field spans.
 DEFAULT_STAGES_2D = (
     StageConfig("global", "global", 128, 2.0, 16, presence=True),
-    StageConfig("local", "local", 64, 0.5, 12),
-    StageConfig("fine", "local", 64, 0.17, 12),
+    StageConfig("local", "local", 48, 0.5, 12),
+    StageConfig("fine", "local", 48, 0.17, 12),
 )
 
 

@@ -41,6 +41,7 @@ import numpy as np
 
 from pacs_landmarks.inference.landmark import FOUND, NOT_FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
 from pacs_landmarks.inference.landmark2d import ImageLandmarks, Landmark2D
+from pacs_landmarks.inference.sampling import image_affine  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,11 @@ class LandmarkModel:
             raise ValueError(f"volume must be 3D and non-empty, got shape {volume.array.shape}")
         return self._run(volume.array, volume.affine)
 
+    def run_array(self, array, affine):
+        """The raw cascade output for an array in this model's dimension and intensity unit (a CT volume in
+        HU with its 4x4 affine, or a face-right image 0..1 with its 3x3 affine, ``image_affine``)."""
+        return self._run(array, affine)
+
     def _run(self, array, affine):
         from pacs_landmarks.inference.cascade import run_cascade
 
@@ -321,13 +327,6 @@ class LandmarkModel:
                                      confidence=float(conf[i]), status=str(status[i]),
                                      stage_positions=stage_pos, reason=str(reason[i])))
         return result
-
-
-def image_affine(spacing: tuple[float, float]) -> np.ndarray:
-    """3x3: array index (row, column) -> (x, y) mm with x = SCOORD column * column spacing, y = SCOORD row *
-    row spacing (pixel centres at +0.5, PS3.3 C.18.6.1.2)."""
-    sr, sc = spacing
-    return np.array([[0.0, sc, 0.5 * sc], [sr, 0.0, 0.5 * sr], [0.0, 0.0, 1.0]])
 
 
 def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", name: str | None = None,

@@ -56,6 +56,13 @@ def intensity(unit: str):
         raise ValueError(f"unknown intensity unit {unit!r} (known: {', '.join(INTENSITY)})") from None
 
 
+def image_affine(spacing: tuple[float, float]) -> np.ndarray:
+    """3x3: array index (row, column) -> (x, y) mm with x = SCOORD column * column spacing, y = SCOORD row *
+    row spacing (pixel centres at +0.5, PS3.3 C.18.6.1.2); ``spacing`` is (row, column) mm."""
+    sr, sc = spacing
+    return np.array([[0.0, sc, 0.5 * sc], [sr, 0.0, 0.5 * sr], [0.0, 0.0, 1.0]])
+
+
 def box_offsets(size: int, spacing: float, device=None, dim: int = 3) -> torch.Tensor:
     """Offsets (size,) * dim + (dim,) in box coordinates ((d,) h, w) mm from the box centre."""
     r = (torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2.0) * spacing
