@@ -66,6 +66,18 @@ def test_other_landmark_set_fails_at_load(tmp_path):
         LandmarkModel.load(path, landmark_set="ceph19")
 
 
+def test_a_model_whose_dimension_is_not_its_sets_fails_at_load(tmp_path):
+    meta = new_metadata("ceph19")
+    assert meta["dim"] == 2 and meta["intensity"]["unit"] == "xray"
+    meta["dim"] = 3  # 3D weights labelled as a ceph19 model
+    save_model_file(tmp_path / "m.pt", Cascade(DEFAULT_STAGES, 19), meta)
+    with pytest.raises(ModelError, match="a 3D model for landmark set 'ceph19', which is 2D"):
+        LandmarkModel.load(tmp_path / "m.pt")
+    # a 2D model file loads with 2D networks
+    m = LandmarkModel.load(make_untrained(tmp_path / "c.pt", landmark_set="ceph19"), device="cpu")
+    assert m.dim == 2 and isinstance(m.cascade.nets[0].head, torch.nn.Conv2d)
+
+
 def test_renamed_landmarks_fail_at_load(tmp_path):
     meta = new_metadata()
     meta["landmark_names"] = list(reversed(meta["landmark_names"]))

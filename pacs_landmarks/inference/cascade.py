@@ -1,13 +1,18 @@
 """The coarse-to-fine cascade: a global stage on the whole head, then local stages on crops in mm.
 
-Stage 1 reads one box centred on the head (e.g. 64^3 at 4 mm) and finds every landmark at once.  Each later
-stage reads one crop per landmark centred on the previous stage's estimate (e.g. 24^3 at 1.25 mm, then at
-0.6 mm) through one network shared by all landmarks, so all crops of a stage are a single batch.  Points come
-from a soft-argmax over the LPS positions of the box, so they are sub-voxel and in patient mm throughout.
+One implementation for a CT volume (``dim`` 3, points in patient LPS mm, intensities in HU) and a
+cephalogram (``dim`` 2, points in mm on the face-right image, intensities 0..1): the dimension and the
+intensity unit are parameters of the ``Cascade`` (model metadata ``dim`` and ``intensity.unit``).
+
+Stage 1 reads one box centred on the head (e.g. 64^3 at 4 mm, or 128^2 at 2 mm over the whole
+cephalogram) and finds every landmark at once.  Each later stage reads one crop per landmark centred on the
+previous stage's estimate (e.g. 24^3 at 1.25 mm, then at 0.6 mm) through one network shared by all
+landmarks, so all crops of a stage are a single batch.  Points come from a soft-argmax over the physical
+positions of the box, so they are sub-voxel and in mm throughout.
 
 Confidence per landmark combines how concentrated each local stage's probability map is (spread in voxels)
-with how well consecutive stages agree, and is cut down when the volume does not look like a head (too
-little bone in the stage-1 box).
+with how well consecutive stages agree, and, for CT, is cut down when the volume does not look like a head
+(too little bone in the stage-1 box).
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import torch
 from torch import nn
 
 from pacs_landmarks.inference.networks import build_network
-from pacs_landmarks.inference.sampling import VolumeSampler, box_offsets, box_points, normalise_hu, soft_argmax
+from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_points, intensity, normalise_hu,
+                                              soft_argmax)
 
 BONE_HU = 250.0
 # A skull holds several hundred ml of bone; below this little bone there is no head to find landmarks on.
@@ -46,6 +52,19 @@ DEFAULT_STAGES = (
 )
 
 
+# 2D (a cephalogram, ~200-240 mm high): the whole image at 2 mm, crops of 24 mm at 0.5 mm, then of 8 mm
+# at 0.17 mm (about the detector's own resolution); 48 px, about what the local network's receptive field spans.
+DEFAULT_STAGES_2D = (
+    StageConfig("global", "global", 128, 2.0, 16, presence=True),
+    StageConfig("local", "local", 48, 0.5, 12),
+    StageConfig("fine", "local", 48, 0.17, 12),
+)
+
+
+def default_stages(dim: int = 3) -> tuple[StageConfig, ...]:
+    return DEFAULT_STAGES if dim == 3 else DEFAULT_STAGES_2D
+
+
 def stages_from_json(items: list[dict]) -> tuple[StageConfig, ...]:
     return tuple(StageConfig(**item) for item in items)
 
@@ -55,36 +74,55 @@ def stages_to_json(stages: tuple[StageConfig, ...]) -> list[dict]:
 
 
 class Cascade(nn.Module):
-    """The networks of all stages, in order."""
+    """The networks of all stages, in order, for images of ``dim`` dimensions whose intensities are in
+    ``unit`` ("HU" for CT, "xray" for 0..1 projection images; ``sampling.INTENSITY``)."""
 
-    def __init__(self, stages: tuple[StageConfig, ...], n_landmarks: int):
+    def __init__(self, stages: tuple[StageConfig, ...], n_landmarks: int, dim: int = 3, unit: str = "HU"):
         super().__init__()
         if len(stages) < 2 or stages[0].kind != "global" or any(s.kind != "local" for s in stages[1:]):
             raise ValueError("a cascade is one global stage followed by local stages")
+        if dim not in (2, 3):
+            raise ValueError(f"a cascade works on 2D or 3D images, not {dim}D")
         self.stages = tuple(stages)
         self.n_landmarks = n_landmarks
-        self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width, s.presence) for s in stages)
+        self.dim = dim
+        self.unit = unit
+        self.normalise, self.outside = intensity(unit)
+        self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width, s.presence, dim) for s in stages)
+
+    def sampler(self, array, affine, device="cpu") -> VolumeSampler:
+        """A sampler of one image / volume that reads this cascade's "outside" value beyond the array."""
+        sampler = VolumeSampler(array, affine, device, outside=self.outside)
+        if sampler.dim != self.dim:
+            raise ValueError(f"this cascade reads {self.dim}D images, not {sampler.dim}D")
+        return sampler
+
+    def global_input(self, values: torch.Tensor) -> torch.Tensor:
+        return global_input(values, self.normalise)
+
+    def local_input(self, values: torch.Tensor) -> torch.Tensor:
+        return local_input(values, self.normalise)
 
 
-def coordinate_channels(size: int, device=None) -> torch.Tensor:
-    """(3, size, size, size): position within the box, -1..1 along (d, h, w)."""
-    offs = box_offsets(size, 2.0 / max(size - 1, 1), device)
-    return offs.permute(3, 0, 1, 2)
+def coordinate_channels(size: int, device=None, dim: int = 3) -> torch.Tensor:
+    """(dim, size, ..., size): position within the box, -1..1 along ((d,) h, w)."""
+    offs = box_offsets(size, 2.0 / max(size - 1, 1), device, dim)
+    return offs.permute(dim, *range(dim))
 
 
-def global_input(hu: torch.Tensor) -> torch.Tensor:
-    """Stage-1 network input (N, 4, S, S, S) from sampled HU (N, S, S, S)."""
-    n, s = hu.shape[0], hu.shape[1]
-    coords = coordinate_channels(s, hu.device).expand(n, 3, s, s, s)
-    return torch.cat([normalise_hu(hu)[:, None], coords], 1)
+def global_input(values: torch.Tensor, normalise=normalise_hu) -> torch.Tensor:
+    """Stage-1 network input (N, 1 + D, S, ...) from sampled intensities (N, S, ...) of a D-dim box."""
+    n, dim, s = values.shape[0], values.dim() - 1, values.shape[1]
+    coords = coordinate_channels(s, values.device, dim).expand(n, dim, *values.shape[1:])
+    return torch.cat([normalise(values)[:, None], coords], 1)
 
 
-def local_input(hu: torch.Tensor) -> torch.Tensor:
-    return normalise_hu(hu)[:, None]
+def local_input(values: torch.Tensor, normalise=normalise_hu) -> torch.Tensor:
+    return normalise(values)[:, None]
 
 
 def pick_channels(logits: torch.Tensor, landmark_idx: torch.Tensor) -> torch.Tensor:
-    """(N, L, D, H, W) logits and (N,) landmark indices -> (N, D, H, W): each crop's own landmark map."""
+    """(N, L, ...) logits and (N,) landmark indices -> (N, ...): each crop's own landmark map."""
     return logits[torch.arange(logits.shape[0], device=logits.device), landmark_idx]
 
 
@@ -109,33 +147,49 @@ def head_centre(sampler: VolumeSampler, spacing_mm: float) -> tuple[np.ndarray, 
     return idx @ aff[:3, :3].T + aff[:3, 3], bone_ml
 
 
+def image_centre(sampler: VolumeSampler) -> np.ndarray:
+    """The middle of the array in mm: where the stage-1 box goes on a projection image, which a cephalostat
+    frames on the head."""
+    idx = (np.asarray(sampler.shape, np.float64) - 1) / 2.0
+    d = sampler.dim
+    return sampler.affine[:d, :d] @ idx + sampler.affine[:d, d]
+
+
+def stage1_centre(cascade: "Cascade", sampler: VolumeSampler) -> tuple[np.ndarray, float | None]:
+    """(centre of the stage-1 box, bone in the scan in ml; None for a projection image)."""
+    if cascade.unit == "HU":
+        return head_centre(sampler, cascade.stages[0].spacing_mm)
+    return image_centre(sampler), None
+
+
 @dataclass
 class CascadeOutput:
-    positions: np.ndarray  # (stages, L, 3) LPS mm, each stage's point (after fusion, when fusing)
+    positions: np.ndarray  # (stages, L, D) mm (LPS for CT), each stage's point (after fusion, when fusing)
     spreads: np.ndarray  # (stages, L) mm, RMS width of each stage's own probability map
     confidence: np.ndarray  # (L,) 0..1
-    bone_ml: float
+    bone_ml: float | None  # CT: bone in the scan (ml); None for a projection image
     timings: dict[str, float]
-    presence: np.ndarray | None = None  # (L,) 0..1 "inside the scanned volume" (None: model without it)
-    inside_fraction: np.ndarray | None = None  # (L,) share of the last stage's crop inside the volume
+    presence: np.ndarray | None = None  # (L,) 0..1 "inside the scanned volume / image" (None: no such output)
+    inside_fraction: np.ndarray | None = None  # (L,) share of the last stage's crop inside the volume / image
     reseeded: np.ndarray | None = None  # (L,) bool: local stages started from the shape model's estimate
 
 
 def inside_fraction(sampler: VolumeSampler, points: np.ndarray, extent_mm: float, n: int = 5) -> np.ndarray:
-    """Share of a box of ``extent_mm`` around each point (L, 3) that lies inside the scanned volume."""
+    """Share of a box of ``extent_mm`` around each point (L, D) that lies inside the scanned volume / image."""
+    d = sampler.dim
     offs = (np.arange(n) - (n - 1) / 2) * (extent_mm / n)
-    grid = np.stack(np.meshgrid(offs, offs, offs, indexing="ij"), -1).reshape(-1, 3)
+    grid = np.stack(np.meshgrid(*([offs] * d), indexing="ij"), -1).reshape(-1, d)
     pts = np.asarray(points, float)[:, None, :] + grid[None]
     inv = np.linalg.inv(sampler.affine)
-    idx = pts @ inv[:3, :3].T + inv[:3, 3]
+    idx = pts @ inv[:d, :d].T + inv[:d, d]
     size = np.asarray(sampler.shape, float)
     ok = ((idx >= -0.5) & (idx <= size - 0.5)).all(-1)
     return ok.mean(1)
 
 
 def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spreads: np.ndarray,
-                    bone_ml: float) -> np.ndarray:
-    """Per-landmark confidence in 0..1 (see module docstring)."""
+                    bone_ml: float | None = None) -> np.ndarray:
+    """Per-landmark confidence in 0..1 (see module docstring); ``bone_ml`` None: not a CT, no head check."""
     conf = np.ones(positions.shape[1])
     for k in range(1, len(stages)):
         s = stages[k].spacing_mm
@@ -145,14 +199,15 @@ def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spre
         jump = np.linalg.norm(positions[k] - positions[k - 1], axis=-1)
         conf *= np.exp(-0.5 * (jump / (0.25 * stages[k].extent_mm)) ** 2)
     conf = conf ** (1.0 / (len(stages) - 1))
-    conf *= min(1.0, bone_ml / MIN_HEAD_BONE_ML) ** 2
+    if bone_ml is not None:
+        conf *= min(1.0, bone_ml / MIN_HEAD_BONE_ML) ** 2
     return np.clip(conf, 0.0, 1.0)
 
 
 @torch.no_grad()
 def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False,
                 fuse: bool = False, shape=None) -> CascadeOutput:
-    """All stages on one volume; positions of every stage come back for reporting and evaluation.
+    """All stages on one image or volume (``cascade.sampler``); positions of every stage come back for reporting and evaluation.
 
     ``fuse``: a local stage's point is the inverse-variance mean, per axis, of its own soft-argmax and the
     previous stage's point (variances = widths of the probability maps along x, y, z).  Where a fine crop
@@ -174,11 +229,11 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
 
     t0 = time.perf_counter()
     st = stages[0]
-    centre, bone_ml = head_centre(sampler, st.spacing_mm)
+    centre, bone_ml = stage1_centre(cascade, sampler)
     pts = box_points(torch.as_tensor(centre, dtype=torch.float32, device=dev)[None], st.size, st.spacing_mm)
-    hu = sampler.sample(pts, st.spacing_mm)
+    values = sampler.sample(pts, st.spacing_mm)
     with amp:
-        logits, pres = cascade.nets[0](global_input(hu), with_presence=True)
+        logits, pres = cascade.nets[0](cascade.global_input(values), with_presence=True)
     presence = torch.sigmoid(pres[0].float()).cpu().double().numpy() if pres is not None else None
     pts_all = pts.expand(n_lm, *pts.shape[1:])
     pos, var, _ = soft_argmax(logits[0].float(), pts_all)
@@ -206,9 +261,9 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     for k, st in enumerate(stages[1:], start=2):
         t0 = time.perf_counter()
         pts = box_points(pos, st.size, st.spacing_mm)
-        hu = sampler.sample(pts, st.spacing_mm)
+        values = sampler.sample(pts, st.spacing_mm)
         with amp:
-            logits = cascade.nets[k - 1](local_input(hu))
+            logits = cascade.nets[k - 1](cascade.local_input(values))
         new_pos, new_var, _ = soft_argmax(pick_channels(logits.float(), lm_idx), pts)
         spreads.append(new_var.sum(-1).sqrt())
         if fuse:

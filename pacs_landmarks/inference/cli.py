@@ -1,4 +1,7 @@
-"""Subcommands of the landmark cascade: ``train``, ``evaluate``, ``predict`` (heavy imports inside handlers)."""
+"""Subcommands of the landmark cascade: ``train``, ``evaluate``, ``predict`` (heavy imports inside handlers).
+
+Each accepts CT cases / series and cephalogram cases / images alike: the kind follows from the data (the
+landmark set of the cases' ``landmarks.json``; an X-ray SOP class for ``predict``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,21 +16,33 @@ def _error(msg: str):
     return CommandError(msg)
 
 
-def _load_model(path):
+def _load_model(path, landmark_set=None):
     from pacs_landmarks.inference.model import LandmarkModel, ModelError
 
     try:
-        return LandmarkModel.load(path)
+        return LandmarkModel.load(path, landmark_set=landmark_set if path is None else None)
     except ModelError as exc:
         raise _error(str(exc)) from None
 
 
-def _cases(args, names):
+def _data_set(args) -> str | None:
+    """The landmark set of the data directory (None for CT data without one: the default set)."""
+    from pacs_landmarks.inference.data import DataError, detect_landmark_set
+
+    try:
+        found = detect_landmark_set(args.data)
+    except DataError as exc:
+        raise _error(str(exc)) from None
+    return None if found == "craniofacial16" else found
+
+
+def _cases(args, model):
     from pacs_landmarks.inference.data import DataError, load_cases, read_label_map
 
     try:
-        return load_cases(args.data, names, cache_dir=args.cache, progress=not args.quiet,
-                          label_map=read_label_map(args.label_map))
+        return load_cases(args.data, model.landmark_names, model.landmark_set, cache_dir=args.cache,
+                          progress=not args.quiet, label_map=read_label_map(args.label_map),
+                          truth=getattr(args, "truth", None))
     except DataError as exc:
         raise _error(str(exc)) from None
 
@@ -38,9 +53,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(epochs=args.epochs, batch_cases=args.batch_cases, lr=args.lr, seed=args.seed,
                          val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads,
-                         only=args.only or "")
+                         only=args.only or "", landmark_set=args.landmark_set or "", truth=args.truth or "",
+                         local_landmarks=args.local_landmarks)
     if args.model_version:
         config.extra["version"] = args.model_version
+    if args.model_name:
+        config.extra["name"] = args.model_name
     try:
         summary = train(args.data, args.out, config, cache_dir=args.cache, resume=args.resume, init=args.init,
                         progress=not args.quiet, label_map=read_label_map(args.label_map))
@@ -53,8 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.evaluate import box_plots, evaluate_cases, format_report, write_json
 
-    model = _load_model(args.model)
-    cases = _cases(args, model.landmark_names)
+    model = _load_model(args.model, _data_set(args))
+    cases = _cases(args, model)
     result = evaluate_cases(model, cases, progress=not args.quiet)
     print(f"model {model.name} {model.version}: {len(cases)} cases from {args.data}")
     print(format_report(result))
@@ -72,18 +90,82 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _xray_file(files) -> Path | None:
+    """The file to read as a cephalogram when the input is one X-ray image, else None (a CT series)."""
+    import pydicom
+
+    from pacs_landmarks.dicom.xray import is_xray_class
+
+    if len(files) != 1:
+        return None
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 -- load_series gives the clear error for an unreadable file
+        return None
+    return files[0] if is_xray_class(str(ds.get("SOPClassUID", ""))) else None
+
+
+def _predict_image(args, path: Path, model) -> int:
+    from pacs_landmarks.dicom.xray import XRayError, load_xray
+
+    try:
+        image = load_xray(path, pixel_spacing=args.pixel_spacing, require_ceph=False)
+    except XRayError as exc:
+        raise _error(str(exc)) from None
+    model = model or _load_model(None, "ceph19")
+    if model.dim != 2:
+        raise _error(f"model {model.name} is for CT series, {path} is an X-ray image")
+    lms = model.predict_image(image)
+    row_mm, col_mm = lms.pixel_spacing_mm
+    mm = None if lms.spacing_nominal else (col_mm, row_mm)
+    if args.json:
+        json.dump({"sop_instance_uid": image.sop_instance_uid, "model": model.name, "model_version": model.version,
+                   "landmark_set": model.landmark_set, "facing": image.facing,
+                   "pixel_spacing_mm": None if mm is None else [row_mm, col_mm],
+                   "pixel_spacing_source": lms.spacing_source,
+                   "landmarks": [{"name": lm.name, "status": lm.status,
+                                  "position_px": None if lm.position_px is None else [round(v, 4) for v in lm.position_px],
+                                  "position_mm": None if lm.position_px is None or mm is None else
+                                  [round(lm.position_px[0] * mm[0], 4), round(lm.position_px[1] * mm[1], 4)],
+                                  "confidence": round(lm.confidence, 4), "reason": lm.reason,
+                                  "stage_positions_px": [[round(v, 4) for v in p] for p in lm.stage_positions]}
+                                 for lm in lms]}, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"image {image.sop_instance_uid}  model {model.name} {model.version}  facing {image.facing}")
+    print(f"pixel spacing: " + (f"{row_mm:.4f} x {col_mm:.4f} mm (row x column) from {lms.spacing_source}"
+                                if mm else f"unknown ({lms.spacing_source}): positions in pixels only"))
+    print(f"{'landmark':<24} {'status':<21} {'column':>9} {'row':>9} {'x (mm)':>8} {'y (mm)':>8} {'conf':>5}  reason")
+    for lm in lms:
+        if lm.position_px is not None:
+            c, r = lm.position_px
+            xy = f"{c * mm[0]:8.2f} {r * mm[1]:8.2f}" if mm else f"{'-':>8} {'-':>8}"
+            pos = f"{c:9.2f} {r:9.2f} {xy}"
+        else:
+            pos = f"{'-':>9} {'-':>9} {'-':>8} {'-':>8}"
+        print(f"{lm.name:<24} {lm.status:<21} {pos} {lm.confidence:5.2f}  {lm.reason}".rstrip())
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pacs_landmarks.dicom.series import SeriesError, load_series
     from pacs_landmarks.inference.data import dicom_files
     from pacs_landmarks.inference.landmark import landmark_json, landmark_table
 
-    model = _load_model(args.model)
+    # a given model file is checked first: a bad one is the error to report whatever the input
+    model = _load_model(args.model) if args.model is not None else None
     series = Path(args.series)
     if not series.exists():
         raise _error(f"not found: {series}")
     files = dicom_files(series) if series.is_dir() else [series]
     if not files:
         raise _error(f"no DICOM files in {series}")
+    xray = _xray_file(files)
+    if xray is not None:
+        return _predict_image(args, xray, model)
+    model = model or _load_model(None)
+    if model.dim != 3:
+        raise _error(f"model {model.name} is for cephalograms (2D), {series} is not an X-ray image")
     try:
         volume = load_series(files)
     except SeriesError as exc:
@@ -111,7 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="directory of case sub-directories")
     p.add_argument("--out", required=True, help="model file to write (e.g. model.pt)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training cases (default 30)")
-    p.add_argument("--batch-cases", type=int, default=4, help="cases per step (x16 crops per local stage)")
+    p.add_argument("--batch-cases", type=int, default=4,
+                   help="cases per step (each gives --local-landmarks crops per local stage)")
+    p.add_argument("--local-landmarks", type=int, default=8,
+                   help="crops per case and step for each local stage (default 8; landmarks drawn at random)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=0, help="random seed (augmentation, order, initial weights)")
     p.add_argument("--val-cases", type=int, default=3, help="last N cases used for per-epoch validation")
@@ -126,6 +211,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", choices=("presence",), default=None,
                    help="train only the presence output (the rest frozen; use with --init)")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")
+    p.add_argument("--model-name", default=None, help="name stored in the model file (default: SET-model)")
+    p.add_argument("--landmark-set", default=None,
+                   help="landmark set to train (default: the one the cases' landmarks.json name); a 2D set "
+                   "(ceph19, aariz29) trains the 2D cascade on cephalograms")
+    p.add_argument("--truth", default=None, metavar="mean|NAME",
+                   help="cephalograms with several annotators: train on their mean or on one (e.g. senior); "
+                   "default: the landmarks of landmarks.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -141,6 +233,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=None, help="cache directory for decoded volumes (default: CASE/.cache)")
     p.add_argument("--label-map", default=None, metavar="FILE.json",
                    help="Slicer markups labels -> landmark names; default: by name or abbreviation")
+    p.add_argument("--truth", default=None, metavar="mean|NAME",
+                   help="cephalograms: score against the annotators' mean or one annotator (default: the "
+                   "landmarks of landmarks.json); every annotator is scored besides, with the inter-observer "
+                   "distance")
     p.add_argument("--calibrate", default=None, metavar="OUT.pt",
                    help="write the model with the lowest confidence threshold at which >= 95 %% of the points "
                    "at or above it are within 2 mm on these cases (use held-out cases)")
@@ -148,10 +244,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
-        "predict", help="landmarks of one CT series, as a table or JSON",
-        description="Load one DICOM CT series (a directory or a file), run the landmark cascade and print the "
-                    "landmarks in patient LPS mm with their confidence.")
-    p.add_argument("series", metavar="SERIES_DIR", help="directory holding one CT series")
-    p.add_argument("--model", default=None, help="model file (default: the shipped demo model)")
+        "predict", help="landmarks of one CT series or one cephalogram, as a table or JSON",
+        description="Load one DICOM CT series (a directory or a file) or one X-ray image (DX/CR/SC: a lateral "
+                    "cephalogram), run the landmark cascade and print the landmarks with their confidence: "
+                    "patient LPS mm for CT; for a cephalogram (column, row) pixels in the image's own "
+                    "coordinates and mm, with the pixel spacing and where it came from.")
+    p.add_argument("series", metavar="SERIES_DIR", help="directory holding one CT series, or one X-ray image file")
+    p.add_argument("--model", default=None,
+                   help="model file (default: the shipped demo model of the input kind: craniofacial16 for CT, "
+                   "ceph19 for a cephalogram)")
+    p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
+                   help="cephalogram: pixel size in mm, instead of what the header says")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_predict)

@@ -16,6 +16,16 @@ name"}``).  An unknown label, a point outside the scanned volume or truth in ano
 A phantom cut to a scan range (``phantom --coverage``) also records, per landmark, whether it lies inside the
 scanned volume and how far from its edge (``Case.in_scan``, ``Case.edge_distance``): evaluation scores the
 presence output with them.
+
+A 2D case (a cephalogram, as ``phantom --ceph`` and ``import`` write it) is one X-ray image (DX / CR / SC,
+read with ``dicom.xray.load_xray``) and a ``landmarks.json`` of a 2D landmark set: ``pixel_spacing_mm``
+[row, column] (else the image's own spacing), ``landmarks`` [{"name", "position_px": [column, row] or
+null}] in the image's own SCOORD pixels (PS3.3 C.18.6.1.2), optionally ``annotators`` {name: same list}.
+The case holds the face-right (canonical) image 0..1 as float16 and its points in mm on it (x = column *
+column spacing, y = row * row spacing); null points are NaN (skipped in training and evaluation).  Truth is
+``landmarks`` unless ``truth`` says "mean" (of the annotators) or an annotator's name.  An unknown landmark
+or a point outside the image is a ``DataError``.  Decoding one image costs well under a second, so 2D
+cases are not cached.
 """
 from __future__ import annotations
 
@@ -38,16 +48,22 @@ class DataError(Exception):
 @dataclass
 class Case:
     name: str
-    array: np.ndarray  # int16 HU (slices, rows, cols)
-    affine: np.ndarray  # 4x4 array index (k, j, i) -> LPS mm
-    landmarks: np.ndarray  # (L, 3) LPS mm; NaN where the truth lacks a landmark
+    array: np.ndarray  # int16 HU (slices, rows, cols); 2D: float16 0..1 (rows, cols), facing right
+    affine: np.ndarray  # 4x4 array index (k, j, i) -> LPS mm (2D: 3x3 (row, column) -> (x, y) mm)
+    landmarks: np.ndarray  # (L, 3) LPS mm (2D: (L, 2) mm); NaN where the truth lacks a landmark
     slice_thickness: float
     in_scan: np.ndarray | None = None  # (L,) bool: the true landmark lies inside the scanned volume
     edge_distance: np.ndarray | None = None  # (L,) mm from the edge of the scanned volume (inf: unknown)
+    annotators: dict[str, np.ndarray] | None = None  # 2D: each annotator's points (L, 2) mm, as ``landmarks``
+    synthetic: bool = False  # a phantom (``pacs-landmarks phantom``), not an imported image
+
+    @property
+    def dim(self) -> int:
+        return self.array.ndim
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:-1, :-1], axis=0))  # type: ignore[return-value]
 
 
 def find_cases(data_dir: str | Path) -> list[Path]:
@@ -185,10 +201,123 @@ def _cache_key(files: list[Path], truth_file: Path | None) -> str:
     return h.hexdigest()[:16]
 
 
-def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "craniofacial16",
-              cache_dir: str | Path | None = None, label_map: dict[str, str] | None = None) -> Case:
-    """Decode (or read from the cache) one case. The cache goes to ``cache_dir`` or ``case_dir/.cache``."""
+def detect_landmark_set(data_dir: str | Path) -> str:
+    """The landmark set of the first case's ``landmarks.json`` (craniofacial16 when it names none)."""
+    for d in find_cases(data_dir):
+        f = d / "landmarks.json"
+        if f.is_file():
+            try:
+                return str(json.loads(f.read_text(encoding="utf-8")).get("landmark_set") or "craniofacial16")
+            except ValueError as exc:
+                raise DataError(f"{f}: not JSON ({exc})") from None
+    return "craniofacial16"
+
+
+def _points_2d(path: Path, items, names: list[str], landmark_set: str, shape: tuple[int, int],
+               to_mm) -> np.ndarray:
+    """(L, 2) mm on the canonical image from a list of {"name", "position_px"} (null -> NaN)."""
+    rows, cols = shape
+    index = {n: i for i, n in enumerate(names)}
+    out = np.full((len(names), 2), np.nan)
+    if not isinstance(items, list):
+        raise DataError(f"{path}: landmarks must be a list of {{name, position_px}}")
+    for item in items:
+        name = item.get("name") if isinstance(item, dict) else None
+        if name not in index:
+            raise DataError(f"{path}: landmark {name!r} is not in landmark set {landmark_set!r}")
+        pos = item.get("position_px")
+        if pos is None:
+            continue
+        try:
+            c, r = (float(v) for v in pos)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: {name}: position_px must be [column, row], not {pos!r}") from None
+        if not (0.0 <= c <= cols and 0.0 <= r <= rows):
+            raise DataError(f"{path}: {name} at ({c:g}, {r:g}) px lies outside the {cols} x {rows} image")
+        out[index[name]] = to_mm(np.array([c, r]))
+    return out
+
+
+def load_case_2d(case_dir: str | Path, names: list[str], landmark_set: str, truth: str | None = None) -> Case:
+    """One cephalogram case (module docstring); ``DataError`` naming the case when it cannot be used."""
+    from pacs_landmarks.dicom.xray import XRayError, load_xray
+    from pacs_landmarks.inference.sampling import image_affine
+
     case_dir = Path(case_dir)
+    path = case_dir / "landmarks.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from None
+    if doc.get("landmark_set", landmark_set) != landmark_set:
+        raise DataError(f"{path}: landmark set {doc.get('landmark_set')!r}, expected {landmark_set!r}")
+    image, errors = None, []
+    for f in dicom_files(case_dir):
+        try:
+            image = load_xray(f, require_ceph=False)
+            break
+        except XRayError as exc:
+            errors.append(str(exc))
+    if image is None:
+        raise DataError(f"{case_dir}: no X-ray image" + (f" ({'; '.join(errors)})" if errors else ""))
+    if doc.get("sop_instance_uid") and image.sop_instance_uid and doc["sop_instance_uid"] != image.sop_instance_uid:
+        raise DataError(f"{case_dir}: landmarks.json is for image {doc['sop_instance_uid']}, the file is "
+                        f"{image.sop_instance_uid}")
+    spacing = doc.get("pixel_spacing_mm")
+    if spacing is None and image.spacing is not None:
+        spacing = image.spacing.mm
+    try:
+        sr, sc = (float(v) for v in spacing)
+        if not (sr > 0 and sc > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"{case_dir}: no usable pixel spacing ({spacing!r}): give pixel_spacing_mm [row, column] "
+                        "in landmarks.json") from None
+    scale = np.array([sc, sr])
+    to_mm = lambda px: image.to_canonical(px) * scale  # noqa: E731  own pixels -> canonical mm
+    shape = image.shape
+    annotators = {who: _points_2d(path, pts, names, landmark_set, shape, to_mm)
+                  for who, pts in (doc.get("annotators") or {}).items()}
+    if truth in (None, "", "landmarks"):
+        points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape, to_mm)
+    elif truth == "mean":
+        if annotators:
+            import warnings
+
+            with warnings.catch_warnings():  # a landmark no annotator placed stays NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                points = np.nanmean(np.stack(list(annotators.values())), axis=0)
+        else:
+            points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape, to_mm)
+    elif truth in annotators:
+        points = annotators[truth]
+    else:
+        raise DataError(f"{case_dir}: no annotator {truth!r} (have {sorted(annotators) or 'none'})")
+    if not np.isfinite(points).any():
+        raise DataError(f"{path}: no landmark positions")
+    pixels = np.ascontiguousarray(image.canonical(), dtype=np.float16)
+    return Case(case_dir.name, pixels, image_affine((sr, sc)), points, 0.0, annotators=annotators or None,
+                synthetic="seed" in doc and "geometry" in doc)
+
+
+def case_dimension(case_dir: Path, landmark_set: str) -> int:
+    """2 for a cephalogram case (a 2D landmark set), else 3."""
+    from pacs_landmarks.landmark_sets import set_dimension
+
+    try:
+        return set_dimension(landmark_set)
+    except KeyError:
+        raise DataError(f"{case_dir}: unknown landmark set {landmark_set!r}") from None
+
+
+def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "craniofacial16",
+              cache_dir: str | Path | None = None, label_map: dict[str, str] | None = None,
+              truth: str | None = None) -> Case:
+    """Decode (or read from the cache) one case. The cache goes to ``cache_dir`` or ``case_dir/.cache``.
+    A case of a 2D landmark set is a cephalogram (``load_case_2d``; ``truth`` chooses its annotator)."""
+    case_dir = Path(case_dir)
+    if case_dimension(case_dir, landmark_set) == 2:
+        return load_case_2d(case_dir, names, landmark_set, truth)
     files = dicom_files(case_dir)
     truth_file = case_dir / "landmarks.json"
     truth_file = truth_file if truth_file.is_file() else None
@@ -248,14 +377,14 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
 
 def load_cases(data_dir: str | Path, names: list[str], landmark_set: str = "craniofacial16",
                cache_dir: str | Path | None = None, progress: bool = True,
-               label_map: dict[str, str] | None = None) -> list[Case]:
+               label_map: dict[str, str] | None = None, truth: str | None = None) -> list[Case]:
     from tqdm import tqdm
 
     dirs = find_cases(data_dir)
     cases, errors = [], []
     for d in tqdm(dirs, desc="reading cases", unit="case", disable=not progress):
         try:
-            cases.append(load_case(d, names, landmark_set, cache_dir, label_map))
+            cases.append(load_case(d, names, landmark_set, cache_dir, label_map, truth))
         except DataError as exc:  # report every bad case at once, not just the first
             log.error("%s", exc)
             errors.append(str(exc))

@@ -1,6 +1,9 @@
 """Accuracy of a model on cases with known landmarks (``pacs-landmarks evaluate``).
 
-Radial error = Euclidean distance in patient mm between the predicted and the true point.  Reported per
+Radial error = Euclidean distance in mm between the predicted and the true point (patient LPS mm for CT, mm
+on the image for a cephalogram: the ISBI 2015 challenge's metrics, MRE +- SD and SDR at 2 / 2.5 / 3 / 4 mm).
+When cephalogram cases carry several annotators, the final stage is also scored against each, and the
+inter-observer distance on the same images is printed beside it (as the seed papers compare).  Reported per
 landmark and overall, one row per cascade stage: MRE +- SD, median (IQR), successful detection rate (SDR:
 share of points within 2 / 2.5 / 3 / 4 mm) and mean absolute error per LPS axis.  Landmarks whose truth lies
 outside the scanned volume (cut phantoms) have no error.
@@ -32,7 +35,7 @@ def error_stats(err: np.ndarray, axis_err: np.ndarray) -> dict:
         "mre": float(e.mean()), "sd": float(e.std(ddof=1)) if e.size > 1 else 0.0,
         "median": float(med), "iqr": [float(q1), float(q3)], "max": float(e.max()),
         "sdr": {f"{t:g}": float((e <= t).mean()) for t in SDR_MM},
-        "axis_mae": {ax: float(np.abs(a[:, i]).mean()) for i, ax in enumerate("xyz")},
+        "axis_mae": {ax: float(np.abs(a[:, i]).mean()) for i, ax in enumerate("xyz"[:a.shape[1]])},
     }
 
 
@@ -40,14 +43,16 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
     """Run ``model`` on every case; per-stage, per-landmark statistics plus the raw errors."""
     from tqdm import tqdm
 
-    from pacs_landmarks.dicom.volume import Volume
-
     names = model.landmark_names
     stages = [s.name for s in model.stages]
     diffs, confs, per_case, statuses, in_scans, edges = [], [], [], [], [], []
+    finals, annotated = [], []
     for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
-        vol = Volume(c.array.astype(np.float32), c.affine, "", "", "", [])
-        out = model.run(vol)
+        if c.dim != model.dim:
+            raise ValueError(f"case {c.name} is {c.dim}D, model {model.name} is {model.dim}D")
+        out = model.run_array(c.array.astype(np.float32), c.affine)
+        finals.append(out.positions[-1])
+        annotated.append(c.annotators or {})
         status, _, conf = model.statuses(out)
         in_scan = c.in_scan if c.in_scan is not None else np.ones(len(names), bool)
         in_scan = in_scan & np.isfinite(c.landmarks).all(1)
@@ -58,7 +63,7 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
         statuses.append(status)
         in_scans.append(in_scan)
         edges.append(c.edge_distance if c.edge_distance is not None else np.full(len(names), np.inf))
-        per_case.append({"case": c.name, "slice_thickness_mm": c.slice_thickness,
+        per_case.append({"case": c.name, "slice_thickness_mm": c.slice_thickness if c.dim == 3 else None,
                          "mre_final": float(np.nanmean(np.linalg.norm(d[-1], axis=-1))) if in_scan.any() else None,
                          "found": int((status == "found").sum()), "in_scan": int(in_scan.sum()),
                          "statuses": [str(v) for v in status],
@@ -68,8 +73,9 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
     result = {"model": {"name": model.name, "version": model.version, "path": str(model.path)},
               "cases": len(cases), "stages": stages, "landmarks": names, "per_case": per_case,
               "overall": {}, "per_landmark": {}}
+    dim = diff.shape[-1]
     for k, st in enumerate(stages):
-        result["overall"][st] = error_stats(err[:, k].ravel(), diff[:, k].reshape(-1, 3))
+        result["overall"][st] = error_stats(err[:, k].ravel(), diff[:, k].reshape(-1, dim))
         result["per_landmark"][st] = {n: error_stats(err[:, k, i], diff[:, k, i]) for i, n in enumerate(names)}
     conf = np.stack(confs)
     result["confidence"] = {"mean": float(conf.mean()), "min": float(conf.min())}
@@ -92,7 +98,28 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
     }
     result["reliability"] = reliability(conf[in_scan], final[in_scan])
     result["confidences"] = conf.tolist()
+    result |= observers(np.stack(finals), annotated)
     return result
+
+
+def observers(final: np.ndarray, annotated: list[dict]) -> dict:
+    """The final stage (cases, L, D) against each annotator, and each pair of annotators against each other
+    on the same images (cases with both)."""
+    who = sorted({a for ann in annotated for a in ann})
+    if not who:
+        return {}
+    nan = np.full(final.shape[1:], np.nan)
+    pts = {a: np.stack([ann.get(a, nan) for ann in annotated]) for a in who}  # (cases, L, D)
+    out = {"vs_annotator": {}, "inter_observer": {}}
+    for a in who:
+        d = final - pts[a]
+        out["vs_annotator"][a] = error_stats(np.linalg.norm(d, axis=-1).ravel(), d.reshape(-1, d.shape[-1]))
+    for i, a in enumerate(who):
+        for b in who[i + 1:]:
+            d = pts[a] - pts[b]
+            out["inter_observer"][f"{a} vs {b}"] = error_stats(np.linalg.norm(d, axis=-1).ravel(),
+                                                               d.reshape(-1, d.shape[-1]))
+    return out
 
 
 RELIABILITY_BINS = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.0)
@@ -115,24 +142,33 @@ def _row(label: str, s: dict) -> str:
     if not s.get("n"):
         return f"| {label} | 0 | - | - | - | - | - | - | - |"
     sdr = " | ".join(f"{100 * s['sdr'][f'{t:g}']:.1f}" for t in SDR_MM)
-    ax = s["axis_mae"]
+    ax = " / ".join(f"{v:.2f}" for v in s["axis_mae"].values())
     return (f"| {label} | {s['n']} | {s['mre']:.2f} ± {s['sd']:.2f} | {s['median']:.2f} "
-            f"({s['iqr'][0]:.2f}–{s['iqr'][1]:.2f}) | {sdr} | {ax['x']:.2f} / {ax['y']:.2f} / {ax['z']:.2f} |")
+            f"({s['iqr'][0]:.2f}–{s['iqr'][1]:.2f}) | {sdr} | {ax} |")
 
 
 HEADER = ("| {what} | n | MRE ± SD (mm) | median (IQR) (mm) | SDR 2 mm % | SDR 2.5 mm % | SDR 3 mm % | "
-          "SDR 4 mm % | mean abs err x / y / z (mm) |\n|---|---|---|---|---|---|---|---|---|")
+          "SDR 4 mm % | mean abs err {axes} (mm) |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def format_report(result: dict) -> str:
     """Markdown tables: overall per stage, then per landmark for the final stage."""
-    lines = [HEADER.format(what="stage (overall)")]
+    first = next((v for v in result["overall"].values() if v.get("n")), {})
+    axes = " / ".join(first.get("axis_mae", {"x": 0, "y": 0, "z": 0}))
+    header = lambda what: HEADER.format(what=what, axes=axes)  # noqa: E731
+    lines = [header("stage (overall)")]
     for st in result["stages"]:
         lines.append(_row(st, result["overall"][st]))
     final = result["stages"][-1]
-    lines += ["", HEADER.format(what=f"landmark ({final} stage)")]
+    lines += ["", header(f"landmark ({final} stage)")]
     for name in result["landmarks"]:
         lines.append(_row(name, result["per_landmark"][final][name]))
+    if result.get("vs_annotator"):
+        lines += ["", header(f"{final} stage vs each annotator, and the annotators vs each other")]
+        for a, s in result["vs_annotator"].items():
+            lines.append(_row(f"model vs {a}", s))
+        for pair, s in result["inter_observer"].items():
+            lines.append(_row(f"inter-observer {pair}", s))
     st = result.get("status")
     if st:
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
@@ -144,7 +180,7 @@ def format_report(result: dict) -> str:
                   f"| presence correct, > 5 mm from the scan's edge % (n) | "
                   f"{pct(st['presence_correct_beyond_5mm'])} ({st['presence_n_beyond_5mm']}) |",
                   f"| found but not in the scan | {st['found_not_in_scan']} |"]
-        lines += ["", HEADER.format(what="found landmarks"), _row("found", st["found_error"])]
+        lines += ["", header("found landmarks"), _row("found", st["found_error"])]
         lines += ["", "| confidence | n | within 2 mm % | MRE (mm) |", "|---|---|---|---|"]
         for r in result["reliability"]:
             mre = "-" if r["mre"] is None else f"{r['mre']:.2f}"

@@ -1,4 +1,5 @@
-"""``LandmarkModel``: the model file, loaded once, and ``predict(volume) -> list[Landmark]``.
+"""``LandmarkModel``: the model file, loaded once; ``predict(volume) -> list[Landmark]`` for a CT model,
+``predict_image(image) -> list[Landmark2D]`` for a cephalogram model.
 
 Model file (one ``torch.save`` file, read with ``torch.load(..., weights_only=True)``, so loading a model runs
 no pickled code)::
@@ -7,8 +8,11 @@ no pickled code)::
      "metadata": "<JSON text>",            # see below
      "weights": {"<param name>": tensor}}  # Cascade.state_dict()
 
-metadata JSON: ``name``, ``version``, ``landmark_set``, ``landmark_names`` (in output order), ``stages``
-(list of StageConfig: name, kind, size, spacing_mm, width), ``intensity`` (how HU are normalised),
+metadata JSON: ``name``, ``version``, ``landmark_set``, ``landmark_names`` (in output order), ``dim`` (3: CT
+volumes, points in LPS mm; 2: projection images, points in mm on the face-right image; absent = 3, and it
+must be the landmark set's dimension), ``stages`` (list of StageConfig: name, kind, size, spacing_mm,
+width), ``intensity`` (``unit`` "HU" for CT, "xray" for 0..1 X-ray grey values, and how they are
+normalised; absent unit = HU),
 ``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``fuse_stages``
 (inference option, see ``cascade.run_cascade``), ``created``; from model 2.0 also ``shape_model`` (the
 Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional).
@@ -19,6 +23,8 @@ Status of each landmark (``Landmark.status``, see ``landmark_statuses``):
 confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the point does not fit the other landmarks
 under the shape model ("implausible position", confidence halved); else ``found``.  A model file without a
 presence output or shape model (1.x) uses the crop rule alone and skips the plausibility check.
+On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
+cephalogram holds every landmark unless collimation cut it off.
 Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
 """
 from __future__ import annotations
@@ -34,12 +40,18 @@ from typing import Any
 import numpy as np
 
 from pacs_landmarks.inference.landmark import FOUND, NOT_FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
+from pacs_landmarks.inference.landmark2d import ImageLandmarks, Landmark2D
+from pacs_landmarks.inference.sampling import image_affine  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pacs-landmarks-model"
 FORMAT_VERSION = 1
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "craniofacial16-demo.pt"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "craniofacial16-demo.pt"
+# Without a physical pixel size a cephalogram is read as if its height covered this many mm (the usual
+# cephalostat field: 0.1 mm x 2400 rows in ISBI 2015, ~0.13 mm x 1700 rows on our synthetic ones).
+NOMINAL_IMAGE_HEIGHT_MM = 230.0
 # Below this a landmark is not_found ("low confidence").
 LOW_CONFIDENCE = 0.3
 # At or above this presence probability a landmark counts as inside the scanned volume.
@@ -74,6 +86,11 @@ def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE):
 
 class ModelError(Exception):
     """The model file cannot be used (missing, corrupt, wrong format or landmark set)."""
+
+
+def default_model_path(landmark_set: str | None = None) -> Path:
+    """The shipped demo model of a landmark set (``None``: craniofacial16): ``models/<set>-demo.pt``."""
+    return MODELS_DIR / f"{landmark_set or 'craniofacial16'}-demo.pt"
 
 
 def _threads() -> None:
@@ -152,20 +169,27 @@ class LandmarkModel:
     landmark_names = property(lambda self: list(self.metadata["landmark_names"]))
     stages = property(lambda self: self.cascade.stages)
     trained = property(lambda self: bool(self.metadata.get("training")))
+    dim = property(lambda self: int(self.metadata.get("dim", 3)))
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None,
              landmark_set: str | None = None) -> "LandmarkModel":
-        """Load a model file (``None``: the shipped demo model); CUDA when present unless ``device`` says.
+        """Load a model file; CUDA when present unless ``device`` says.
 
-        ``landmark_set``: when given, the file must be for that set (else ``ModelError``).
+        ``path`` None: the shipped demo model of ``landmark_set`` (``default_model_path``; None =
+        craniofacial16).  ``landmark_set``: when given, the file must be for that set (else ``ModelError``).
         """
         import torch
 
         from pacs_landmarks.inference.cascade import Cascade, stages_from_json
-        from pacs_landmarks.landmark_sets import landmark_names, load_landmark_set
+        from pacs_landmarks.landmark_sets import landmark_names, load_landmark_set, set_dimension
 
-        path = Path(path) if path is not None else DEFAULT_MODEL
+        if path is None:
+            path = default_model_path(landmark_set)
+            if not path.is_file() and landmark_set is not None:
+                raise ModelError(f"no shipped model for landmark set {landmark_set!r} ({path.name}): train one "
+                                 "with `pacs-landmarks train` and pass it as the model file")
+        path = Path(path)
         meta, weights = read_model_file(path)
         for key in ("name", "version", "landmark_set", "landmark_names", "stages"):
             if key not in meta:
@@ -178,8 +202,13 @@ class LandmarkModel:
             raise ModelError(f"{path}: unknown landmark set {meta['landmark_set']!r}") from None
         if list(meta["landmark_names"]) != landmark_names(meta["landmark_set"]):
             raise ModelError(f"{path}: its landmark names do not match landmark set {meta['landmark_set']!r}")
+        dim = meta.get("dim", 3)
+        if dim != set_dimension(meta["landmark_set"]):
+            raise ModelError(f"{path}: a {dim}D model for landmark set {meta['landmark_set']!r}, which is "
+                             f"{set_dimension(meta['landmark_set'])}D")
+        unit = (meta.get("intensity") or {}).get("unit", "HU")
         try:
-            cascade = Cascade(stages_from_json(meta["stages"]), len(meta["landmark_names"]))
+            cascade = Cascade(stages_from_json(meta["stages"]), len(meta["landmark_names"]), dim, unit)
             cascade.load_state_dict(weights)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ModelError(f"{path}: weights do not fit the stages described in the file ({exc})") from exc
@@ -206,15 +235,46 @@ class LandmarkModel:
 
     def run(self, volume):
         """The raw cascade output for one Volume (positions of every stage, spreads, confidence)."""
-        from pacs_landmarks.inference.cascade import run_cascade
-        from pacs_landmarks.inference.sampling import VolumeSampler
-
+        if self.dim != 3:
+            raise ValueError(f"model {self.name} reads {self.dim}D images: use predict_image")
         if volume.array.ndim != 3 or min(volume.array.shape) < 1:
             raise ValueError(f"volume must be 3D and non-empty, got shape {volume.array.shape}")
+        return self._run(volume.array, volume.affine)
+
+    def run_array(self, array, affine):
+        """The raw cascade output for an array in this model's dimension and intensity unit (a CT volume in
+        HU with its 4x4 affine, or a face-right image 0..1 with its 3x3 affine, ``image_affine``)."""
+        return self._run(array, affine)
+
+    def _run(self, array, affine):
+        from pacs_landmarks.inference.cascade import run_cascade
+
         with self._lock:
-            sampler = VolumeSampler(volume.array, volume.affine, self.device)
+            sampler = self.cascade.sampler(array, affine, self.device)
             return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                                fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model)
+
+    def run_image(self, image) -> tuple[Any, tuple[float, float], str]:
+        """The raw cascade output for one ``XRayImage`` (points in mm on the canonical, face-right image:
+        x = column * column spacing, y = row * row spacing), with the pixel spacing (row, column) used and
+        where it came from.  Without a physical spacing, a nominal one from the image height
+        (``NOMINAL_IMAGE_HEIGHT_MM``), said so in the source."""
+        if self.dim != 2:
+            raise ValueError(f"model {self.name} reads {self.dim}D volumes: use predict")
+        pixels = np.asarray(image.canonical())
+        if pixels.ndim != 2 or min(pixels.shape) < 2:
+            raise ValueError(f"image must be 2D and non-empty, got shape {pixels.shape}")
+        if image.spacing is not None:
+            spacing, source = (float(image.spacing.row_mm), float(image.spacing.col_mm)), image.spacing.source
+        else:
+            nominal = NOMINAL_IMAGE_HEIGHT_MM / pixels.shape[0]
+            spacing = (nominal, nominal)
+            source = (f"none in the image: nominal {nominal:.4f} mm from its height ({pixels.shape[0]} rows read as "
+                      f"{NOMINAL_IMAGE_HEIGHT_MM:.0f} mm)")
+            log.warning("image %s has no pixel spacing: landmarks found at a nominal %.4f mm/pixel (positions "
+                        "in pixels are usable, mm are not)", image.sop_instance_uid, nominal)
+        out = self._run(np.ascontiguousarray(pixels, np.float32), image_affine(spacing))
+        return out, spacing, source
 
     @property
     def low_confidence(self) -> float:
@@ -247,16 +307,39 @@ class LandmarkModel:
                                    status=str(status[i]), reason=str(reason[i])))
         return result
 
+    def predict_image(self, image) -> ImageLandmarks:
+        """Every landmark of the set, in order, on one ``XRayImage`` (a 2D model): status, confidence,
+        ``position_px`` (column, row) in the image's OWN SCOORD pixel coordinates (a left-facing image is
+        read mirrored and its points mirrored back), only for ``found`` ones, and every stage's position.
+        The list also says which pixel spacing was used and where it came from (``ImageLandmarks``)."""
+        out, spacing, source = self.run_image(image)
+        status, reason, conf = self.statuses(out)
+        scale = np.array([spacing[1], spacing[0]])  # (x, y) mm per (column, row)
+        px = image.from_canonical(out.positions / scale)  # (stages, L, 2) SCOORD (column, row)
+        n_found = int((status == FOUND).sum())
+        log.info("image %s: %d of %d landmarks found, %d outside the image, %d not found", image.sop_instance_uid,
+                 n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()), int((status == NOT_FOUND).sum()))
+        result = ImageLandmarks(pixel_spacing_mm=spacing, spacing_source=source,
+                                spacing_nominal=image.spacing is None)
+        for i, name in enumerate(self.landmark_names):
+            stage_pos = tuple((float(px[k, i, 0]), float(px[k, i, 1])) for k in range(px.shape[0]))
+            result.append(Landmark2D(name=name, position_px=stage_pos[-1] if status[i] == FOUND else None,
+                                     confidence=float(conf[i]), status=str(status[i]),
+                                     stage_positions=stage_pos, reason=str(reason[i])))
+        return result
+
 
 def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", name: str | None = None,
                  training: dict | None = None) -> dict[str, Any]:
-    from pacs_landmarks.landmark_sets import landmark_names
+    from pacs_landmarks.landmark_sets import landmark_names, set_dimension
 
-    return {
+    dim = set_dimension(landmark_set)
+    meta = {
         "name": name or f"{landmark_set}-cascade",
         "version": version,
         "landmark_set": landmark_set,
         "landmark_names": landmark_names(landmark_set),
+        "dim": dim,
         "intensity": {"unit": "HU", "clip": [-1000, 2500], "scale": 1000.0, "outside": -1000},
         # local stages fuse their point with the previous stage's (see cascade.run_cascade)
         "fuse_stages": True,
@@ -264,15 +347,22 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
         "description": "Coarse-to-fine 3D landmark cascade. Trained on synthetic phantoms only: "
                        "not for clinical use.",
     }
+    if dim == 2:
+        meta["intensity"] = {"unit": "xray", "range": [0.0, 1.0], "dense": "bright", "outside": 0.0,
+                             "normalised": "2 * value - 1"}
+        meta["description"] = ("Coarse-to-fine 2D landmark cascade for lateral cephalograms. Trained on "
+                               "synthetic cephalograms only: not for clinical use.")
+    return meta
 
 
-def make_untrained(path: str | Path, seed: int = 0) -> Path:
+def make_untrained(path: str | Path, seed: int = 0, landmark_set: str = "craniofacial16") -> Path:
     """A random-weight model in the final format (lets the rest of the system run end to end)."""
     import torch
 
-    from pacs_landmarks.inference.cascade import DEFAULT_STAGES, Cascade
+    from pacs_landmarks.inference.cascade import Cascade, default_stages
 
     torch.manual_seed(seed)
-    meta = new_metadata(name="craniofacial16-demo", version="0.0.0-untrained")
-    cascade = Cascade(DEFAULT_STAGES, len(meta["landmark_names"]))
+    meta = new_metadata(landmark_set, name=f"{landmark_set}-demo", version="0.0.0-untrained")
+    cascade = Cascade(default_stages(meta["dim"]), len(meta["landmark_names"]), meta["dim"],
+                      meta["intensity"]["unit"])
     return save_model_file(path, cascade, meta)

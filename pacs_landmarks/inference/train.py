@@ -8,8 +8,14 @@ All stages train together, each on its own inputs:
   current error (a running mean over recent batches, never below a floor), so it learns to correct the
   errors it will be given; crops are also turned and scaled.
 
-Augmentation is free: crops are read through a rotated/scaled box of LPS points (``grid_sample``).  Intensity
-augmentation: gain, offset and noise in HU.  Loss per stage: distance of the soft-argmax point to the truth (in
+Augmentation is free: crops are read through a rotated/scaled box of points in mm (``grid_sample``).  Intensity
+augmentation: gain, offset and noise in HU (``augment_hu``).
+
+The same loop trains a 2D model on cephalograms (the landmark set, from ``--landmark-set`` or the data, says
+which): boxes turn by +-10 deg in the image plane, scale +-10 %, and intensities get what real X-rays vary in
+(``augment_xray``: gamma, contrast, brightness, inversion, blur, sharpening, noise), so that nothing depends
+on the look of our synthetic images; collimation cuts (a side of the image blanked, white or black) teach
+the presence output.  Loss per stage: distance of the soft-argmax point to the truth (in
 voxels of that stage) plus cross-entropy of the probability map against a Gaussian at the truth (keeps maps
 peaked, so their spread is a usable confidence).  A checkpoint after every epoch makes training resumable;
 the model file is rewritten after every epoch too, so an interrupted run still leaves a usable model.
@@ -52,6 +58,12 @@ class TrainConfig:
     coverage: bool = True  # cut inputs to clinical scan ranges (coverage.TRAIN_WEIGHTS) and learn presence
     domain: dict = field(default_factory=lambda: dict(DOMAIN))  # domain randomisation (see DOMAIN)
     extra: dict = field(default_factory=dict)
+    landmark_set: str = ""  # "" = from the data (the first case's landmarks.json)
+    truth: str = ""  # 2D cases: "" = landmarks.json's landmarks, "mean" of the annotators, or one annotator
+    rotate_deg_2d: float = 10.0  # 2D: in-plane turns, global and local boxes
+    offset_floor_mm_2d: tuple[float, ...] = (2.0, 0.4)
+    image_cut_p: float = 0.2  # 2D: share of images with one side blanked (collimation)
+    xray: dict = field(default_factory=lambda: dict(XRAY_DOMAIN))  # 2D intensity augmentation (XRAY_DOMAIN)
 
 
 # Training-time domain randomisation of intensities (issue 10 section 4); each entry is a probability or range.
@@ -62,6 +74,68 @@ DOMAIN = {
     "sharp_p": 0.3, "sharp": (0.3, 1.5), "soft_p": 0.15,  # bone kernel (edge overshoot) / soft kernel
     "cbct_p": 0.15, "cbct_gain": (0.6, 1.4), "cbct_offset_hu": 300.0, "cupping_hu": 250.0,  # no HU calibration
 }
+
+
+# Intensity augmentation of X-ray crops (0..1, dense bright), per crop; each entry a probability or range.
+XRAY_DOMAIN = {
+    "gamma": 0.5,  # grey ** exp(U(-0.5, 0.5)): 0.6 .. 1.65, vendor tone curves
+    "gain": 0.25, "offset": 0.15,  # contrast and brightness (windowing)
+    "invert_p": 0.1,  # MONOCHROME1 shown wrong / negative film
+    "blur_p": 0.25, "sharp_p": 0.35, "sharp": (0.3, 2.0),  # soft detectors / unsharp-masked presentation
+    "noise": 0.04, "correlated_noise_p": 0.5,
+}
+
+
+def augment_xray(x: torch.Tensor, gen: torch.Generator, domain: dict | None = None) -> torch.Tensor:
+    """Random tone curve, contrast, inversion, blur / sharpening and noise of X-ray crops (N, H, W) 0..1."""
+    d = XRAY_DOMAIN if domain is None else domain
+    n = x.shape[0]
+    shape = (n,) + (1,) * (x.dim() - 1)
+    x = x.clamp(0.0, 1.0)
+    x = torch.where(torch.rand(shape, generator=gen) < d["invert_p"], 1.0 - x, x)
+    x = x.clamp_min(1e-4) ** torch.exp(_uniform(shape, -d["gamma"], d["gamma"], gen))
+    pool = lambda v: F.avg_pool2d(v[:, None], 3, 1, 1, count_include_pad=False)[:, 0]  # noqa: E731
+    r = torch.rand(shape, generator=gen)
+    smooth = pool(x)
+    sharp = torch.where(r < d["sharp_p"], _uniform(shape, *d["sharp"], gen), torch.zeros(shape))
+    x = x + sharp * (x - smooth)
+    x = torch.where((r >= d["sharp_p"]) & (r < d["sharp_p"] + d["blur_p"]), smooth, x)
+    noise = torch.randn(x.shape, generator=gen)
+    noise = torch.where(torch.rand(shape, generator=gen) < d["correlated_noise_p"], pool(noise) * 3.0, noise)
+    x = x + torch.rand(shape, generator=gen) * d["noise"] * noise
+    gain = 1 + (torch.rand(shape, generator=gen) * 2 - 1) * d["gain"]
+    offset = (torch.rand(shape, generator=gen) * 2 - 1) * d["offset"]
+    return (x - 0.5) * gain + 0.5 + offset
+
+
+@dataclass
+class ImageCut:
+    """A 2D training image blanked outside [x0, x1] x [y0, y1] mm with ``fill`` (collimation; "full" = none)."""
+
+    kind: str
+    x0: float = -np.inf
+    x1: float = np.inf
+    y0: float = -np.inf
+    y1: float = np.inf
+    fill: float = 0.0
+
+    def contains(self, pts: np.ndarray) -> np.ndarray:
+        return (pts[..., 0] >= self.x0) & (pts[..., 0] <= self.x1) & (pts[..., 1] >= self.y0) & (pts[..., 1] <= self.y1)
+
+    def mask(self, pts: torch.Tensor) -> torch.Tensor:
+        return (pts[..., 0] >= self.x0) & (pts[..., 0] <= self.x1) & (pts[..., 1] >= self.y0) & (pts[..., 1] <= self.y1)
+
+
+def draw_image_cut(extent_mm: tuple[float, float], p: float, rng: np.random.Generator) -> ImageCut:
+    """With probability ``p`` one side of an image (width, height mm) blanked 10-70 mm deep, white or black."""
+    if rng.random() >= p:
+        return ImageCut("full")
+    w, h = extent_mm
+    depth = float(rng.uniform(10.0, 70.0))
+    side = int(rng.integers(4))
+    bounds = [(0.0 + depth, np.inf, -np.inf, np.inf), (-np.inf, w - depth, -np.inf, np.inf),
+              (-np.inf, np.inf, 0.0 + depth, np.inf), (-np.inf, np.inf, -np.inf, h - depth)][side]
+    return ImageCut("cut", *bounds, fill=float(rng.integers(2)))
 
 
 def _gaussian_ce(prob_log: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -76,7 +150,7 @@ def _stage_loss(logits: torch.Tensor, pts: torch.Tensor, truth: torch.Tensor, sp
     flat = logits.reshape(n, -1).float()
     logp = torch.log_softmax(flat, 1)
     p = logp.exp()
-    pts = pts.reshape(n, -1, 3)
+    pts = pts.reshape(n, -1, pts.shape[-1])
     pos = torch.einsum("np,npc->nc", p, pts)
     valid = torch.isfinite(truth).all(1)
     t = torch.where(valid[:, None], truth, pos.detach())
@@ -137,7 +211,9 @@ def augment_hu(hu: torch.Tensor, gen: torch.Generator, domain: dict | None = Non
 
 
 def _region_mask(region, pts: torch.Tensor) -> torch.Tensor:
-    """Inside ``region`` (coverage.Region) for LPS points (..., 3)."""
+    """Inside ``region`` (coverage.Region for LPS points (..., 3), ``ImageCut`` for 2D points)."""
+    if isinstance(region, ImageCut):
+        return region.mask(pts)
     z = pts[..., 2]
     ok = (z >= region.z_lo) & (z <= region.z_hi)
     if region.cylinder is not None:
@@ -155,28 +231,43 @@ def _cut_centre(points: np.ndarray, soft: np.ndarray, region, voxel_ml: float, f
     return s.mean(0) if len(s) else fallback
 
 
+def _blank(values: torch.Tensor, pts: torch.Tensor, regions: list, per_case: int, outside: float) -> torch.Tensor:
+    """Values outside each case's region replaced: air (CT scan range) or the cut's fill (2D collimation);
+    ``per_case`` boxes per region, in order."""
+    keep = torch.cat([_region_mask(r, pts[j * per_case:(j + 1) * per_case]) for j, r in enumerate(regions)])
+    fill = torch.cat([torch.full((per_case,) + (1,) * (values.dim() - 1), getattr(r, "fill", outside))
+                      for r in regions])
+    return torch.where(keep, values, fill.to(values.dtype))
+
+
 def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir: str | Path | None = None,
           resume: bool = False, init: str | Path | None = None, progress: bool = True,
           label_map: dict[str, str] | None = None) -> dict:
     """Train and write the model file ``out`` (and ``out``.ckpt for resuming). Returns the summary."""
     from tqdm import tqdm
 
-    from pacs_landmarks.inference.cascade import (BONE_HU, DEFAULT_STAGES, Cascade, global_input, head_centre,
-                                                  local_input, pick_channels, run_cascade)
-    from pacs_landmarks.inference.data import DataError, load_cases
+    from pacs_landmarks.inference.cascade import (BONE_HU, Cascade, default_stages, head_centre, image_centre,
+                                                  pick_channels, run_cascade)
+    from pacs_landmarks.inference.data import DataError, detect_landmark_set, load_cases
     from pacs_landmarks.inference.model import LandmarkModel, new_metadata, save_model_file
-    from pacs_landmarks.inference.sampling import VolumeSampler, box_points, random_rotations
-    from pacs_landmarks.landmark_sets import landmark_names
+    from pacs_landmarks.inference.sampling import box_points, random_rotations
+    from pacs_landmarks.landmark_sets import landmark_names, set_dimension
 
     t_start = time.monotonic()
     torch.set_num_threads(config.threads)
     out = Path(out)
     ckpt_path = out.with_name(out.name + ".ckpt")
-    landmark_set = "craniofacial16"
-    names = landmark_names(landmark_set)
+    landmark_set = config.landmark_set or detect_landmark_set(data_dir)
+    try:
+        names = landmark_names(landmark_set)
+    except KeyError:
+        raise DataError(f"unknown landmark set {landmark_set!r}") from None
+    dim = set_dimension(landmark_set)
     n_lm = len(names)
+    meta0 = new_metadata(landmark_set)
+    log.info("training a %dD model for landmark set %s", dim, landmark_set)
 
-    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress, label_map)
+    cases = load_cases(data_dir, names, landmark_set, cache_dir, progress, label_map, config.truth or None)
     n_val = min(config.val_cases, max(0, len(cases) - 1))
     train_cases, val_cases = (cases[:-n_val], cases[-n_val:]) if n_val else (cases, [])
     if not train_cases:
@@ -185,8 +276,13 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     from pacs_landmarks.inference.coverage import draw_region, draw_training_kind
     from pacs_landmarks.inference.shape import ShapeModel
 
-    stages = DEFAULT_STAGES
-    cascade = Cascade(stages, n_lm)
+    stages = default_stages(dim)
+    cascade = Cascade(stages, n_lm, dim, meta0["intensity"]["unit"])
+    rotate_deg = config.rotate_deg if dim == 3 else config.rotate_deg_2d
+    local_rotate_deg = 15.0 if dim == 3 else config.rotate_deg_2d
+    offset_floor = config.offset_floor_mm if dim == 3 else config.offset_floor_mm_2d
+    augment = ((lambda v: augment_hu(v, gen, config.domain)) if dim == 3  # noqa: E731
+               else (lambda v: augment_xray(v, gen, config.xray)))
     if init is not None:
         # weights of another model where they fit (a model without the presence head starts it from zero)
         own = cascade.state_dict()
@@ -251,13 +347,17 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     # Stage-1 inputs come from a box-filtered copy made once per case; local crops from the full volume.
     centres = []
     coarse = []
-    bone_pts, soft_pts, voxel_mls = [], [], []
+    bone_pts, soft_pts, voxel_mls, extents = [], [], [], []
     for c in train_cases:
-        s = VolumeSampler(c.array, c.affine)
-        centre, _ = head_centre(s, stages[0].spacing_mm)
+        s = cascade.sampler(c.array, c.affine)
         vol, inv = s._level(stages[0].spacing_mm)
         aff = np.linalg.inv(inv.double().numpy())
-        coarse.append(VolumeSampler(vol[0, 0].clone(), aff))
+        coarse.append(cascade.sampler(vol[0, 0].clone(), aff))
+        if dim == 2:
+            centres.append(image_centre(s))
+            extents.append((s.shape[1] * s.spacing[1], s.shape[0] * s.spacing[0]))  # (width, height) mm
+            continue
+        centre, _ = head_centre(s, stages[0].spacing_mm)
         centres.append(centre)
         arr = vol[0, 0]
         to_lps = lambda m: torch.nonzero(m).double().numpy() @ aff[:3, :3].T + aff[:3, 3]  # noqa: E731
@@ -269,10 +369,15 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     summary_training = {
         "cases": len(train_cases), "validation_cases": len(val_cases),
         "case_names": [c.name for c in train_cases],
-        "slice_thickness_mm": sorted({round(c.slice_thickness, 3) for c in train_cases}),
-        "pixel_spacing_mm": sorted({round(c.spacing[2], 3) for c in train_cases}),
+        "pixel_spacing_mm": sorted({round(c.spacing[-1], 3) for c in train_cases}),
         "config": {k: v for k, v in config.__dict__.items() if k != "extra"} | config.extra,
     }
+    if dim == 3:
+        summary_training["slice_thickness_mm"] = sorted({round(c.slice_thickness, 3) for c in train_cases})
+    else:
+        summary_training["data"] = ("synthetic cephalograms only (pacs-landmarks phantom --ceph)"
+                                    if all(c.synthetic for c in cases) else "imported cephalograms")
+        summary_training["image_size_px"] = sorted({tuple(int(v) for v in c.array.shape) for c in train_cases})[:5]
     cov_rng = np.random.default_rng(config.seed + 17)
 
     def val_metrics() -> dict:
@@ -281,14 +386,20 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
         cascade.eval()
         errs = []
         for c in val_cases:
-            o = run_cascade(cascade, VolumeSampler(c.array, c.affine))
+            o = run_cascade(cascade, cascade.sampler(c.array, c.affine))
             errs.append(np.linalg.norm(o.positions - c.landmarks[None], axis=-1))
         cascade.train()
         e = np.nanmean(np.stack(errs), axis=(0, 2))
         return {f"val_mre_{s.name}": round(float(v), 3) for s, v in zip(stages, e)}
 
     def save(epoch: int, final: bool) -> None:
-        meta = new_metadata(name="craniofacial16-demo", version=config.extra.get("version", "1.0.0"))
+        name = config.extra.get("name") or ("craniofacial16-demo" if landmark_set == "craniofacial16"
+                                            else f"{landmark_set}-model")
+        meta = new_metadata(landmark_set, name=name, version=config.extra.get("version", "1.0.0"))
+        if dim == 2 and summary_training["data"].startswith("synthetic"):
+            meta["description"] += " Trained on synthetic cephalograms only: not for clinical use."
+        elif dim == 2:
+            meta["description"] += " Trained on imported cephalograms: research use only, not for clinical use."
         meta["training"] = dict(summary_training, epochs_done=epoch, history=history[-3:],
                                 wall_minutes=round((time.monotonic() - t_start) / 60, 1), final=final)
         meta["shape_model"] = shape_model.to_json() if shape_model is not None else None
@@ -321,8 +432,18 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             # scan ranges: each case of the batch cut to a clinical range (or left whole)
             regions, present, case_centres = [], [], []
             for j, i in enumerate(idx):
-                kind = draw_training_kind(cov_rng) if config.coverage else "full"
                 tnp = truths[i].numpy().astype(np.float64)
+                if dim == 2:
+                    region = draw_image_cut(extents[i], config.image_cut_p, cov_rng)
+                    inside = region.contains(tnp) & np.isfinite(tnp).all(1)
+                    if not inside.any():
+                        region = ImageCut("full")
+                        inside = np.isfinite(tnp).all(1)
+                    regions.append(region)
+                    present.append(inside)
+                    case_centres.append(centres[i])
+                    continue
+                kind = draw_training_kind(cov_rng) if config.coverage else "full"
                 region = draw_region(kind, dict(zip(names, tnp)), cov_rng)
                 inside = region.contains(tnp) & np.isfinite(tnp).all(1)
                 if not inside.any():
@@ -335,21 +456,20 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             present_t = torch.as_tensor(np.stack(present))  # (B, L) bool
             # stage 1
             st = stages[0]
-            shift = (torch.rand(b, 3, generator=gen) * 2 - 1) * config.shift_mm
+            shift = (torch.rand(b, dim, generator=gen) * 2 - 1) * config.shift_mm
             ctr = torch.as_tensor(np.stack(case_centres), dtype=torch.float32) + shift
-            rot = random_rotations(b, config.rotate_deg, gen)
+            rot = random_rotations(b, rotate_deg, gen, dim)
             scl = 1 + (torch.rand(b, generator=gen) * 2 - 1) * config.scale
             pts = box_points(ctr, st.size, st.spacing_mm, rot, scl)
             hu = torch.cat([coarse[i].sample(pts[j:j + 1], st.spacing_mm) for j, i in enumerate(idx)])
-            keep = torch.stack([_region_mask(regions[j], pts[j]) for j in range(b)])
-            hu = torch.where(keep, hu, torch.full_like(hu, -1000.0))
-            logits, pres = cascade.nets[0](global_input(augment_hu(hu, gen, config.domain)), with_presence=True)
+            hu = _blank(hu, pts, regions, 1, cascade.outside)
+            logits, pres = cascade.nets[0](cascade.global_input(augment(hu)), with_presence=True)
             lp = logits.reshape(b * n_lm, *logits.shape[2:])
             p_all = pts[:, None].expand(b, n_lm, *pts.shape[1:]).reshape(b * n_lm, *pts.shape[1:])
             # A landmark outside the scan range still has a (weak) target: where the head continues, so its map
             # points past the cut and the presence output sees air or an edge there.
             w_out = torch.where(present_t.reshape(-1), 1.0, config.outside_weight)
-            loss, dist, _ = _stage_loss(lp, p_all, truth.reshape(-1, 3), st.spacing_mm, config.ce_weight, w_out)
+            loss, dist, _ = _stage_loss(lp, p_all, truth.reshape(-1, dim), st.spacing_mm, config.ce_weight, w_out)
             if config.only != "presence":
                 total = total + loss
             if pres is not None:
@@ -372,10 +492,10 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             # local stages: crops around truth + offsets as large as the previous stage's error
             # (a random subset of landmarks per case: the local stages cost most, and every landmark still
             # comes round often)
-            samplers = {int(i): VolumeSampler(train_cases[i].array, train_cases[i].affine) for i in idx}
+            samplers = {int(i): cascade.sampler(train_cases[i].array, train_cases[i].affine) for i in idx}
             m = min(n_lm, config.local_landmarks)
             lm_idx = torch.stack([torch.randperm(n_lm, generator=gen)[:m] for _ in range(b)])  # (B, m)
-            t_flat = torch.gather(truth, 1, lm_idx[..., None].expand(b, m, 3)).reshape(-1, 3)
+            t_flat = torch.gather(truth, 1, lm_idx[..., None].expand(b, m, dim)).reshape(-1, dim)
             # a landmark outside the scan range has no local truth to learn from
             in_range = torch.gather(present_t, 1, lm_idx).reshape(-1)
             t_flat = torch.where(in_range[:, None], t_flat, torch.full_like(t_flat, float("nan")))
@@ -384,19 +504,18 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             t_centre = torch.where(ok[:, None], t_flat, torch.as_tensor(
                 np.repeat(np.stack([centres[i] for i in idx]), m, 0), dtype=torch.float32))
             for k, st in enumerate(stages[1:], start=1):
-                floor = config.offset_floor_mm[min(k - 1, len(config.offset_floor_mm) - 1)]
+                floor = offset_floor[min(k - 1, len(offset_floor) - 1)]
                 lim = 0.35 * st.extent_mm
                 sigma = min(max(floor, err_ema[k - 1]), 0.5 * lim)
-                off = torch.randn(b * m, 3, generator=gen) * sigma
+                off = torch.randn(b * m, dim, generator=gen) * sigma
                 off = off * (lim / off.norm(dim=1, keepdim=True).clamp_min(lim)).clamp(max=1.0)
-                rot = random_rotations(b * m, 15.0, gen)
+                rot = random_rotations(b * m, local_rotate_deg, gen, dim)
                 scl = 1 + (torch.rand(b * m, generator=gen) * 2 - 1) * config.scale
                 pts = box_points(t_centre + off, st.size, st.spacing_mm, rot, scl)
                 hu = torch.cat([samplers[int(i)].sample(pts[j * m:(j + 1) * m], st.spacing_mm)
                                 for j, i in enumerate(idx)])
-                keep = torch.cat([_region_mask(regions[j], pts[j * m:(j + 1) * m]) for j in range(b)])
-                hu = torch.where(keep, hu, torch.full_like(hu, -1000.0))
-                logits = cascade.nets[k](local_input(augment_hu(hu, gen, config.domain)))
+                hu = _blank(hu, pts, regions, m, cascade.outside)
+                logits = cascade.nets[k](cascade.local_input(augment(hu)))
                 loss, dist, _ = _stage_loss(pick_channels(logits, lm_idx), pts, t_flat, st.spacing_mm,
                                             config.ce_weight)
                 total = total + loss
