@@ -256,3 +256,27 @@ def test_supported_contexts_copy_without_revalidating_and_stay_apart():
     strange.mutable = {"a": 1}  # what a pynetdicom upgrade could add: the list copy would share it
     with pytest.raises(RuntimeError, match="not immutable"):
         copyable_contexts([strange])
+
+
+def test_uid_validation_verdicts_are_remembered_and_still_refuse(monkeypatch):
+    from pynetdicom import _config
+    from pynetdicom.presentation import PresentationContext
+
+    from pacs_landmarks.node.receive import cache_uid_validation
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])  # restored after the test
+    calls = []
+    original = _config.VALIDATORS["UI"]
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda v: (calls.append(v), original(v))[1])
+    cache_uid_validation()
+    cache_uid_validation()  # twice: still one layer
+    for _ in range(3):
+        PresentationContext().abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
+    assert calls == ["1.2.840.10008.5.1.4.1.1.2"]
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.2." + "3" * 70  # too long: refused, and again from the cache
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.2." + "3" * 70
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", True)  # part of the key: asked again
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.02.3"

@@ -190,6 +190,40 @@ def quiet_pynetdicom() -> None:
     _config.LOG_HANDLER_LEVEL = "none"
 
 
+def cache_uid_validation() -> None:
+    """Remember pynetdicom's verdict on each UID it validates, process-wide, through its documented hook
+    (``pynetdicom._config.VALIDATORS["UI"]``).
+
+    Decoding one A-ASSOCIATE-RQ from dcmtk's storescu (128 presentation contexts) validates ~1,100 UIDs, almost
+    all the same well-known SOP class and transfer syntax UIDs every time: 10-16 ms under the GIL per
+    association on the CI CPU, 30 % less with the verdicts remembered (docs/benchmarks.md, "Node"). The
+    verdict depends only on the value and ``ENFORCE_UID_CONFORMANCE``, which is part of the key; the cache is
+    bounded. Call before any AE is made; calling again changes nothing.
+    """
+    import functools
+
+    from pynetdicom import _config
+
+    validators = getattr(_config, "VALIDATORS", None)
+    if not isinstance(validators, dict) or "UI" not in validators:
+        raise RuntimeError("pynetdicom _config.VALIDATORS['UI'] is gone: update node/receive.py")
+    validate = validators["UI"]
+    if getattr(validate, "_cached_by_node", False):
+        return
+
+    @functools.lru_cache(maxsize=4096)
+    def verdict(value: str, enforce: bool) -> tuple[bool, str]:
+        return validate(UID(value))
+
+    def cached(value):
+        if not isinstance(value, str):
+            return validate(value)
+        return verdict(str(value), bool(_config.ENFORCE_UID_CONFORMANCE))
+
+    cached._cached_by_node = True
+    validators["UI"] = cached
+
+
 def install_wakeups(assoc) -> None:
     """Set an acceptor association (before its threads start) to wait instead of poll; see the docstring."""
     dul, dimse = assoc.dul, assoc.dimse

@@ -58,7 +58,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacs_landmarks.dicom.series import CT_CLASSES
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.receive import (
-    DurableWriter, FileHeaders, copyable_contexts, install_wakeups, quiet_pynetdicom,
+    DurableWriter, FileHeaders, cache_uid_validation, copyable_contexts, install_wakeups, quiet_pynetdicom,
 )
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
@@ -310,6 +310,7 @@ class StorageSCP:
         self.server: ThreadedAssociationServer | None = None
 
         quiet_pynetdicom()  # no per-PDU log formatting for a logger kept at WARNING (receive.py)
+        cache_uid_validation()  # A-ASSOCIATE-RQs repeat the same UIDs (receive.py)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         # Larger PDUs than pynetdicom's 16 KB default: ~30x fewer PDUs per CT slice through its Python DUL
