@@ -24,7 +24,9 @@ Per job:
 2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` (``predecessors``: the
    results of earlier jobs of the same series and model, ``jobs/supersede.py``, which the new SRs name as
    replaced) with the model loaded once by the
-   front end and kept warm.
+   front end and kept warm. No landmark found: no result objects, unless the front end put
+   ``"store_when_nothing_found": true`` in ``job.details`` (node.toml / orthanc.json setting): then the landmark
+   SR and measurements SR that say so are made and delivered (``results_when_nothing_found``).
 3. The result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
    atomically (temp dir, fsync, rename) BEFORE any delivery: ``running -> delivering`` with ``job.results``
    = ``{"landmark_sr", "measurements_sr", "seg", "gsps", "landmarks_json"}`` -> path, and ``job.details``
@@ -212,7 +214,10 @@ class JobSteps:
         t = time.perf_counter()
         datasets = self.load_series(job)
         timings["read"] = time.perf_counter() - t
-        results = self.pipeline()(datasets, self.model, predecessors=replaced)
+        # A front end that wants a report saying "nothing found" (store_when_nothing_found, default off) says so
+        # in the job: the pipeline then makes the two SRs that state it (no SEG, no GSPS).
+        report = {"results_when_nothing_found": True} if job.details.get("store_when_nothing_found") else {}
+        results = self.pipeline()(datasets, self.model, predecessors=replaced, **report)
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
@@ -249,7 +254,9 @@ class JobSteps:
             job = self.store.transition(job.id, "done", reason="no landmark found: no result objects")
             log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, nothing_found=True)
             return job
-        required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
+        # "nothing found" reported (store_when_nothing_found): the SRs only, there is no landmark for a SEG
+        optional = OPTIONAL_RESULTS + (("seg",) if job.details.get("nothing_found") else ())
+        required = [kind for kind, _ in RESULT_FILES if kind not in optional]
         if any(kind not in job.results for kind in required) or missing:
             return self.fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}

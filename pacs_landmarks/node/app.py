@@ -111,6 +111,8 @@ class Node:
             "model_version": getattr(self.model, "version", None),
             "destinations": [d.to_job() for d in cfg.destinations],
         }
+        if cfg.store_when_nothing_found:  # the job steps read it from the job (jobs/steps.py), in both modes
+            job_defaults["details"] = {"store_when_nothing_found": True}
         self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults)
         if self.worker is not None:
             self.worker.start()

@@ -91,6 +91,9 @@ class NodeConfig:
     backoff_base_s: float = 1.0  # delivery retry: base * 2**n seconds ...
     backoff_max_s: float = 60.0  # ... at most this
     max_delivery_attempts: int | None = None  # None: keep trying until delivered (results stay on disk)
+    # No landmark found (not a head): false = no result objects in the archive (landmarks.json only); true = a
+    # landmark SR and measurements SR that say "nothing found" are sent (docs/node.md).
+    store_when_nothing_found: bool = False
     # DICOM TLS for incoming associations (PS3.15 B.1): our certificate and key; ``tls_ca`` set = clients
     # must present a certificate signed by it.
     tls_cert: str | None = None
@@ -125,6 +128,8 @@ class NodeConfig:
                 raise ConfigError(f"TLS file not found: {path}")
         for d in self.destinations:
             d.checked()
+        if not isinstance(self.store_when_nothing_found, bool):
+            raise ConfigError("store_when_nothing_found: use true or false")
         if self.queue not in ("embedded", "postgres"):
             raise ConfigError(f"queue {self.queue!r}: use embedded or postgres")
         if self.queue == "postgres" and not self.dsn:

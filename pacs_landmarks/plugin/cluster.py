@@ -54,7 +54,7 @@ class ClusterPlugin(LandmarkPlugin):
             series_uid, study_uid, series_id, stat=is_stat(self.settings.cluster.get("stat_rule") or {}, facts),
             destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers)}],
             details={"wado_rs": self.settings.dicomweb_url, "wado_rs_peers": list(self.settings.dicomweb_peers),
-                     "orthanc_series": series_id},
+                     "orthanc_series": series_id, **self.settings.job_details()},
         )
         if created:
             self.store.record_instances(job.id, count)

@@ -69,6 +69,7 @@ class PluginSettings:
     worker: bool = True
     skip_processed: bool = True
     superseded: str = "delete"  # what happens to earlier results of a series once newer ones are stored
+    store_when_nothing_found: bool = False  # no landmark found: false = no result objects, true = SRs saying so
 
     SUPERSEDED = ("delete", "keep")
     queue: str = "embedded"  # "postgres": the distributed mode (docs/scale-out.md), this Orthanc only enqueues
@@ -96,6 +97,7 @@ class PluginSettings:
             worker=bool(section.get("Worker", True)),
             skip_processed=bool(section.get("SkipProcessed", True)),
             superseded=superseded,
+            store_when_nothing_found=_flag(section, "StoreWhenNothingFound", False),
             queue=str(section.get("Queue") or "embedded"),
             dsn=section.get("Dsn") or None,
             dicomweb_url=section.get("DicomWebUrl") or (
@@ -105,6 +107,10 @@ class PluginSettings:
             dicomweb_peers=tuple(section.get("DicomWebPeers") or ()),
             cluster=dict(section.get("Cluster") or {}),
         )
+
+    def job_details(self) -> dict[str, Any]:
+        """What every job of this Orthanc carries for the job steps (jobs/steps.py)."""
+        return {"store_when_nothing_found": True} if self.store_when_nothing_found else {}
 
     def cluster_settings(self) -> Any:
         from pacs_landmarks.jobs.distributed import ClusterSettings
@@ -120,3 +126,10 @@ class PluginSettings:
     @property
     def results_dir(self) -> Path:
         return self.work_directory / "results"
+
+
+def _flag(section: dict[str, Any], key: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{SECTION}.{key} must be true or false, not {value!r}")
+    return value
