@@ -144,11 +144,14 @@ class Node:
         unfinished = [j for j in self.store.unfinished() if j.source.startswith(spool)]
         for job in unfinished:
             if job.state == "queued":  # a crash between completion and enqueue; the queueing lock dedups
-                self.cluster.defer_analyse(job)
+                self.cluster.defer_analyse(job, stat=bool(job.details.get("stat")))
 
         def on_queued(job_id: int) -> None:
             job = self.store.get(job_id)
-            retrying("enqueue", lambda: self.cluster.defer_analyse(job), settings.enqueue_retry_s)
+            stat = bool(job.details.get("stat"))  # set by the receiver's STAT rule ([cluster] stat_rule)
+            retrying("enqueue", lambda: self.cluster.defer_analyse(job, stat=stat), settings.enqueue_retry_s)
+            if stat:
+                log_event("job.stat", job=job_id, series=job.series_instance_uid, queue="analyse-stat")
 
         return unfinished, on_queued
 

@@ -137,6 +137,13 @@ class NodeConfig:
         unknown = set(self.cluster) - set(CLUSTER_KEYS)
         if unknown:
             raise ConfigError(f"[cluster]: unknown setting(s): {', '.join(sorted(unknown))}")
+        if "stat_rule" in self.cluster:
+            from pacs_landmarks.jobs.priority import check_rule
+
+            try:
+                self.cluster["stat_rule"] = check_rule(self.cluster["stat_rule"])
+            except ValueError as exc:
+                raise ConfigError(f"[cluster] {exc}") from None
         return self
 
     def cluster_settings(self) -> Any:

@@ -60,6 +60,7 @@ from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.receive import (
     DurableWriter, FileHeaders, cache_uid_validation, copyable_contexts, install_wakeups, quiet_pynetdicom,
 )
+from pacs_landmarks.jobs.priority import dataset_facts, is_stat
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 
@@ -305,6 +306,9 @@ class StorageSCP:
         self._assoc_counts: dict[int, int] = {}
         self._ignored_logged: set[tuple[int, str]] = set()
         self._series_lock = threading.Lock()
+        # The distributed mode's STAT rule (jobs/priority.py): a matching instance marks its series' job STAT.
+        self.stat_rule = (cfg.cluster.get("stat_rule") or {}) if cfg.queue == "postgres" else {}
+        self._stat_jobs: set[int] = set()
         self.writer = DurableWriter()
         self.headers = FileHeaders()
         self.server: ThreadedAssociationServer | None = None
@@ -462,3 +466,8 @@ class StorageSCP:
                 if created:
                     log_event("job.received", job=job_id, series=series_uid, study=str(ds.StudyInstanceUID))
             self.tracker.arrived(job_id, series_uid, id(event.assoc), expected)
+            if self.stat_rule and job_id not in self._stat_jobs and is_stat(
+                    self.stat_rule, {**dataset_facts(ds), "calling_ae_title": event.assoc.requestor.ae_title}):
+                # In the job record at once, so a restart before completion keeps it; the node queues by it.
+                self.store.record_instances(job_id, 0, details={"stat": True})
+                self._stat_jobs.add(job_id)

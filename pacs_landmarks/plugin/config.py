@@ -105,7 +105,7 @@ class PluginSettings:
                 f"{'/' + str((config.get('DicomWeb') or {}).get('Root', '/dicom-web/')).strip('/')}"
             ),
             dicomweb_peers=tuple(section.get("DicomWebPeers") or ()),
-            cluster=dict(section.get("Cluster") or {}),
+            cluster=_cluster(section.get("Cluster") or {}),
         )
 
     def job_details(self) -> dict[str, Any]:
@@ -133,3 +133,15 @@ def _flag(section: dict[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{SECTION}.{key} must be true or false, not {value!r}")
     return value
+
+
+def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
+    cluster = dict(cluster)
+    if "stat_rule" in cluster:
+        from pacs_landmarks.jobs.priority import check_rule
+
+        try:
+            cluster["stat_rule"] = check_rule(cluster["stat_rule"])
+        except ValueError as exc:
+            raise ValueError(f"{SECTION}.Cluster: {exc}") from None
+    return cluster
