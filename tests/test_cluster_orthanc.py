@@ -4,6 +4,7 @@ back with STOW-RS. Orthanc and the worker share a private network namespace; Pos
 Unix socket (a file, so visible from that namespace)."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -59,3 +60,67 @@ def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_s
     text = (tmp_path / "worker.log").read_text()
     assert text.count("worker.warm_up") == 1  # the model loaded and warmed once
     assert "job.done" in text
+
+
+def test_superseded_results_are_deleted_in_the_distributed_mode(orthanc_factory, pg_server, phantom, tmp_path):
+    """As the embedded plugin with "Superseded": "delete": a series that grows gets a second job; once its
+    results are stored (STOW-RS) the worker deletes the first job's results from Orthanc, so one landmark SR,
+    measurements SR, SEG and GSPS are left, and the new landmark SR names the one it replaced."""
+    import pydicom
+
+    pg_server.create_database("cluster_supersede")
+    dsn = pg_server.socket_dsn("cluster_supersede")
+    orthanc = orthanc_factory.start(Queue="postgres", Dsn=dsn)  # "Superseded": "delete" is the default
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
+                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    case_dir, truth = phantom
+    files = sorted(case_dir.glob("*.dcm"),
+                   key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
+    cut = int(len(files) * 0.6)
+    series_uid = truth["series_instance_uid"]
+
+    def done(n):
+        def check():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            jobs = [j for j in orthanc.get_json("/pacs-landmarks/jobs") if j["series_instance_uid"] == series_uid]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            finished = sorted((j for j in jobs if j["state"] == "done"), key=lambda j: j["id"])
+            return len(finished) >= n and finished
+        return check
+
+    def result_uids():
+        out = {}
+        for modality in ("SR", "SEG", "PR"):
+            for s in series_of(orthanc, modality):
+                for iid in s["Instances"]:
+                    out[orthanc.get_json(f"/instances/{iid}/simplified-tags")["SOPInstanceUID"]] = iid
+        return out
+
+    try:
+        orthanc.storescu(files[:cut])
+        first = wait_for(done(1), 300, "the first job")[0]
+        before = {u["SOPInstanceUID"] for u in first["details"]["result_uids"].values()}
+        assert len(before) == 4 and set(result_uids()) == before
+        orthanc.storescu(files[cut:])  # the rest of the head: the series grew, a second job
+        second = wait_for(done(2), 300, "the second job")[1]
+        after = {u["SOPInstanceUID"] for u in second["details"]["result_uids"].values()}
+        assert len(after) == 4 and not after & before
+        assert set(second["details"]["supersedes"]) == before
+        assert set(wait_for(lambda: set(result_uids()) == after and result_uids(), 60, "the old results gone")) == after
+        sr_uid = second["details"]["result_uids"]["landmark-sr"]["SOPInstanceUID"]
+        _, body = orthanc.request("GET", f"/instances/{result_uids()[sr_uid]}/file")
+        sr = pydicom.dcmread(io.BytesIO(body))
+        named = {i.ReferencedSOPInstanceUID for s in sr.PredecessorDocumentsSequence
+                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+        assert first["details"]["result_uids"]["landmark-sr"]["SOPInstanceUID"] in named
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    assert "results.superseded" in (tmp_path / "worker.log").read_text()

@@ -12,7 +12,9 @@ A distributed job carries a reference, never the images (docs/scale-out.md):
 Results go to each of ``job.destinations``:
 
 - ``{"stow_rs": root, "stow_rs_peers": [...]}``: STOW-RS (PS3.18 10.5, ``POST {root}/studies``), to the
-  first of these roots that answers;
+  first of these roots that answers; with ``"superseded": "delete"`` (an Orthanc plugin's ``"Superseded"``),
+  the earlier results this job's results replace (``job.details["supersedes"]``, jobs/steps.py) are then
+  deleted from that Orthanc through its REST API;
 - ``{"ae_title", "host", "port", ...}``: DICOM C-STORE (``delivery.StoreSCU``);
 - ``{"directory": path}``: a copy into a folder (an export share; also what the queue tests use).
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.steps import PermanentDeliveryError
 from pacs_landmarks.jobs.store import Job
 
@@ -135,6 +138,37 @@ def stow_rs(root: str, paths: list[Path], timeout: float = 120.0) -> None:
         raise UnreachableError(f"STOW-RS {root}: {len(failed)} instance(s) not stored")
 
 
+def delete_from_orthanc(root: str, sop_instance_uids: list[str], timeout: float = 60.0) -> int:
+    """Delete instances by SOP Instance UID from the Orthanc that serves the DICOMweb ``root``, through its REST
+    API at the same server (``POST /tools/lookup``, ``DELETE /instances/{id}``): DICOMweb has no delete.
+    Gone already (a person, an earlier try) is fine. Returns how many were deleted; raises UnreachableError
+    (the delivery is retried, storing again is a no-op) when Orthanc does not answer."""
+    parts = urlsplit(root)
+    conn, _ = _connection(f"{parts.scheme}://{parts.netloc}", timeout)
+    deleted = 0
+    try:
+        for uid in sop_instance_uids:
+            conn.request("POST", "/tools/lookup", body=uid.encode(), headers={"Content-Type": "text/plain"})
+            resp = conn.getresponse()
+            found = json.loads(resp.read() or b"[]") if resp.status == 200 else None
+            if found is None:
+                raise UnreachableError(f"Orthanc {root}: /tools/lookup HTTP {resp.status}")
+            for item in found:
+                if item.get("Type") != "Instance":
+                    continue
+                conn.request("DELETE", f"/instances/{item['ID']}")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status not in (200, 404):
+                    raise UnreachableError(f"Orthanc {root}: DELETE /instances HTTP {resp.status}")
+                deleted += resp.status == 200
+    except (OSError, http.client.HTTPException) as exc:
+        raise UnreachableError(f"Orthanc {root}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+    return deleted
+
+
 def _first_reachable(roots: list[str], call: Any) -> Any:
     """``call(root)`` on the first root that is reachable; the last UnreachableError if none is."""
     error: UnreachableError | None = None
@@ -156,8 +190,16 @@ class DeliverByDestination:
 
     def __call__(self, job: Job, destination: dict[str, Any], paths: list[Path]) -> None:
         if destination.get("stow_rs"):
-            _first_reachable([destination["stow_rs"], *destination.get("stow_rs_peers", [])],
-                             lambda root: stow_rs(root, paths))
+            replaced = job.details.get("supersedes") if destination.get("superseded") == "delete" else None
+
+            def store(root: str) -> None:
+                stow_rs(root, paths)
+                if replaced:  # only once the new results are stored: old and new for a moment, never neither
+                    n = delete_from_orthanc(root, replaced)
+                    if n:
+                        log_event("results.superseded", job=job.id, series=job.series_instance_uid, deleted=n)
+
+            _first_reachable([destination["stow_rs"], *destination.get("stow_rs_peers", [])], store)
         elif destination.get("directory"):
             folder = Path(destination["directory"]) / job.series_instance_uid
             folder.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ class JobSteps:
         except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
             return self.fail(job, f"{type(exc).__name__}: {exc}")
         # Outside the try for the same reason as above: a store error here is retried, not the series' failure.
-        return self._record_analysis(job, datasets, results, paths, timings)
+        return self._record_analysis(job, datasets, results, paths, timings, replaced)
 
     def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> tuple[list, Any, dict[str, str], dict]:
         """Read, run the pipeline, write the results: the series' own work."""
@@ -225,15 +225,20 @@ class JobSteps:
         return datasets, results, paths, timings
 
     def _record_analysis(self, job: Job, datasets: list, results: Any, paths: dict[str, str],
-                         timings: dict[str, float]) -> Job:
+                         timings: dict[str, float], replaced: dict[str, list[Dataset]]) -> Job:
         from pacs_landmarks.pipeline import RESULT_KINDS
 
         nothing = bool(getattr(results, "nothing_found", False))
+        uids = result_uids(results, RESULT_KINDS)
+        # What a destination that deletes replaced results removes once these are stored (jobs/references.py);
+        # the same input again gives the same UIDs, which stay.
+        current = {u["SOPInstanceUID"] for u in uids.values()}
+        supersedes = sorted({str(r.SOPInstanceUID) for refs in replaced.values() for r in refs} - current)
         job = self.store.transition(
             job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
             timings=timings,
-            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS),
-                     **({"nothing_found": True} if nothing else {})},
+            details={"instances_read": len(datasets), "result_uids": uids,
+                     **({"nothing_found": True} if nothing else {}), **({"supersedes": supersedes} if supersedes else {})},
         )
         found = sum(1 for lm in results.landmarks if getattr(lm, "status", "found") == "found")
         log_event(

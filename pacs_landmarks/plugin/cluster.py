@@ -60,7 +60,8 @@ class ClusterPlugin(LandmarkPlugin):
                 pass
         job, created = self.cluster.enqueue(
             series_uid, study_uid, series_id, stat=is_stat(rule, facts),
-            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers)}],
+            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers),
+                           **({"superseded": "delete"} if self.settings.superseded == "delete" else {})}],
             details={"wado_rs": self.settings.dicomweb_url, "wado_rs_peers": list(self.settings.dicomweb_peers),
                      "orthanc_series": series_id, **self.settings.job_details()},
         )
