@@ -124,3 +124,83 @@ def test_superseded_results_are_deleted_in_the_distributed_mode(orthanc_factory,
         except subprocess.TimeoutExpired:
             worker.kill()
     assert "results.superseded" in (tmp_path / "worker.log").read_text()
+
+
+def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_server, phantom, tmp_path):
+    """Orthanc killed (SIGKILL) the moment the worker claims the job, i.e. while it reads the series with
+    WADO-RS (or, if the read won the race, before it stores the results), and started again on the same
+    storage 3 s later: the worker retries (source_retry_s / delivery back-off), the job completes, nothing
+    is lost. Orthanc runs in a network namespace held by a sleeping process, so the restarted Orthanc and
+    the worker still share one loopback."""
+    import signal
+    import time
+
+    from pacs_landmarks.jobs.pgstore import PgJobStore
+    from pacs_landmarks.plugin.launch import OrthancProcess, program
+
+    class NamespacedOrthanc(OrthancProcess):
+        """An Orthanc started inside an existing network namespace (``holder``'s)."""
+
+        def __init__(self, config, holder, log_path):
+            super().__init__(config, private_network=False, log_path=log_path)
+            self.holder = holder
+
+        def client_prefix(self):
+            return [program("nsenter"), f"--net=/proc/{self.holder.pid}/ns/net", "--"]
+
+        def start(self, timeout=90.0, wait_for_plugin=True):
+            with open(self.log_path, "ab") as out:
+                self.proc = subprocess.Popen(self.client_prefix() + [program("Orthanc"), str(self.config_path)],
+                                             env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            self.wait_ready(timeout, wait_for_plugin)
+            return self
+
+    pg_server.create_database("cluster_orthanc_killed")
+    dsn = pg_server.socket_dsn("cluster_orthanc_killed")
+    config = orthanc_factory.config(Queue="postgres", Dsn=dsn)
+    holder = subprocess.Popen([program("unshare"), "-n", "--", "sh", "-c", "ip link set lo up && exec sleep 900"])
+    orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log").start()
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen(
+        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
+                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    store = PgJobStore(dsn)
+    try:
+        wait_for(lambda: "worker.started" in (tmp_path / "worker.log").read_text(), 180, "the worker to start")
+        case_dir, truth = phantom
+        series_uid = truth["series_instance_uid"]
+        orthanc.storescu(sorted(case_dir.glob("*.dcm")))
+        deadline = time.monotonic() + 120
+        while not any(j.state == "running" for j in store.find(series_uid)):
+            assert time.monotonic() < deadline, "the job never ran"
+            time.sleep(0.005)
+        orthanc.kill()
+        time.sleep(3)
+        orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log").start()
+
+        def done():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            jobs = store.find(series_uid)
+            assert not [j for j in jobs if j.state == "failed"], [j.reason for j in jobs]
+            return [j for j in jobs if j.state == "done"]
+
+        job = wait_for(done, 300, "the job to be done after the restart")[0]
+        text = (tmp_path / "worker.log").read_text()
+        assert "read.retry" in text or "delivery.retry" in text, text[-3000:]  # the outage was felt ...
+        assert len(job.details["result_uids"]) == 4  # ... and nothing was lost: every result is in Orthanc
+        stored = {orthanc.get_json(f"/instances/{iid}/simplified-tags")["SOPInstanceUID"]
+                  for modality in ("SR", "SEG", "PR") for s in series_of(orthanc, modality) for iid in s["Instances"]}
+        assert stored == {u["SOPInstanceUID"] for u in job.details["result_uids"].values()}
+        assert len(orthanc.get_json("/instances")) == len(list(case_dir.glob("*.dcm"))) + 4
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        orthanc.stop()
+        holder.kill()
+        holder.wait()

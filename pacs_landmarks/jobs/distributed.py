@@ -72,6 +72,7 @@ class ClusterSettings:
     max_attempts: int = 3
     reconcile_after_s: float = 30.0  # a record waiting this long without a task gets its task again
     enqueue_retry_s: float = 60.0  # receivers retry an enqueue this long while PostgreSQL is unreachable
+    source_retry_s: float = 60.0  # workers retry a WADO-RS read this long while no Orthanc of it answers
     stat_rule: dict[str, Any] = field(default_factory=dict)  # see priority.is_stat
 
     @property

@@ -26,7 +26,9 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -104,12 +106,29 @@ def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 
         conn.close()
 
 
-def load_reference(job: Job) -> list[Any]:
-    """The worker's ``loader``: the series the job refers to (see the module docstring)."""
+SOURCE_RETRY_S = 60.0  # ClusterSettings.source_retry_s
+
+
+def load_reference(job: Job, retry_s: float = SOURCE_RETRY_S) -> list[Any]:
+    """The worker's ``loader``: the series the job refers to (see the module docstring).
+
+    When no Orthanc of the reference answers (killed or restarting, mid-read or before), the read is tried
+    again with back-off for ``retry_s`` seconds before the job fails: an Orthanc restart loses nothing.
+    """
     root = job.details.get("wado_rs")
     if root:
-        return _first_reachable([root, *job.details.get("wado_rs_peers", [])], lambda r: wado_rs_series(
-            r, job.study_instance_uid or "", job.series_instance_uid))
+        roots = [root, *job.details.get("wado_rs_peers", [])]
+        deadline, delay = time.monotonic() + retry_s, 0.5
+        while True:
+            try:
+                return _first_reachable(roots, lambda r: wado_rs_series(
+                    r, job.study_instance_uid or "", job.series_instance_uid))
+            except UnreachableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event("read.retry", logging.WARNING, job=job.id, reason=str(exc)[:200], in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
     folder = Path(job.source)
     if not folder.is_dir():
         raise FileNotFoundError(f"spool folder {folder} not found (is the shared storage mounted here?)")

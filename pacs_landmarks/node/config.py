@@ -14,7 +14,7 @@ _AET = re.compile(r"^[\x20-\x7e]{1,16}$")  # PS3.5 6.2: AE is up to 16 character
 # ClusterSettings fields a [cluster] table may set (dsn and results_dir come from dsn and storage).
 CLUSTER_KEYS = ("heartbeat_s", "stalled_after_s", "sweep_interval_s", "max_routine_wait_s", "backoff_base_s",
                 "backoff_max_s", "max_delivery_attempts", "max_attempts", "reconcile_after_s", "enqueue_retry_s",
-                "stat_rule")
+                "source_retry_s", "stat_rule")
 _DEST = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
 
 
