@@ -19,7 +19,6 @@ folders are first checked for files a power loss cut short (``set_aside_incomple
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from pacs_landmarks.jobs.delivery import StoreSCU
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.node.scp import Refused, SeriesTracker, StorageSCP, check_pixel_data, series_files
-from pacs_landmarks.jobs.worker import Worker
+from pacs_landmarks.jobs.worker import Worker, freeze_long_lived
 
 
 def set_aside_incomplete(folder: str | Path, aside: Path) -> list[Path]:
@@ -115,11 +114,10 @@ class Node:
         if cfg.store_when_nothing_found:  # the job steps read it from the job (jobs/steps.py), in both modes
             job_defaults["details"] = {"store_when_nothing_found": True}
         self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults)
-        # pynetdicom's server calls gc.collect() every 60 turns of its loop (an association or a 0.5 s tick),
-        # holding the GIL: 0.44 s with the model and the libraries loaded (~470,000 objects), every receiving
-        # thread stopped meanwhile. What is loaded by now lives as long as the node: frozen, collections skip
-        # it (0.44 s -> 0.001 s; docs/benchmarks.md, "Node"). Later garbage is still collected.
-        gc.freeze()
+        # pynetdicom's server calls gc.collect() every 60 turns of its loop (an association or a 0.5 s tick):
+        # what is loaded by now is frozen out of it (jobs/worker.py freeze_long_lived; the worker freezes
+        # again after its warm-up).
+        freeze_long_lived()
         if self.worker is not None:
             self.worker.start()
         self.tracker.start()
