@@ -204,3 +204,17 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
         orthanc.stop()
         holder.kill()
         holder.wait()
+
+
+def test_a_multipart_body_cut_short_is_not_taken_for_whole():
+    """What a WADO-RS read gets from an Orthanc killed mid-response without a length: no close delimiter."""
+    import pytest
+
+    from pacs_landmarks.jobs.references import CutShort, join_multipart, split_multipart
+
+    items = [b"DICM" * 1000, b"\r\n--x\r\n" * 10, b""]
+    body, content_type = join_multipart(items)
+    assert split_multipart(body, content_type) == items
+    for cut in (len(body) - 5, len(body) // 2, 10):
+        with pytest.raises(CutShort):
+            split_multipart(body[:cut], content_type)

@@ -57,19 +57,25 @@ def _boundary(content_type: str) -> bytes:
     raise ValueError(f"no boundary in {content_type!r}")
 
 
+class CutShort(ValueError):
+    """A multipart body without its close delimiter: the sender stopped mid-body."""
+
+
 def split_multipart(body: bytes, content_type: str) -> list[bytes]:
-    """The bodies of the parts of a multipart message (RFC 2046 5.1.1)."""
+    """The bodies of the parts of a multipart message (RFC 2046 5.1.1). Raises ``CutShort`` when the close
+    delimiter never came: a server killed mid-response that sent no length (it closes the connection, which
+    ``http.client`` takes for the end of the body) must not pass its last part off as whole."""
     delimiter = b"--" + _boundary(content_type)
     parts = []
     for chunk in body.split(delimiter)[1:]:
         if chunk.startswith(b"--"):  # the close delimiter
-            break
+            return parts
         headers_end = chunk.find(b"\r\n\r\n")
         if headers_end < 0:
             continue
         data = chunk[headers_end + 4:]
         parts.append(data[:-2] if data.endswith(b"\r\n") else data)
-    return parts
+    raise CutShort(f"multipart body cut short after {len(parts)} part(s), {len(body)} bytes")
 
 
 def join_multipart(items: list[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
@@ -101,7 +107,11 @@ def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 
             raise FileNotFoundError(f"series {series_uid} not found at {root}")
         if resp.status != 200:
             raise UnreachableError(f"WADO-RS {root}: HTTP {resp.status}")
-        return [pydicom.dcmread(io.BytesIO(p)) for p in split_multipart(body, resp.getheader("Content-Type", ""))]
+        try:
+            parts = split_multipart(body, resp.getheader("Content-Type", ""))
+        except CutShort as exc:
+            raise UnreachableError(f"WADO-RS {root}: {exc}") from exc
+        return [pydicom.dcmread(io.BytesIO(p)) for p in parts]
     finally:
         conn.close()
 
