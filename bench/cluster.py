@@ -11,6 +11,7 @@ queue's own overhead per job.
   by the worker (procrastinate LISTEN/NOTIFY + fetch + claim). Target: <= 50 ms p95 on this machine.
 
     .venv/bin/python bench/cluster.py [--series 20] [--seconds 0.5] [--analysis stub|model] [--overhead 40]
+                                      [--no-burst]
 """
 from __future__ import annotations
 
@@ -161,6 +162,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.5, help="stub analysis time per series")
     p.add_argument("--analysis", choices=("stub", "model"), default="stub")
     p.add_argument("--overhead", type=int, default=40, help="jobs for the enqueue -> start measurement (0: skip)")
+    p.add_argument("--no-burst", action="store_true", help="only the queue overhead (quick; for quiet moments)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -168,7 +170,7 @@ def main() -> None:
         load = fh.read().split()[:3]
     pg = PgServer(root / "pg").start()
     try:
-        rows = [burst(args, pg, root, n) for n in (1, 2)]
+        rows = [] if args.no_burst else [burst(args, pg, root, n) for n in (1, 2)]
         waits = overhead(args, pg, root) if args.overhead else []
     finally:
         pg.stop("immediate")
@@ -177,8 +179,10 @@ def main() -> None:
         print(json.dumps({"bursts": rows, "overhead_s": waits, "load": load}))
         return
     what = f"stub {args.seconds:.2f} s/series" if args.analysis == "stub" else "real model, 128^2 phantom"
-    print(f"burst of {args.series} series, {what}; load average before: {' '.join(load)}")
-    print(f"{'workers':>7}  {'jobs':>4}  {'wall s':>7}  {'jobs/min':>8}  {'p50 s':>6}  {'p95 s':>6}")
+    print(f"load average before: {' '.join(load)}; after: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    if rows:
+        print(f"burst of {args.series} series, {what}")
+        print(f"{'workers':>7}  {'jobs':>4}  {'wall s':>7}  {'jobs/min':>8}  {'p50 s':>6}  {'p95 s':>6}")
     for r in rows:
         print(f"{r['workers']:>7}  {r['jobs']:>4}  {r['wall_s']:>7.2f}  {r['jobs_per_min']:>8.1f}  {r['p50_s']:>6.2f}"
               f"  {r['p95_s']:>6.2f}")

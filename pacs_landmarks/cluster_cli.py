@@ -60,8 +60,12 @@ def _worker(args: argparse.Namespace) -> int:
             model = load_model(cfg.model, cfg.device)
         except ModelLoadError as exc:
             raise CommandError(str(exc)) from None
+    import functools
+
+    settings = cfg.cluster_settings()
     try:
-        run_worker(cfg.cluster_settings(), queues, model=model, loader=load_reference,
+        run_worker(settings, queues, model=model,
+                   loader=functools.partial(load_reference, retry_s=settings.source_retry_s),
                    deliver=DeliverByDestination(cfg.ae_title), name=args.name)
     except ValueError as exc:
         raise CommandError(str(exc)) from None

@@ -184,3 +184,99 @@ def test_wake_pipes_do_not_leak(tmp_path):
         assert pipes() <= before + 2  # 25 associations made 25 pipes (50 descriptors); all but a live one gone
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("uid", ["1.2.3.4", "1.2.3.45", "1." + "2" * 62])
+@pytest.mark.parametrize("ts", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.90"])
+def test_file_headers_are_the_bytes_pynetdicom_encodes(uid, ts):
+    """Odd and even UID lengths (the odd one padded), and the template reused for a second UID of that length."""
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from pacs_landmarks.node.receive import FileHeaders
+
+    headers, ct = FileHeaders(), "1.2.840.10008.5.1.4.1.1.2"
+    for this in (uid, uid[:-1] + ("7" if uid[-1] != "7" else "8")):
+        meta = create_file_meta(sop_class_uid=UID(ct), sop_instance_uid=UID(this), transfer_syntax=UID(ts))
+        assert headers.header(ct, this, ts) == b"\0" * 128 + b"DICM" + encode_file_meta(meta)
+
+
+def test_received_data_set_is_checked_and_written_as_it_arrived(tmp_path):
+    """read_received defers native Pixel Data, check_pixel_data still finds it cut short; the file written from a
+    header and the raw bytes is the data set as sent, and reads back whole."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from pacs_landmarks.node.receive import FileHeaders
+    from pacs_landmarks.node.scp import Refused, check_pixel_data, read_received
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        fp = pydicom.filebase.DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, ts.is_implicit_VR
+        src.PixelData = bytes(range(256)) * 512  # 128 KB: over DEFER_BYTES, so its read is deferred
+        src.Rows, src.Columns = 256, 256
+        write_dataset(fp, src)
+        raw = fp.getvalue()
+        ds = read_received(raw, ts)
+        assert ds.get_item(0x7FE00010, keep_deferred=True).value is None  # not read
+        check_pixel_data(ds, ts, len(raw))
+        cut = raw[: ds.get_item(0x7FE00010, keep_deferred=True).value_tell + 1000]  # inside Pixel Data
+        with pytest.raises(Refused, match="truncated"):
+            check_pixel_data(read_received(cut, ts), ts, len(cut))
+        path = tmp_path / f"{ts}.dcm"
+        DurableWriter().write(path, [FileHeaders().header(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ts), raw])
+        assert path.read_bytes()[-len(raw):] == raw
+        back = pydicom.dcmread(path)
+        assert back.file_meta.TransferSyntaxUID == ts and back.PixelData == src.PixelData
+        assert back.SOPInstanceUID == src.SOPInstanceUID
+
+
+def test_supported_contexts_copy_without_revalidating_and_stay_apart():
+    import copy
+
+    from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
+
+    from pacs_landmarks.node.receive import copyable_contexts
+
+    ae = AE()
+    for cx in AllStoragePresentationContexts[:5]:
+        ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    ours = copyable_contexts(ae.supported_contexts)
+    copied = copy.deepcopy(ours)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in copied] == \
+        [(c.abstract_syntax, c.transfer_syntax) for c in ae.supported_contexts]
+    copied[0].context_id = 7  # what pynetdicom's negotiation does to its per-association copy
+    copied[0]._transfer_syntax.append("1.2.840.10008.1.2.2")
+    assert ours[0].context_id is None and len(ours[0].transfer_syntax) == 2
+    strange = PresentationContext()
+    strange.abstract_syntax = "1.2.840.10008.1.1"
+    strange.mutable = {"a": 1}  # what a pynetdicom upgrade could add: the list copy would share it
+    with pytest.raises(RuntimeError, match="not immutable"):
+        copyable_contexts([strange])
+
+
+def test_uid_validation_verdicts_are_remembered_and_still_refuse(monkeypatch):
+    from pynetdicom import _config
+    from pynetdicom.presentation import PresentationContext
+
+    from pacs_landmarks.node.receive import cache_uid_validation
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", _config.VALIDATORS["UI"])  # restored after the test
+    calls = []
+    original = _config.VALIDATORS["UI"]
+    monkeypatch.setitem(_config.VALIDATORS, "UI", lambda v: (calls.append(v), original(v))[1])
+    cache_uid_validation()
+    cache_uid_validation()  # twice: still one layer
+    for _ in range(3):
+        PresentationContext().abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
+    assert calls == ["1.2.840.10008.5.1.4.1.1.2"]
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.2." + "3" * 70  # too long: refused, and again from the cache
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.2." + "3" * 70
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", True)  # part of the key: asked again
+    with pytest.raises(ValueError):
+        PresentationContext().abstract_syntax = "1.02.3"

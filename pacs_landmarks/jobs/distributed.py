@@ -44,6 +44,7 @@ from typing import Any
 
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.pgstore import PgJobStore
+from pacs_landmarks.jobs.priority import is_stat  # noqa: F401  (the front ends' priority rule)
 from pacs_landmarks.jobs.steps import JobSteps
 from pacs_landmarks.jobs.store import Job
 
@@ -71,27 +72,13 @@ class ClusterSettings:
     max_attempts: int = 3
     reconcile_after_s: float = 30.0  # a record waiting this long without a task gets its task again
     enqueue_retry_s: float = 60.0  # receivers retry an enqueue this long while PostgreSQL is unreachable
-    stat_rule: dict[str, Any] = field(default_factory=dict)  # see is_stat
+    source_retry_s: float = 60.0  # workers retry a WADO-RS read this long while no Orthanc of it answers
+    stat_rule: dict[str, Any] = field(default_factory=dict)  # see priority.is_stat
 
     @property
     def recovery_bound_s(self) -> float:
         """Kill of a worker -> its job fetched again, at most (plus one fetch poll)."""
         return self.stalled_after_s + self.sweep_interval_s + self.heartbeat_s
-
-
-def is_stat(rule: dict[str, Any], facts: dict[str, Any]) -> bool:
-    """The priority rule: STAT when a fact matches.
-
-    ``rule`` keys: ``priorities`` (Requested Procedure Priority (0040,1003) / Scheduled Procedure Step
-    Priority values, e.g. ["STAT", "HIGH"]), ``calling_ae_titles`` (e.g. ["ER-CT"]), ``station_names``
-    (Station Name (0008,1010) values). ``facts``: ``priority``, ``calling_ae_title``, ``station_name``.
-    """
-    def hit(key: str, fact: str) -> bool:
-        value = facts.get(fact)
-        return value is not None and str(value).strip().upper() in {str(v).upper() for v in rule.get(key, ())}
-
-    return hit("priorities", "priority") or hit("calling_ae_titles", "calling_ae_title") or hit(
-        "station_names", "station_name")
 
 
 # -- the procrastinate app ------------------------------------------------------------------------------------

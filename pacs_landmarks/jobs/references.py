@@ -12,7 +12,9 @@ A distributed job carries a reference, never the images (docs/scale-out.md):
 Results go to each of ``job.destinations``:
 
 - ``{"stow_rs": root, "stow_rs_peers": [...]}``: STOW-RS (PS3.18 10.5, ``POST {root}/studies``), to the
-  first of these roots that answers;
+  first of these roots that answers; with ``"superseded": "delete"`` (an Orthanc plugin's ``"Superseded"``),
+  the earlier results this job's results replace (``job.details["supersedes"]``, jobs/steps.py) are then
+  deleted from that Orthanc through its REST API;
 - ``{"ae_title", "host", "port", ...}``: DICOM C-STORE (``delivery.StoreSCU``);
 - ``{"directory": path}``: a copy into a folder (an export share; also what the queue tests use).
 
@@ -24,12 +26,15 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import logging
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.steps import PermanentDeliveryError
 from pacs_landmarks.jobs.store import Job
 
@@ -52,19 +57,25 @@ def _boundary(content_type: str) -> bytes:
     raise ValueError(f"no boundary in {content_type!r}")
 
 
+class CutShort(ValueError):
+    """A multipart body without its close delimiter: the sender stopped mid-body."""
+
+
 def split_multipart(body: bytes, content_type: str) -> list[bytes]:
-    """The bodies of the parts of a multipart message (RFC 2046 5.1.1)."""
+    """The bodies of the parts of a multipart message (RFC 2046 5.1.1). Raises ``CutShort`` when the close
+    delimiter never came: a server killed mid-response that sent no length (it closes the connection, which
+    ``http.client`` takes for the end of the body) must not pass its last part off as whole."""
     delimiter = b"--" + _boundary(content_type)
     parts = []
     for chunk in body.split(delimiter)[1:]:
         if chunk.startswith(b"--"):  # the close delimiter
-            break
+            return parts
         headers_end = chunk.find(b"\r\n\r\n")
         if headers_end < 0:
             continue
         data = chunk[headers_end + 4:]
         parts.append(data[:-2] if data.endswith(b"\r\n") else data)
-    return parts
+    raise CutShort(f"multipart body cut short after {len(parts)} part(s), {len(body)} bytes")
 
 
 def join_multipart(items: list[bytes], media_type: str = "application/dicom") -> tuple[bytes, str]:
@@ -96,17 +107,38 @@ def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 
             raise FileNotFoundError(f"series {series_uid} not found at {root}")
         if resp.status != 200:
             raise UnreachableError(f"WADO-RS {root}: HTTP {resp.status}")
-        return [pydicom.dcmread(io.BytesIO(p)) for p in split_multipart(body, resp.getheader("Content-Type", ""))]
+        try:
+            parts = split_multipart(body, resp.getheader("Content-Type", ""))
+        except CutShort as exc:
+            raise UnreachableError(f"WADO-RS {root}: {exc}") from exc
+        return [pydicom.dcmread(io.BytesIO(p)) for p in parts]
     finally:
         conn.close()
 
 
-def load_reference(job: Job) -> list[Any]:
-    """The worker's ``loader``: the series the job refers to (see the module docstring)."""
+SOURCE_RETRY_S = 60.0  # ClusterSettings.source_retry_s
+
+
+def load_reference(job: Job, retry_s: float = SOURCE_RETRY_S) -> list[Any]:
+    """The worker's ``loader``: the series the job refers to (see the module docstring).
+
+    When no Orthanc of the reference answers (killed or restarting, mid-read or before), the read is tried
+    again with back-off for ``retry_s`` seconds before the job fails: an Orthanc restart loses nothing.
+    """
     root = job.details.get("wado_rs")
     if root:
-        return _first_reachable([root, *job.details.get("wado_rs_peers", [])], lambda r: wado_rs_series(
-            r, job.study_instance_uid or "", job.series_instance_uid))
+        roots = [root, *job.details.get("wado_rs_peers", [])]
+        deadline, delay = time.monotonic() + retry_s, 0.5
+        while True:
+            try:
+                return _first_reachable(roots, lambda r: wado_rs_series(
+                    r, job.study_instance_uid or "", job.series_instance_uid))
+            except UnreachableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log_event("read.retry", logging.WARNING, job=job.id, reason=str(exc)[:200], in_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
     folder = Path(job.source)
     if not folder.is_dir():
         raise FileNotFoundError(f"spool folder {folder} not found (is the shared storage mounted here?)")
@@ -135,6 +167,37 @@ def stow_rs(root: str, paths: list[Path], timeout: float = 120.0) -> None:
         raise UnreachableError(f"STOW-RS {root}: {len(failed)} instance(s) not stored")
 
 
+def delete_from_orthanc(root: str, sop_instance_uids: list[str], timeout: float = 60.0) -> int:
+    """Delete instances by SOP Instance UID from the Orthanc that serves the DICOMweb ``root``, through its REST
+    API at the same server (``POST /tools/lookup``, ``DELETE /instances/{id}``): DICOMweb has no delete.
+    Gone already (a person, an earlier try) is fine. Returns how many were deleted; raises UnreachableError
+    (the delivery is retried, storing again is a no-op) when Orthanc does not answer."""
+    parts = urlsplit(root)
+    conn, _ = _connection(f"{parts.scheme}://{parts.netloc}", timeout)
+    deleted = 0
+    try:
+        for uid in sop_instance_uids:
+            conn.request("POST", "/tools/lookup", body=uid.encode(), headers={"Content-Type": "text/plain"})
+            resp = conn.getresponse()
+            found = json.loads(resp.read() or b"[]") if resp.status == 200 else None
+            if found is None:
+                raise UnreachableError(f"Orthanc {root}: /tools/lookup HTTP {resp.status}")
+            for item in found:
+                if item.get("Type") != "Instance":
+                    continue
+                conn.request("DELETE", f"/instances/{item['ID']}")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status not in (200, 404):
+                    raise UnreachableError(f"Orthanc {root}: DELETE /instances HTTP {resp.status}")
+                deleted += resp.status == 200
+    except (OSError, http.client.HTTPException) as exc:
+        raise UnreachableError(f"Orthanc {root}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+    return deleted
+
+
 def _first_reachable(roots: list[str], call: Any) -> Any:
     """``call(root)`` on the first root that is reachable; the last UnreachableError if none is."""
     error: UnreachableError | None = None
@@ -156,8 +219,16 @@ class DeliverByDestination:
 
     def __call__(self, job: Job, destination: dict[str, Any], paths: list[Path]) -> None:
         if destination.get("stow_rs"):
-            _first_reachable([destination["stow_rs"], *destination.get("stow_rs_peers", [])],
-                             lambda root: stow_rs(root, paths))
+            replaced = job.details.get("supersedes") if destination.get("superseded") == "delete" else None
+
+            def store(root: str) -> None:
+                stow_rs(root, paths)
+                if replaced:  # only once the new results are stored: old and new for a moment, never neither
+                    n = delete_from_orthanc(root, replaced)
+                    if n:
+                        log_event("results.superseded", job=job.id, series=job.series_instance_uid, deleted=n)
+
+            _first_reachable([destination["stow_rs"], *destination.get("stow_rs_peers", [])], store)
         elif destination.get("directory"):
             folder = Path(destination["directory"]) / job.series_instance_uid
             folder.mkdir(parents=True, exist_ok=True)

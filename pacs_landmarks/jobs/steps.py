@@ -30,7 +30,9 @@ Per job:
    a panoramic radiograph (Modality PX), not a lateral cephalogram", and ``details["not_analysed"]``) (``predecessors``: the
    results of earlier jobs of the same series and model, ``jobs/supersede.py``, which the new SRs name as
    replaced) with the model loaded once by the
-   front end and kept warm.
+   front end and kept warm. No landmark found: no result objects, unless the front end put
+   ``"store_when_nothing_found": true`` in ``job.details`` (node.toml / orthanc.json setting): then the landmark
+   SR and measurements SR that say so are made and delivered (``results_when_nothing_found``).
 3. The result objects and ``landmarks.json`` are written to ``results_dir/job-<id>-<attempt>/``
    atomically (temp dir, fsync, rename) BEFORE any delivery: ``running -> delivering`` with ``job.results``
    = ``{"landmark_sr", "measurements_sr", "seg", "gsps", "landmarks_json"}`` -> path, and ``job.details``
@@ -236,7 +238,7 @@ class JobSteps:
         except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
             return self.fail(job, f"{type(exc).__name__}: {exc}")
         # Outside the try for the same reason as above: a store error here is retried, not the series' failure.
-        return self._record_analysis(job, datasets, results, paths, timings)
+        return self._record_analysis(job, datasets, results, paths, timings, replaced)
 
     def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> tuple[list, Any, dict[str, str], dict]:
         """Read, run the pipeline, write the results: the series' own work."""
@@ -246,12 +248,16 @@ class JobSteps:
         t = time.perf_counter()
         datasets = self.load_series(job)
         timings["read"] = time.perf_counter() - t
+        # A front end that wants a report saying "nothing found" (store_when_nothing_found, default off) says so
+        # in the job: the pipeline then makes the two SRs that state it (no SEG, no GSPS).  Image jobs
+        # (cephalograms) make no report: nothing found there is the same "no result objects".
         if input_kind(datasets) == "image":
             from pacs_landmarks.pipeline import process_image
 
             results = process_image(datasets[0], self.load_image_model(), predecessors=replaced)
         else:
-            results = self.pipeline()(datasets, self.model, predecessors=replaced)
+            report = {"results_when_nothing_found": True} if job.details.get("store_when_nothing_found") else {}
+            results = self.pipeline()(datasets, self.model, predecessors=replaced, **report)
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
@@ -266,15 +272,21 @@ class JobSteps:
         return job
 
     def _record_analysis(self, job: Job, datasets: list, results: Any, paths: dict[str, str],
-                         timings: dict[str, float]) -> Job:
+                         timings: dict[str, float], replaced: dict[str, list[Dataset]]) -> Job:
         from pacs_landmarks.pipeline import RESULT_KINDS
 
         nothing = bool(getattr(results, "nothing_found", False))
+        uids = result_uids(results, RESULT_KINDS)
+        # What a destination that deletes replaced results removes once these are stored (jobs/references.py);
+        # the same input again gives the same UIDs, which stay.
+        current = {u["SOPInstanceUID"] for u in uids.values()}
+        supersedes = sorted({str(r.SOPInstanceUID) for refs in replaced.values() for r in refs} - current)
         job = self.store.transition(
             job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
             timings=timings,
-            details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS),
+            details={"instances_read": len(datasets), "result_uids": uids,
                      **({"nothing_found": True} if nothing else {}),
+                     **({"supersedes": supersedes} if supersedes else {}),
                      **({"kind": "image"} if getattr(results, "image", None) is not None else {})},
         )
         found = sum(1 for lm in results.landmarks if getattr(lm, "status", "found") == "found")
@@ -301,8 +313,10 @@ class JobSteps:
             job = self.store.transition(job.id, "done", reason="no landmark found: no result objects")
             log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, nothing_found=True)
             return job
+        # "nothing found" reported (store_when_nothing_found): the SRs only, there is no landmark for a SEG
+        optional = OPTIONAL_RESULTS + (("seg",) if job.details.get("nothing_found") else ())
         required = list(IMAGE_RESULTS) if job.details.get("kind") == "image" else \
-            [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
+            [kind for kind, _ in RESULT_FILES if kind not in optional]
         if any(kind not in job.results for kind in required) or missing:
             return self.fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}

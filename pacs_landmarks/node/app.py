@@ -31,7 +31,7 @@ from pacs_landmarks.jobs.delivery import StoreSCU
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.node.scp import Refused, SeriesTracker, StorageSCP, check_pixel_data, series_files
-from pacs_landmarks.jobs.worker import Worker
+from pacs_landmarks.jobs.worker import Worker, freeze_long_lived
 
 
 def set_aside_incomplete(folder: str | Path, aside: Path) -> list[Path]:
@@ -134,6 +134,8 @@ class Node:
             "model_version": getattr(self.model, "version", None),
             "destinations": [d.to_job() for d in cfg.destinations],
         }
+        if cfg.store_when_nothing_found:  # the job steps read it from the job (jobs/steps.py), in both modes
+            job_defaults["details"] = {"store_when_nothing_found": True}
         # Cephalograms: embedded mode only (the distributed mode's workers carry CT series, docs/scale-out.md).
         image_defaults = None
         if self.image_model is not None and cfg.cephalograms and cfg.queue != "postgres":
@@ -141,6 +143,10 @@ class Node:
                               "model_version": getattr(self.image_model, "version", None),
                               "destinations": job_defaults["destinations"]}
         self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults, image_defaults)
+        # pynetdicom's server calls gc.collect() every 60 turns of its loop (an association or a 0.5 s tick):
+        # what is loaded by now is frozen out of it (jobs/worker.py freeze_long_lived; the worker freezes
+        # again after its warm-up).
+        freeze_long_lived()
         if self.worker is not None:
             self.worker.start()
         self.tracker.start()
@@ -172,11 +178,14 @@ class Node:
         unfinished = [j for j in self.store.unfinished() if j.source.startswith(spool)]
         for job in unfinished:
             if job.state == "queued":  # a crash between completion and enqueue; the queueing lock dedups
-                self.cluster.defer_analyse(job)
+                self.cluster.defer_analyse(job, stat=bool(job.details.get("stat")))
 
         def on_queued(job_id: int) -> None:
             job = self.store.get(job_id)
-            retrying("enqueue", lambda: self.cluster.defer_analyse(job), settings.enqueue_retry_s)
+            stat = bool(job.details.get("stat"))  # set by the receiver's STAT rule ([cluster] stat_rule)
+            retrying("enqueue", lambda: self.cluster.defer_analyse(job, stat=stat), settings.enqueue_retry_s)
+            if stat:
+                log_event("job.stat", job=job_id, series=job.series_instance_uid, queue="analyse-stat")
 
         return unfinished, on_queued
 

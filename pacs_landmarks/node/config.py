@@ -14,7 +14,7 @@ _AET = re.compile(r"^[\x20-\x7e]{1,16}$")  # PS3.5 6.2: AE is up to 16 character
 # ClusterSettings fields a [cluster] table may set (dsn and results_dir come from dsn and storage).
 CLUSTER_KEYS = ("heartbeat_s", "stalled_after_s", "sweep_interval_s", "max_routine_wait_s", "backoff_base_s",
                 "backoff_max_s", "max_delivery_attempts", "max_attempts", "reconcile_after_s", "enqueue_retry_s",
-                "stat_rule")
+                "source_retry_s", "stat_rule")
 _DEST = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:]+|\[[^\]]+\]):(?P<port>\d{1,5})$")
 
 
@@ -95,6 +95,9 @@ class NodeConfig:
     backoff_base_s: float = 1.0  # delivery retry: base * 2**n seconds ...
     backoff_max_s: float = 60.0  # ... at most this
     max_delivery_attempts: int | None = None  # None: keep trying until delivered (results stay on disk)
+    # No landmark found (not a head): false = no result objects in the archive (landmarks.json only); true = a
+    # landmark SR and measurements SR that say "nothing found" are sent (docs/node.md).
+    store_when_nothing_found: bool = False
     # DICOM TLS for incoming associations (PS3.15 B.1): our certificate and key; ``tls_ca`` set = clients
     # must present a certificate signed by it.
     tls_cert: str | None = None
@@ -129,6 +132,8 @@ class NodeConfig:
                 raise ConfigError(f"TLS file not found: {path}")
         for d in self.destinations:
             d.checked()
+        if not isinstance(self.store_when_nothing_found, bool):
+            raise ConfigError("store_when_nothing_found: use true or false")
         if self.queue not in ("embedded", "postgres"):
             raise ConfigError(f"queue {self.queue!r}: use embedded or postgres")
         if self.queue == "postgres" and not self.dsn:
@@ -136,6 +141,13 @@ class NodeConfig:
         unknown = set(self.cluster) - set(CLUSTER_KEYS)
         if unknown:
             raise ConfigError(f"[cluster]: unknown setting(s): {', '.join(sorted(unknown))}")
+        if "stat_rule" in self.cluster:
+            from pacs_landmarks.jobs.priority import check_rule
+
+            try:
+                self.cluster["stat_rule"] = check_rule(self.cluster["stat_rule"])
+            except ValueError as exc:
+                raise ConfigError(f"[cluster] {exc}") from None
         return self
 
     def cluster_settings(self) -> Any:

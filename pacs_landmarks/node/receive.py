@@ -40,6 +40,9 @@ import threading
 import time
 from pathlib import Path
 
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
 WAIT_S = 0.01  # longest wait of either thread: bounds the delay of pynetdicom's timer and state checks
@@ -132,6 +135,45 @@ class _WaitingQueue(queue.Queue):
         return super().get(block, timeout)
 
 
+class CopyableContext(PresentationContext):
+    """A supported presentation context whose deep copy is a copy of its lists.
+
+    pynetdicom deep-copies the server's supported contexts for every association it accepts
+    (``RequestHandler._create_association``); for the node's 171 contexts with 11 transfer syntaxes each the
+    generic ``deepcopy`` rebuilds and re-validates ~2,000 pydicom ``UID`` objects: 22 ms per association on
+    the CI CPU, held under the GIL while other associations wait (bench/node.py, 4 and 8 senders). Every
+    attribute of a context is immutable (``str``/``UID``, ``int``, ``bool``, ``None``) or a list of those
+    (checked by :func:`copyable_contexts`), so copying the lists is a deep copy.
+    """
+
+    def __deepcopy__(self, memo):
+        new = object.__new__(type(self))
+        new.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in self.__dict__.items()})
+        return new
+
+
+_IMMUTABLE = (str, int, bool, type(None))
+
+
+def copyable_contexts(contexts: list[PresentationContext]) -> list[CopyableContext]:
+    """The same contexts as :class:`CopyableContext` (for ``AE.make_server(contexts=...)``).
+
+    Raises if a context holds anything but immutable values and lists of them (a pynetdicom upgrade that adds
+    a mutable attribute would make the list copy shallow): fail loudly rather than share state between
+    associations.
+    """
+    copies = []
+    for cx in contexts:
+        for name, value in vars(cx).items():
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, _IMMUTABLE) for v in values):
+                raise RuntimeError(f"pynetdicom PresentationContext.{name} is not immutable: update node/receive.py")
+        new = object.__new__(CopyableContext)
+        new.__dict__.update(vars(cx))
+        copies.append(new)
+    return copies
+
+
 def quiet_pynetdicom() -> None:
     """Turn off pynetdicom's "standard" logging handlers, process-wide, with its own switch
     (``pynetdicom._config.LOG_HANDLER_LEVEL = "none"``, its documented way).
@@ -146,6 +188,40 @@ def quiet_pynetdicom() -> None:
     if not hasattr(_config, "LOG_HANDLER_LEVEL"):
         raise RuntimeError("pynetdicom _config.LOG_HANDLER_LEVEL is gone: update node/receive.py")
     _config.LOG_HANDLER_LEVEL = "none"
+
+
+def cache_uid_validation() -> None:
+    """Remember pynetdicom's verdict on each UID it validates, process-wide, through its documented hook
+    (``pynetdicom._config.VALIDATORS["UI"]``).
+
+    Decoding one A-ASSOCIATE-RQ from dcmtk's storescu (128 presentation contexts) validates ~1,100 UIDs, almost
+    all the same well-known SOP class and transfer syntax UIDs every time: 10-16 ms under the GIL per
+    association on the CI CPU, 30 % less with the verdicts remembered (docs/benchmarks.md, "Node"). The
+    verdict depends only on the value and ``ENFORCE_UID_CONFORMANCE``, which is part of the key; the cache is
+    bounded. Call before any AE is made; calling again changes nothing.
+    """
+    import functools
+
+    from pynetdicom import _config
+
+    validators = getattr(_config, "VALIDATORS", None)
+    if not isinstance(validators, dict) or "UI" not in validators:
+        raise RuntimeError("pynetdicom _config.VALIDATORS['UI'] is gone: update node/receive.py")
+    validate = validators["UI"]
+    if getattr(validate, "_cached_by_node", False):
+        return
+
+    @functools.lru_cache(maxsize=4096)
+    def verdict(value: str, enforce: bool) -> tuple[bool, str]:
+        return validate(UID(value))
+
+    def cached(value):
+        if not isinstance(value, str):
+            return validate(value)
+        return verdict(str(value), bool(_config.ENFORCE_UID_CONFORMANCE))
+
+    cached._cached_by_node = True
+    validators["UI"] = cached
 
 
 def install_wakeups(assoc) -> None:
@@ -167,6 +243,39 @@ def install_wakeups(assoc) -> None:
     dul._run_loop_delay = 0
 
 
+_SOP_INSTANCE_UID_ELEMENT = b"\x02\x00\x03\x00UI"  # (0002,0003) Media Storage SOP Instance UID, explicit VR LE
+
+
+class FileHeaders:
+    """The PS3.10 7.1 preamble, prefix and File Meta Information of a received instance, as bytes.
+
+    The same elements pynetdicom's ``Event.file_meta`` / ``encoded_dataset()`` write (pynetdicom's implementation
+    UID and version), encoded by pydicom once per (SOP Class, Transfer Syntax, SOP Instance UID length); for each
+    instance only the UID's bytes change (every other value, the element lengths and the group length depend
+    on nothing else). Building and encoding a ``FileMetaDataset`` per instance cost 0.4 ms of the receive
+    path's CPU (docs/benchmarks.md, "Node"); this is a slice and a join of ~300 bytes. tests/test_node_receive.py
+    checks the bytes against pynetdicom's own encoding for odd and even UID lengths.
+    """
+
+    def __init__(self) -> None:
+        self._templates: dict[tuple[str, str, int], tuple[bytes, int]] = {}
+
+    def header(self, sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+        """``sop_instance`` must be a checked UID (digits and dots, at most 64 characters)."""
+        uid = sop_instance.encode("ascii")
+        key = (sop_class, transfer_syntax, len(uid))
+        template = self._templates.get(key)
+        if template is None:
+            meta = encode_file_meta(create_file_meta(
+                sop_class_uid=UID(sop_class), sop_instance_uid=UID("9" * len(uid)), transfer_syntax=UID(transfer_syntax)
+            ))
+            encoded = b"\0" * 128 + b"DICM" + meta
+            at = encoded.index(_SOP_INSTANCE_UID_ELEMENT) + 8  # tag (4), VR (2), length (2), then the value
+            template = self._templates[key] = (encoded, at)
+        encoded, at = template
+        return b"".join((encoded[:at], uid, encoded[at + len(uid):]))
+
+
 class DurableWriter:
     """Atomic, durable instance files; folder fsyncs run by one syncer thread, beside the writers' own flushes.
 
@@ -184,7 +293,8 @@ class DurableWriter:
         self._folders: dict[Path, _Folder] = {}
         self._syncer: threading.Thread | None = None
 
-    def write(self, path: Path, data: bytes | memoryview) -> None:
+    def write(self, path: Path, data: bytes | memoryview | list) -> None:
+        """``data``: the file's bytes, or a list of buffers written one after the other (one ``writev``)."""
         folder = self._folder(path.parent)
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
         # A copy already there was acknowledged: it must never be replaced by data that is not on disk yet.
@@ -197,9 +307,7 @@ class DurableWriter:
         renamed = False
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data if isinstance(data, list) else [data])
                 if replacing:
                     os.fdatasync(fd)
                 os.rename(tmp, path)
@@ -273,6 +381,16 @@ class _Folder:
         self.failed = (1, 0)  # tickets whose folder fsync failed (empty range: none)
         self.error: OSError | None = None
         self.fsyncs = 0  # folder fsyncs run (tests/test_node_receive.py: fewer than renames when shared)
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):  # a short write (a signal, a full disk) goes on where it stopped
+            written -= len(views.pop(0))
+        if views and written:
+            views[0] = views[0][written:]
 
 
 def _fsync_path(path: Path) -> None:

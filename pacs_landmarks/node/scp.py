@@ -35,9 +35,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -51,13 +52,17 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_landmarks.dicom.series import CT_CLASSES
 from pacs_landmarks.node.config import NodeConfig
-from pacs_landmarks.node.receive import DurableWriter, install_wakeups, quiet_pynetdicom
+from pacs_landmarks.node.receive import (
+    DurableWriter, FileHeaders, cache_uid_validation, copyable_contexts, install_wakeups, quiet_pynetdicom,
+)
+from pacs_landmarks.jobs.priority import dataset_facts, is_stat
 from pacs_landmarks.jobs.steps import starts_image_job
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
@@ -82,6 +87,8 @@ JOB_SOP_CLASSES = CT_CLASSES  # the CT image classes the loader assembles into v
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xA900, 0xC000
+PIXEL_DATA = 0x7FE00010
+DEFER_BYTES = 64 * 1024  # values this large are not read on receipt (native Pixel Data): written as they came
 
 
 class Refused(Exception):
@@ -99,12 +106,26 @@ def safe_uid(value: object, what: str) -> str:
     return uid
 
 
-def check_pixel_data(ds: Dataset) -> None:
-    """Refuse an image whose Pixel Data is missing or shorter than its header says (a truncated transfer)."""
+def check_pixel_data(ds: Dataset, transfer_syntax: UID | None = None, stream_length: int | None = None) -> None:
+    """Refuse an image whose Pixel Data is missing or shorter than its header says (a truncated transfer).
+
+    ``transfer_syntax``: the data set's (default: its file meta's). ``stream_length``: the length of the encoded
+    data set it was read from; with it, native Pixel Data whose read was deferred is checked by its declared
+    length against the bytes that arrived, without reading it.
+    """
     if "PixelData" not in ds:
         raise Refused(CANNOT_UNDERSTAND, "image without Pixel Data")
-    data = ds.PixelData
-    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+    transfer_syntax = transfer_syntax or ds.file_meta.TransferSyntaxUID
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    if stream_length is not None and getattr(raw, "value", b"") is None and not transfer_syntax.is_encapsulated:
+        if raw.value_tell + raw.length > stream_length:
+            raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {stream_length - raw.value_tell} of "
+                                             f"{raw.length} bytes")
+        data_length = raw.length
+    else:
+        data = ds.PixelData
+        data_length = len(data)
+    if transfer_syntax.is_encapsulated:
         # PS3.5 A.4: items (FFFE,E000) with explicit lengths; a cut-off transfer leaves an item short.
         offset = 0
         while offset + 8 <= len(data):
@@ -122,8 +143,18 @@ def check_pixel_data(ds: Dataset) -> None:
         expected = expected * int(ds.BitsAllocated) // 8
     except (AttributeError, TypeError, ValueError):
         raise Refused(CANNOT_UNDERSTAND, "image pixel description (Rows, Columns, Bits Allocated) missing") from None
-    if len(data) < expected:
-        raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {len(data)} of {expected} bytes")
+    if data_length < expected:
+        raise Refused(CANNOT_UNDERSTAND, f"Pixel Data truncated: {data_length} of {expected} bytes")
+
+
+def read_received(raw: bytes, transfer_syntax: UID) -> Dataset:
+    """The data set of a C-STORE request (no file meta), values over ``DEFER_BYTES`` left unread when the
+    transfer syntax is native (``check_pixel_data`` checks their declared length against ``len(raw)``)."""
+    if transfer_syntax.is_deflated:  # PS3.5 A.5: inflate first; pynetdicom's own decoder does that
+        return decode(io.BytesIO(raw), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian, True)
+    defer = None if transfer_syntax.is_encapsulated else DEFER_BYTES
+    return read_dataset(io.BytesIO(raw), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
+                        defer_size=defer)
 
 
 def series_files(directory: str | Path) -> list[Path]:
@@ -280,10 +311,15 @@ class StorageSCP:
         self._assoc_counts: dict[int, int] = {}
         self._ignored_logged: set[tuple[int, str]] = set()
         self._series_lock = threading.Lock()
+        # The distributed mode's STAT rule (jobs/priority.py): a matching instance marks its series' job STAT.
+        self.stat_rule = (cfg.cluster.get("stat_rule") or {}) if cfg.queue == "postgres" else {}
+        self._stat_jobs: set[int] = set()
         self.writer = DurableWriter()
+        self.headers = FileHeaders()
         self.server: ThreadedAssociationServer | None = None
 
         quiet_pynetdicom()  # no per-PDU log formatting for a logger kept at WARNING (receive.py)
+        cache_uid_validation()  # A-ASSOCIATE-RQs repeat the same UIDs (receive.py)
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_associations = cfg.max_associations
         # Larger PDUs than pynetdicom's 16 KB default: ~30x fewer PDUs per CT slice through its Python DUL
@@ -308,6 +344,7 @@ class StorageSCP:
         server = self.ae.make_server(
             (self.cfg.bind, int(self.cfg.port)), ssl_context=server_ssl_context(self.cfg),
             evt_handlers=handlers, server_class=_NoDelayServer,
+            contexts=copyable_contexts(self.ae.supported_contexts),  # copied per association: receive.py
         )
         self.ae._servers.append(server)  # as AE.start_server does, so server.shutdown() can deregister it
         thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
@@ -383,9 +420,13 @@ class StorageSCP:
             raise Refused(OUT_OF_RESOURCES, f"instance of {size} bytes exceeds max_instance_mb")
         sop_uid = safe_uid(req.AffectedSOPInstanceUID, "Affected SOP Instance UID")
         sop_class = str(req.AffectedSOPClassUID)
-        encoded = event.encoded_dataset()
+        # The data set as it arrived (PS3.7 9.3.1.1, in the context's transfer syntax): parsed once, without
+        # file meta and without reading native Pixel Data, and written after a file meta header with one
+        # writev, never re-encoded or copied (docs/benchmarks.md, "Node").
+        raw = req.DataSet.getvalue()  # the BytesIO's own buffer, not a copy
+        transfer_syntax = UID(event.context.transfer_syntax)
         try:
-            ds = pydicom.dcmread(io.BytesIO(encoded))
+            ds = read_received(raw, transfer_syntax)
             ds_sop_uid, ds_class = ds.get("SOPInstanceUID"), ds.get("SOPClassUID")
             series_uid, study_uid = ds.get("SeriesInstanceUID"), ds.get("StudyInstanceUID")
         except Exception as exc:  # pydicom raises many types on garbage; all mean "cannot understand"
@@ -398,7 +439,7 @@ class StorageSCP:
             self.image_defaults is not None and starts_image_job(ds)) else None
         if for_job:
             try:
-                check_pixel_data(ds)
+                check_pixel_data(ds, transfer_syntax, len(raw))
             except Refused:
                 raise
             except Exception as exc:
@@ -408,7 +449,7 @@ class StorageSCP:
         if os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(path)))) != str(self.root):
             raise Refused(CANNOT_UNDERSTAND, "path outside the storage directory")  # belt and braces: see _UID
         try:
-            self.writer.write(path, encoded)
+            self.writer.write(path, [self.headers.header(sop_class, sop_uid, transfer_syntax), raw])
         except OSError as exc:
             raise Refused(OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}") from None
         return path, ds, for_job
@@ -445,3 +486,8 @@ class StorageSCP:
                 if created:
                     log_event("job.received", job=job_id, series=series_uid, study=str(ds.StudyInstanceUID))
             self.tracker.arrived(job_id, series_uid, id(event.assoc), expected)
+            if self.stat_rule and job_id not in self._stat_jobs and is_stat(
+                    self.stat_rule, {**dataset_facts(ds), "calling_ae_title": event.assoc.requestor.ae_title}):
+                # In the job record at once, so a restart before completion keeps it; the node queues by it.
+                self.store.record_instances(job_id, 0, details={"stat": True})
+                self._stat_jobs.add(job_id)

@@ -397,7 +397,7 @@ class LandmarkPlugin:
         name, version = self.model_identity
         job, created = self.store.ensure_job(
             series_uid, study_uid, series_id, model_name=name, model_version=version,
-            destinations=[ORTHANC_DESTINATION], state="queued",
+            destinations=[ORTHANC_DESTINATION], state="queued", details=self.settings.job_details(),
         )
         if created:
             self.store.record_instances(job.id, count)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pacs_landmarks.jobs.distributed import Cluster, cluster_jobs, is_stat
+from pacs_landmarks.jobs.distributed import Cluster, cluster_jobs
+from pacs_landmarks.jobs.priority import dataset_facts, is_stat
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.store import Job, UNFINISHED
 from pacs_landmarks.plugin.app import LandmarkPlugin
@@ -45,17 +46,25 @@ class ClusterPlugin(LandmarkPlugin):
 
     def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
                    force: bool) -> tuple[Job, bool]:
+        rule = self.settings.cluster.get("stat_rule") or {}
         facts: dict[str, Any] = {}
-        try:
-            remote = self.orthanc.RestApiGet(f"/instances/{series['Instances'][0]}/metadata/RemoteAET")
-            facts["calling_ae_title"] = remote.decode("ascii", "replace").strip()
-        except Exception:  # no metadata (uploaded over REST): no calling AE to match
-            pass
+        if rule:  # the series' first instance: its priority and station (jobs/priority.py), and who sent it
+            first = series["Instances"][0]
+            try:
+                facts.update(dataset_facts(self.get_json(f"/instances/{first}/tags?simplify")))
+            except Exception:  # deleted meanwhile: the job's loader will say so
+                pass
+            try:
+                remote = self.orthanc.RestApiGet(f"/instances/{first}/metadata/RemoteAET")
+                facts["calling_ae_title"] = remote.decode("ascii", "replace").strip()
+            except Exception:  # no metadata (uploaded over REST): no calling AE to match
+                pass
         job, created = self.cluster.enqueue(
-            series_uid, study_uid, series_id, stat=is_stat(self.settings.cluster.get("stat_rule") or {}, facts),
-            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers)}],
+            series_uid, study_uid, series_id, stat=is_stat(rule, facts),
+            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers),
+                           **({"superseded": "delete"} if self.settings.superseded == "delete" else {})}],
             details={"wado_rs": self.settings.dicomweb_url, "wado_rs_peers": list(self.settings.dicomweb_peers),
-                     "orthanc_series": series_id},
+                     "orthanc_series": series_id, **self.settings.job_details()},
         )
         if created:
             self.store.record_instances(job.id, count)

@@ -71,6 +71,7 @@ class PluginSettings:
     worker: bool = True
     skip_processed: bool = True
     superseded: str = "delete"  # what happens to earlier results of a series once newer ones are stored
+    store_when_nothing_found: bool = False  # no landmark found: false = no result objects, true = SRs saying so
 
     SUPERSEDED = ("delete", "keep")
     queue: str = "embedded"  # "postgres": the distributed mode (docs/scale-out.md), this Orthanc only enqueues
@@ -100,6 +101,7 @@ class PluginSettings:
             worker=bool(section.get("Worker", True)),
             skip_processed=bool(section.get("SkipProcessed", True)),
             superseded=superseded,
+            store_when_nothing_found=_flag(section, "StoreWhenNothingFound", False),
             queue=str(section.get("Queue") or "embedded"),
             dsn=section.get("Dsn") or None,
             dicomweb_url=section.get("DicomWebUrl") or (
@@ -107,8 +109,12 @@ class PluginSettings:
                 f"{'/' + str((config.get('DicomWeb') or {}).get('Root', '/dicom-web/')).strip('/')}"
             ),
             dicomweb_peers=tuple(section.get("DicomWebPeers") or ()),
-            cluster=dict(section.get("Cluster") or {}),
+            cluster=_cluster(section.get("Cluster") or {}),
         )
+
+    def job_details(self) -> dict[str, Any]:
+        """What every job of this Orthanc carries for the job steps (jobs/steps.py)."""
+        return {"store_when_nothing_found": True} if self.store_when_nothing_found else {}
 
     def cluster_settings(self) -> Any:
         from pacs_landmarks.jobs.distributed import ClusterSettings
@@ -124,3 +130,22 @@ class PluginSettings:
     @property
     def results_dir(self) -> Path:
         return self.work_directory / "results"
+
+
+def _flag(section: dict[str, Any], key: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{SECTION}.{key} must be true or false, not {value!r}")
+    return value
+
+
+def _cluster(cluster: dict[str, Any]) -> dict[str, Any]:
+    cluster = dict(cluster)
+    if "stat_rule" in cluster:
+        from pacs_landmarks.jobs.priority import check_rule
+
+        try:
+            cluster["stat_rule"] = check_rule(cluster["stat_rule"])
+        except ValueError as exc:
+            raise ValueError(f"{SECTION}.Cluster: {exc}") from None
+    return cluster
