@@ -365,8 +365,7 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
     if dim == 2:
         meta["intensity"] = {"unit": "xray", "range": [0.0, 1.0], "dense": "bright", "outside": 0.0,
                              "normalised": "2 * value - 1"}
-        meta["description"] = ("Coarse-to-fine 2D landmark cascade for lateral cephalograms. Trained on "
-                               "synthetic cephalograms only: not for clinical use.")
+        meta["description"] = "Coarse-to-fine 2D landmark cascade for lateral cephalograms."
     return meta
 
 
@@ -378,6 +377,8 @@ def make_untrained(path: str | Path, seed: int = 0, landmark_set: str = "craniof
 
     torch.manual_seed(seed)
     meta = new_metadata(landmark_set, name=f"{landmark_set}-demo", version="0.0.0-untrained")
+    if meta["dim"] == 2:
+        meta["description"] += " Untrained (random weights): not for clinical use."
     cascade = Cascade(default_stages(meta["dim"]), len(meta["landmark_names"]), meta["dim"],
                       meta["intensity"]["unit"])
     return save_model_file(path, cascade, meta)
