@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo cluster-demo serve viewer train-demo train-demo-ceph bench
+.PHONY: bootstrap test demo demo-ceph cluster-demo serve viewer train-demo train-demo-ceph bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -14,6 +14,10 @@ test: bootstrap
 
 demo: bootstrap
 	$(PY) -m pacs_landmarks.demo
+
+# Only the demo's cephalogram step: a synthetic lateral ceph through Orthanc + plugin, its tracing printed.
+demo-ceph: bootstrap
+	$(PY) -m pacs_landmarks.demo --ceph-only --out var/demo-ceph
 
 # The distributed mode on one machine (docs/scale-out.md): PostgreSQL, two Orthancs, two workers.
 cluster-demo: bootstrap

@@ -3,6 +3,12 @@
 load_series -> model.predict -> landmark SR, measurements SR, landmark SEG, presentation state (GSPS), with
 the seconds each step took ("volume", "cascade", "outputs").
 
+One X-ray image (a lateral cephalogram, ``process_image``): load_xray -> model.predict_image -> 2D landmark SR,
+2D measurements SR, GSPS with the tracing (no SEG), timings "image", "cascade", "outputs". An image that is
+not a lateral cephalogram raises ``NotACephalogram`` with the reason, before anything is built: what the
+header says (``dicom.xray.ceph_check``: a panoramic, a chest, a frontal view ...), or, when the header says
+nothing either way, what the model finds (fewer than ``CONFIRM_FRACTION`` of the set's landmarks).
+
 Every landmark has a status (``Landmark.status``).  Only ``found`` landmarks are SR points, SEG segments and
 GSPS marks; the landmark SR states the others, the measurements SR says which measurements it left out and
 why.  When no landmark is found (not a head, or a part of the head the model does not know), there are no
@@ -16,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
@@ -44,6 +50,7 @@ class Results:
     measurements: list = field(default_factory=list)  # MeasurementValue, for display
     volume: object | None = None  # the Volume the landmarks were found in
     omitted: list = field(default_factory=list)  # OmittedMeasurement: left out, and why
+    image: object | None = None  # the XRayImage (process_image): its spacing, facing, ceph evidence
 
     @property
     def nothing_found(self) -> bool:
@@ -167,3 +174,165 @@ def process_series(datasets: Iterable[str | Path | Dataset], model, predecessors
         log.warning("series %s: no landmark found: %s", volume.series_instance_uid,
                     "reporting that nothing was found" if results_when_nothing_found else "no result objects")
     return results
+
+
+# An image whose header neither says "lateral cephalogram" nor refuses it must be confirmed by the model: at
+# least this fraction of the set's landmarks found (a chest or a hand finds few with any confidence).
+CONFIRM_FRACTION = 0.5
+
+
+class NotACephalogram(Exception):
+    """An X-ray image that is not a lateral cephalogram; the message says what it is instead, or why the
+    image did not confirm it. No result is made for it (a job ends with this reason; nothing is lost)."""
+
+
+def build_image_outputs(header: Dataset, landmarks: list, algorithm, spacing, predecessors: Predecessors | None = None):
+    """Landmark SR, measurements SR and GSPS (tracing) of one image, the measurement values and the ones left
+    out, for ``landmarks`` (``Landmark2D``, every landmark of the set with its status) found on the image of
+    ``header``; ``spacing``: the ``dicom.xray.Spacing`` used (None: none: angles only).
+    Nothing found: (None, None, None, values, omitted): no result objects."""
+    from pacs_landmarks.sr_templates.gsps import build_gsps_image, image_marks
+    from pacs_landmarks.sr_templates.landmark_sr_2d import build_landmark_sr_2d, image_source
+    from pacs_landmarks.sr_templates.measurements_2d import build_measurements_sr_2d, measure_2d
+
+    found = [lm for lm in landmarks if lm.status == FOUND]
+    rows, cols = int(header.Rows), int(header.Columns)
+    for lm in found:
+        if lm.position_px is None or len(lm.position_px) != 2 or not all(math.isfinite(v) for v in lm.position_px):
+            raise ValueError(f"landmark {lm.name!r} has no finite 2D position: {lm.position_px!r}")
+        if not (0.0 <= lm.position_px[0] <= cols and 0.0 <= lm.position_px[1] <= rows):
+            raise ValueError(f"landmark {lm.name!r} at {lm.position_px} lies outside the {cols} x {rows} image")
+    values, omitted = measure_2d(landmarks, algorithm.landmark_set, spacing)
+    if not found:
+        return None, None, None, values, omitted
+    before = predecessors or {}
+    landmark_sr = build_landmark_sr_2d(header, landmarks, algorithm, before.get("landmark-sr", ()), spacing)
+    measurements_sr = build_measurements_sr_2d(header, landmarks, algorithm, values, omitted, spacing,
+                                               before.get("measurements-sr", ()))
+    gsps = build_gsps_image(header, image_marks(header, landmarks, algorithm.landmark_set, values), algorithm,
+                            image_source(header))
+    return landmark_sr, measurements_sr, gsps, values, omitted
+
+
+def process_image(item: str | Path | Dataset, model, predecessors: Predecessors | None = None,
+                  pixel_spacing: float | tuple[float, float] | None = None) -> Results:
+    """One X-ray image (a file or a dataset) through a 2D model (``model.predict_image``); see the module
+    docstring. ``pixel_spacing``: mm (one value, or (row, column)) instead of what the header gives. No
+    landmark found (on an image the header calls a lateral cephalogram): ``Results.nothing_found``, no objects.
+
+    Raises ``NotACephalogram`` (the reason) for an image that is not a lateral cephalogram,
+    ``pacs_landmarks.dicom.xray.XRayError`` for one that cannot be used (unreadable, undecodable),
+    ``ValueError`` for a 3D model or a found landmark outside the image. Result UIDs follow the image and the
+    model (``sr_templates/uids.py``): the same image again gives the same UIDs.
+    """
+    from pacs_landmarks.dicom.xray import load_xray
+    from pacs_landmarks.sr_templates.common import Algorithm
+
+    if getattr(model, "dim", 2) != 2 or not hasattr(model, "predict_image"):
+        raise ValueError(f"model {model.name} {model.version} finds landmarks in 3D series, not in X-ray images")
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    image = load_xray(item, pixel_spacing=pixel_spacing, require_ceph=False)
+    timings["image"] = time.perf_counter() - t
+    if image.ceph.verdict == "refused":
+        raise NotACephalogram(image.ceph.reason)
+
+    t = time.perf_counter()
+    landmarks = list(model.predict_image(image))
+    timings["cascade"] = time.perf_counter() - t
+    found = sum(lm.status == FOUND for lm in landmarks)
+    if image.ceph.verdict == "unknown" and found < CONFIRM_FRACTION * len(landmarks):
+        raise NotACephalogram(
+            f"not confirmed as a lateral cephalogram: the header says nothing either way and the model found "
+            f"{found} of {len(landmarks)} landmarks")
+
+    t = time.perf_counter()
+    landmark_sr, measurements_sr, gsps, values, omitted = build_image_outputs(
+        image.header, landmarks, Algorithm.of(model), image.spacing, predecessors)
+    timings["outputs"] = time.perf_counter() - t
+    results = Results(landmarks, landmark_sr, measurements_sr, None, gsps, timings, values, None, omitted, image)
+    if results.nothing_found:
+        log.warning("image %s: no landmark found: no result objects", image.sop_instance_uid)
+    return results
+
+
+def image_landmarks_json(results: Results, model_name: str | None = None, model_version: str | None = None) -> dict:
+    """The 2D ``landmarks.json`` of an image's results (the form ``pacs-landmarks import`` writes, plus status,
+    confidence, the spacing's source and the measurements): ``position_px`` = (column, row) in the image's
+    SCOORD pixels (PS3.3 C.18.6.1.2), null unless found; ``pixel_spacing_mm`` = [row, column] or null."""
+    from pacs_landmarks.sr_templates.landmark_sr_2d import spacing_text
+
+    image = results.image
+    spacing = image.spacing
+    return {
+        "landmark_set": _set_of(results),
+        "sop_instance_uid": image.sop_instance_uid,
+        "series_instance_uid": image.series_instance_uid,
+        "study_instance_uid": image.study_instance_uid,
+        "model": {"name": model_name, "version": model_version} if model_name else None,
+        "rows": int(image.shape[0]),
+        "columns": int(image.shape[1]),
+        "pixel_spacing_mm": [round(spacing.row_mm, 6), round(spacing.col_mm, 6)] if spacing else None,
+        "pixel_spacing_source": spacing.source if spacing else None,
+        "pixel_spacing": spacing_text(spacing),
+        "facing": image.facing,
+        "lateral_ceph_evidence": list(image.ceph.evidence),
+        "landmarks": [
+            {"name": lm.name, "status": lm.status,
+             "position_px": [round(float(v), 4) for v in lm.position_px] if lm.position_px is not None
+             and lm.status == FOUND else None,
+             "confidence": round(float(lm.confidence), 4)}
+            for lm in results.landmarks
+        ],
+        "measurements": [
+            {"name": m.name, "value": round(m.value, 3), "unit": m.unit, "range": list(m.range) if m.range else None,
+             "outside_range": m.outside_range}
+            for m in results.measurements
+        ],
+        "omitted_measurements": [{"name": o.name, "reason": o.reason} for o in results.omitted],
+    }
+
+
+def _set_of(results: Results) -> str:
+    """The landmark set whose names the results have, in order (a 2D model reports every landmark of its set)."""
+    from pacs_landmarks.landmark_sets import landmark_names, landmark_sets
+
+    names = [lm.name for lm in results.landmarks]
+    return next((s for s in landmark_sets() if landmark_names(s) == names), "ceph19")
+
+
+def starts_image_job(header: Dataset) -> bool:
+    """Whether a stored instance starts an image job (front ends: the node, the Orthanc plugin).
+
+    Every single-frame DX (For Presentation / For Processing) and CR image does, so that a panoramic or a
+    chest image ends with a job state that says what it is. A Secondary Capture does only when its header
+    does not refuse it: SC is also every screen capture of a CT, MR or ultrasound, and those are not
+    scanned film (``dicom.xray.ceph_check``)."""
+    from pacs_landmarks.dicom.xray import SECONDARY_CAPTURE, XRAY_CLASSES, ceph_check
+
+    sop_class = str(header.get("SOPClassUID", ""))
+    if sop_class not in XRAY_CLASSES or int(header.get("NumberOfFrames", 1) or 1) != 1:
+        return False
+    return sop_class != SECONDARY_CAPTURE or ceph_check(header).verdict != "refused"
+
+
+def input_kind(datasets: list[Any]) -> str:
+    """"image" for one single-frame X-ray image (``dicom.xray.XRAY_CLASSES``), else "series": what decides
+    between ``process_image`` and ``process_series``. Reads only the header of a path."""
+    import pydicom
+
+    from pacs_landmarks.dicom.xray import XRAY_CLASSES
+
+    if len(datasets) != 1:
+        return "series"
+    item = datasets[0]
+    if isinstance(item, Dataset):
+        ds = item
+    else:
+        # Anything that is not a readable DICOM file is left to process_series, which says what is wrong.
+        try:
+            ds = pydicom.dcmread(item, stop_before_pixels=True, specific_tags=["SOPClassUID", "NumberOfFrames"])
+        except (OSError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
+            return "series"
+    single = int(ds.get("NumberOfFrames", 1) or 1) == 1
+    return "image" if str(ds.get("SOPClassUID", "")) in XRAY_CLASSES and single else "series"

@@ -9,6 +9,10 @@ landmark that is not found has no point: its page shows the planes through the m
 Planes are resampled in patient space (LPS mm, PS3.3 C.7.6.2.1.1) and shown in radiological convention: the
 patient's right on the left of axial and coronal views, anterior on the left of the sagittal view, superior
 at the top.
+
+An X-ray image (a lateral cephalogram) is drawn whole, as stored (its own orientation and pixel coordinates),
+with every found landmark and its name and the tracing lines -- the same marks as the result's presentation
+state (``sr_templates.gsps.image_marks``) -- in one PNG per image, ``OUT/<file name>.png``.
 """
 from __future__ import annotations
 
@@ -136,17 +140,110 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of a TID 1500 SR given with --sr (e.g. one corrected in a viewer). Writes OUT/<landmark>.png (bone "
         "window, cross-hair, name, status, confidence), OUT/index.html and OUT/landmarks.json.",
     )
-    p.add_argument("series_dir", metavar="SERIES_DIR", type=Path, help="folder holding the DICOM files of one series")
+    p.add_argument("series_dir", metavar="INPUT", type=Path,
+                   help="folder holding the DICOM files of one CT series, or an X-ray image file or folder of them "
+                        "(then OUT/<file name>.png: the image with its landmarks and tracing)")
     p.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--sr", type=Path, default=None, help="review this landmark SR instead of running the model")
-    p.add_argument("--model", type=Path, default=None, help="model file (default: the shipped demo model)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model file (default: the shipped demo model of CT, or of ceph19 for X-ray images)")
     p.set_defaults(func=cmd_review)
+
+
+def render_image(image, landmarks, path: Path, title: str, measurements=()) -> Path:
+    """One X-ray image with its landmarks (points and names) and tracing lines, as the GSPS draws them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pacs_landmarks.sr_templates.gsps import image_marks
+
+    rows, cols = image.shape
+    fig = plt.figure(figsize=(8.0, 8.0 * rows / cols), dpi=110)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    # extent: SCOORD pixel coordinates, the top-left corner of the first pixel at (0, 0) (PS3.3 C.18.6.1.2)
+    ax.imshow(image.pixels, cmap="gray", vmin=0.0, vmax=1.0, extent=(0, cols, rows, 0), interpolation="bilinear")
+    set_name = _set_of_names([lm.name for lm in landmarks])
+    for mark in image_marks(image.header, landmarks, set_name, measurements):
+        xs, ys = zip(*mark.points)
+        if mark.graphic_type == "POLYLINE":
+            ax.plot(xs, ys, color="yellow", lw=1.0, alpha=0.85)
+            ax.text((xs[0] + xs[-1]) / 2, (ys[0] + ys[-1]) / 2, mark.text or "", color="yellow", fontsize=6)
+        else:
+            ax.plot(xs, ys, "+", color="orangered", ms=8, mew=1.5)
+            ax.text(xs[0] + cols / 150, ys[0] - rows / 150, mark.text or "", color="orangered", fontsize=6)
+    ax.text(cols / 100, rows / 40, title, color="white", fontsize=7, va="top",
+            bbox={"facecolor": "black", "alpha": 0.5, "pad": 2})
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _set_of_names(names: list[str]) -> str:
+    from pacs_landmarks.landmark_sets import landmark_names, landmark_sets, set_dimension
+
+    two_d = [s for s in landmark_sets() if set_dimension(s) == 2]
+    return max(two_d, key=lambda s: sum(n in landmark_names(s) for n in names))
+
+
+def review_images(args: argparse.Namespace, images: list[Path]) -> int:
+    """``review`` on X-ray images: a PNG each (see the module docstring)."""
+    from pacs_landmarks.cli import CommandError
+    from pacs_landmarks.dicom.xray import XRayError, load_xray
+    from pacs_landmarks.sr_templates.measurements_2d import measure_2d
+
+    model = None
+    if args.sr is None:
+        from pacs_landmarks.inference.model import LandmarkModel, ModelError
+
+        try:
+            model = LandmarkModel.load(args.model, landmark_set=None if args.model is not None else "ceph19")
+        except ModelError as exc:
+            raise CommandError(str(exc)) from exc
+        if model.dim != 2:
+            raise CommandError(f"model {model.name} {model.version} is for 3D CT series, not X-ray images")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for path in images:
+        try:
+            image = load_xray(path, require_ceph=False)
+        except XRayError as exc:
+            raise CommandError(str(exc)) from exc
+        if model is None:
+            import pydicom
+
+            from pacs_landmarks.sr_templates.landmark_sr_2d import read_landmark_sr_2d
+
+            try:
+                sr = pydicom.dcmread(args.sr)
+                landmarks = read_landmark_sr_2d(sr, include_missing=True)
+            except (OSError, pydicom.errors.InvalidDicomError, ValueError) as exc:
+                raise CommandError(f"{args.sr}: {exc}") from exc
+            source = f"SR {args.sr.name}"
+        else:
+            landmarks = list(model.predict_image(image))
+            source = f"model {model.name} {model.version}" + ("" if model.trained else " (UNTRAINED)")
+        values, _ = measure_2d(landmarks, _set_of_names([lm.name for lm in landmarks]), image.spacing)
+        found = sum(lm.status == "found" for lm in landmarks)
+        png = render_image(image, landmarks, args.out / f"{path.stem}.png",
+                           f"{path.name}: {found} of {len(landmarks)} landmarks found; {source}; not for clinical use",
+                           values)
+        print(f"{path.name}: {found} of {len(landmarks)} landmarks found ({source}) -> {png}")
+    return 0
 
 
 def cmd_review(args: argparse.Namespace) -> int:
     from pacs_landmarks.cli import CommandError
     from pacs_landmarks.dicom.series import SeriesError, load_series
 
+    from pacs_landmarks.sr_templates.cli import xray_inputs
+
+    if not args.series_dir.exists():
+        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
+    images = xray_inputs(args.series_dir)
+    if images:
+        return review_images(args, images)
     if not args.series_dir.is_dir():
         raise CommandError(f"not a folder: {args.series_dir}")
     files = sorted(p for p in args.series_dir.rglob("*") if p.is_file() and p.suffix.lower() not in (".json", ".txt",

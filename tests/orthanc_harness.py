@@ -38,18 +38,20 @@ class OrthancFactory:
         self.root = root
         self.started: list[OrthancProcess] = []
 
-    def config(self, **plugin: Any) -> Path:
+    def config(self, config_overrides: dict[str, Any] | None = None, **plugin: Any) -> Path:
         overrides = {
             "HttpPort": HTTP_PORT,
             "DicomPort": DICOM_PORT,
             "StorageDirectory": str(self.root / "orthanc"),
             "IndexDirectory": str(self.root / "orthanc"),
             "PacsLandmarks": {"WorkDirectory": str(self.root / "pacs-landmarks"), **plugin},
+            **(config_overrides or {}),
         }
         return write_runtime_config(self.root / "orthanc.json", overrides)
 
-    def start(self, **plugin: Any) -> OrthancProcess:
-        orthanc = OrthancProcess(self.config(**plugin), private_network=True, log_path=self.root / "orthanc.log")
+    def start(self, config_overrides: dict[str, Any] | None = None, **plugin: Any) -> OrthancProcess:
+        """``config_overrides``: top-level orthanc.json keys (e.g. StableAge); ``plugin``: PacsLandmarks keys."""
+        orthanc = OrthancProcess(self.config(config_overrides, **plugin), private_network=True, log_path=self.root / "orthanc.log")
         self.started.append(orthanc)
         return orthanc.start(timeout=90)
 

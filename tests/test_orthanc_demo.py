@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,10 @@ def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path, phantom_module):
     )
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
-    assert "[9/9" in text and "demo: Orthanc stopped" in text
+    assert "[13/13" in text and "demo: Orthanc stopped" in text
+    # The cephalogram step ran: a tracing, or (the shipped model untrained) that nothing was found, said so.
+    assert "synthetic lateral cephalogram" in text and "the plugin starts an image job at once" in text
+    assert "the tracing, read back from the SR" in text or "no tracing: no landmark found" in text
     assert "landmark SR read back from Orthanc (16 landmarks)" in text
     assert text.count(" mm\n") >= 16 and "mean error" in text
     assert "SEG series" in text and "SR  series" in text
@@ -28,6 +32,27 @@ def test_demo_runs_end_to_end_and_stops_orthanc(tmp_path, phantom_module):
     assert "Imaging Measurement Report" in html or "Nasion" in html
     # Orthanc is gone: its log ends with the stop, and nothing of ours still runs from this folder.
     assert "Orthanc has stopped" in (out / "orthanc.log").read_text()
+
+
+def test_demo_ceph_step_finds_the_sr_and_prints_the_tracing(tmp_path):
+    """`make demo-ceph` with a ceph19 model that reports what it sees: the SR is found by findscu and read
+    back, the tracing table is printed against the phantom's truth."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ceph_helpers import report_all_model
+
+    model = report_all_model(tmp_path / "model.pt")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pacs_landmarks.demo", "--ceph-only", "--ceph-model", str(model), "--out",
+         str(tmp_path / "demo"), "--timeout", "120"], capture_output=True, text=True, timeout=400,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "[6/6" in text and "demo: Orthanc stopped" in text
+    assert "SR  series 7701  AI Landmarks" in text and "PR  series 7704" in text  # found by findscu
+    assert "Estimated Radiographic Magnification Factor" in text and "mean error" in text
+    assert "these points are meaningless" in text  # an untrained model is said to be one
+    assert sorted(p.name for p in (tmp_path / "demo" / "ceph-results").iterdir()) == [
+        "gsps.dcm", "landmarks-sr.dcm", "measurements-sr.dcm"]
 
 
 def test_demo_failure_is_clear_and_still_stops_orthanc(tmp_path, phantom_module):

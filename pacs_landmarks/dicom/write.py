@@ -52,6 +52,33 @@ class SeriesInfo:
     extra: dict = field(default_factory=dict)  # keyword -> value, set on every slice last
 
 
+def identity_dataset(info, sop_class_uid: str, sop_instance_uid: str, modality: str) -> Dataset:
+    """A new dataset with what every image we write shares: SOP Common (C.12.1), Patient (C.7.1.1), General
+    Study (C.7.2.1), General Series (C.7.3.1) and General Equipment (C.7.5.1), from ``info`` (a ``SeriesInfo``
+    or ``xray_write.XRayInfo``: the same field names)."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = UID(sop_class_uid)
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = info.study_date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = info.study_time
+    ds.AccessionNumber = info.accession_number
+    ds.Modality = modality
+    ds.Manufacturer = info.manufacturer
+    ds.ManufacturerModelName = info.model_name
+    ds.ReferringPhysicianName = ""
+    ds.SeriesDescription = info.series_description
+    ds.PatientName = info.patient_name
+    ds.PatientID = info.patient_id
+    ds.PatientBirthDate = info.patient_birth_date
+    ds.PatientSex = info.patient_sex
+    ds.StudyInstanceUID = info.study_instance_uid
+    ds.SeriesInstanceUID = info.series_instance_uid
+    ds.StudyID = info.study_id
+    ds.SeriesNumber = info.series_number
+    return ds
+
+
 def slice_dataset(
     hu: np.ndarray,
     *,
@@ -76,41 +103,16 @@ def slice_dataset(
     stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
     pixels = stored.astype(np.uint16)
 
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = identity_dataset(info, CTImageStorage, sop_instance_uid, "CT")
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.StudyDate = info.study_date
-    ds.SeriesDate = info.study_date
-    ds.ContentDate = info.study_date
-    ds.StudyTime = info.study_time
-    ds.SeriesTime = info.study_time
-    ds.ContentTime = info.study_time
-    ds.AccessionNumber = info.accession_number
-    ds.Modality = "CT"
-    ds.Manufacturer = info.manufacturer
-    ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = info.series_description
     # With Body Part Examined naming an unpaired part, Laterality (Type 2C, C.7.3.1) must be absent.
     ds.BodyPartExamined = "HEAD"
-    ds.ManufacturerModelName = info.model_name
-    # Patient module (C.7.1.1)
-    ds.PatientName = info.patient_name
-    ds.PatientID = info.patient_id
-    ds.PatientBirthDate = info.patient_birth_date
-    ds.PatientSex = info.patient_sex
     # CT Image module acquisition attributes (C.8.2.1)
     ds.SliceThickness = _ds(slice_thickness)
     ds.KVP = _ds(info.kvp)
     ds.GantryDetectorTilt = _ds(gantry_tilt_deg)
     ds.ConvolutionKernel = info.convolution_kernel
     ds.PatientPosition = info.patient_position
-    # Study / series / frame of reference (C.7.2.1, C.7.3.1, C.7.4.1)
-    ds.StudyInstanceUID = info.study_instance_uid
-    ds.SeriesInstanceUID = info.series_instance_uid
-    ds.StudyID = info.study_id
-    ds.SeriesNumber = info.series_number
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = instance_number
     # Image Plane (C.7.6.2)

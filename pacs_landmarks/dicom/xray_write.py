@@ -15,7 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from pacs_landmarks.dicom.write import _ds
+from pacs_landmarks.dicom.write import _ds, identity_dataset
 from pacs_landmarks.dicom.xray import CR_IMAGE, DX_PRESENTATION, DX_PROCESSING, SECONDARY_CAPTURE
 
 # View Position -> CID 4010 view code; LL = left lateral (left side to the detector).
@@ -95,26 +95,8 @@ def xray_dataset(
     sop_class = KINDS[kind]
     dx = kind.startswith("DX")
 
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = UID(sop_class)
-    ds.SOPInstanceUID = info.sop_instance_uid
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = info.study_date
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = info.study_time
-    ds.AccessionNumber = info.accession_number
-    ds.Modality = modality or ("DX" if dx else "CR" if kind == "CR" else "OT")
-    ds.Manufacturer = info.manufacturer
-    ds.ManufacturerModelName = info.model_name
-    ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = info.series_description
-    ds.PatientName = info.patient_name
-    ds.PatientID = info.patient_id
-    ds.PatientBirthDate = info.patient_birth_date
-    ds.PatientSex = info.patient_sex
-    ds.StudyInstanceUID = info.study_instance_uid
-    ds.SeriesInstanceUID = info.series_instance_uid
-    ds.StudyID = info.study_id
-    ds.SeriesNumber = info.series_number
+    ds = identity_dataset(info, sop_class, info.sop_instance_uid,
+                          modality or ("DX" if dx else "CR" if kind == "CR" else "OT"))
     ds.InstanceNumber = info.instance_number
     ds.AcquisitionNumber = 1
     ds.BodyPartExamined = body_part

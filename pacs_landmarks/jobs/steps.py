@@ -1,7 +1,10 @@
 """The step functions both modes run for a job, and the state changes around them.
 
 One job = load the series (``loader``), analyse (``process_series`` + ``write_results``), deliver (``deliver``
-per destination). The embedded mode's ``Worker`` thread (worker.py) calls ``JobSteps.run_job`` on what it
+per destination). A job whose input is one single-frame X-ray image (SOP Class DX For Presentation / For
+Processing, CR or Secondary Capture, ``dicom.xray.XRAY_CLASSES``: a cephalogram) is an *image job*: the same
+steps run ``process_image`` with the 2D model (``image_model``) instead, and ``job.details["kind"]`` is
+``"image"``. The steps decide this from the SOP Class of what the loader returned, not from the front end. The embedded mode's ``Worker`` thread (worker.py) calls ``JobSteps.run_job`` on what it
 claims from a local store; the distributed mode's procrastinate tasks (distributed.py) call
 ``JobSteps.analyse`` and ``JobSteps.deliver`` on the job the queue handed them, so both modes share every
 state change and every timing.
@@ -21,7 +24,10 @@ Per job:
 
 1. ``queued -> running`` (``JobStore.claim``, by the caller); a job claimed more than ``max_attempts`` times
    (the process died while analysing it each time) fails instead of crashing the node again.
-2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` (``predecessors``: the
+2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` (an image job:
+   ``process_image(dataset, image_model, predecessors)``; an image that is not a lateral cephalogram,
+   ``pipeline.NotACephalogram``, makes no results: the job ends ``done`` with the reason, e.g. "not analysed:
+   a panoramic radiograph (Modality PX), not a lateral cephalogram", and ``details["not_analysed"]``) (``predecessors``: the
    results of earlier jobs of the same series and model, ``jobs/supersede.py``, which the new SRs name as
    replaced) with the model loaded once by the
    front end and kept warm.
@@ -53,6 +59,7 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.store import Job, JobStateError, SqlJobStore, destination_key
 from pacs_landmarks.jobs.supersede import predecessors, result_uids
+from pacs_landmarks.pipeline import input_kind, starts_image_job  # noqa: F401  (front ends import them here)
 
 Loader = Callable[[Job], Iterable[Any]]
 Deliver = Callable[[Job, dict[str, Any], list[Path]], None]
@@ -65,6 +72,9 @@ RESULT_FILES = (
 )
 # A series whose slices differ in rescale gets no presentation state (sr_templates/gsps.py).
 OPTIONAL_RESULTS = ("gsps",)
+# What an image job must have written (a 2D image has no SEG).
+IMAGE_RESULTS = ("landmark_sr", "measurements_sr")
+
 
 
 class PermanentDeliveryError(Exception):
@@ -102,21 +112,12 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
                 continue
             _write_synced(tmp / name, lambda fh, ds=ds: ds.save_as(fh, enforce_file_format=True))
             paths[kind] = str(final / name)
-        doc = {
-            "series_instance_uid": job.series_instance_uid,
-            "study_instance_uid": job.study_instance_uid,
-            "model": {"name": job.model_name, "version": job.model_version},
-            "landmarks": [
-                {
-                    "name": lm.name,
-                    "status": getattr(lm, "status", "found"),
-                    "position_lps_mm": ([float(v) for v in lm.position_lps_mm]
-                                        if lm.position_lps_mm is not None else None),
-                    "confidence": float(lm.confidence),
-                }
-                for lm in results.landmarks
-            ],
-        }
+        if getattr(results, "image", None) is not None:
+            from pacs_landmarks.pipeline import image_landmarks_json
+
+            doc = image_landmarks_json(results, job.model_name, job.model_version)
+        else:
+            doc = _series_landmarks_json(results, job)
         _write_synced(tmp / "landmarks.json", lambda fh: fh.write(json.dumps(doc, indent=2).encode()))
         paths["landmarks_json"] = str(final / "landmarks.json")
         fsync_dir(tmp)
@@ -126,6 +127,25 @@ def write_results(results: Any, job: Job, results_dir: Path) -> dict[str, str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _series_landmarks_json(results: Any, job: Job) -> dict:
+    """The landmarks.json of a series job (3D: LPS mm)."""
+    return {
+        "series_instance_uid": job.series_instance_uid,
+        "study_instance_uid": job.study_instance_uid,
+        "model": {"name": job.model_name, "version": job.model_version},
+        "landmarks": [
+            {
+                "name": lm.name,
+                "status": getattr(lm, "status", "found"),
+                "position_lps_mm": ([float(v) for v in lm.position_lps_mm]
+                                    if lm.position_lps_mm is not None else None),
+                "confidence": float(lm.confidence),
+            }
+            for lm in results.landmarks
+        ],
+    }
 
 
 
@@ -147,9 +167,11 @@ class JobSteps:
         max_delivery_attempts: int | None = None,
         max_attempts: int = 3,
         process_series: Callable[[list[Dataset], Any], Any] | None = None,
+        image_model: Any = None,
     ):
         self.store = store
         self.model = model
+        self.image_model = image_model  # the 2D model of image jobs; None: the shipped ceph19 model, when needed
         self.loader = loader
         self.deliver_to = deliver
         self.results_dir = Path(results_dir)
@@ -180,6 +202,14 @@ class JobSteps:
             self._process_series = process_series
         return self._process_series
 
+    def load_image_model(self) -> Any:
+        """The 2D model of image jobs: the one given, else the shipped ceph19 model (loaded once)."""
+        if self.image_model is None:
+            from pacs_landmarks.inference.model import LandmarkModel
+
+            self.image_model = LandmarkModel.load(landmark_set="ceph19")
+        return self.image_model
+
     def load_series(self, job: Job) -> list[Any]:
         """Step 1: the series' instances, read when the job starts (not when it was queued)."""
         datasets = list(self.loader(job))
@@ -195,10 +225,14 @@ class JobSteps:
         # Read from the job store before the series' own work: a store that is down (PostgreSQL restarting) is
         # not the series' fault and must not fail the job; the error goes to the worker, which retries.
         replaced = predecessors(self.store, job)
+        from pacs_landmarks.pipeline import NotACephalogram
+
         try:
             datasets, results, paths, timings = self._analyse(job, replaced)
         except JobStateError:
             raise  # the job changed under us (an operator, a sweeper): not the series' fault
+        except NotACephalogram as exc:  # not for us: no results, a clear end state, the image stays stored
+            return self._not_analysed(job, str(exc))
         except Exception as exc:  # bad input or a model error: recorded, nothing received is lost
             return self.fail(job, f"{type(exc).__name__}: {exc}")
         # Outside the try for the same reason as above: a store error here is retried, not the series' failure.
@@ -212,12 +246,24 @@ class JobSteps:
         t = time.perf_counter()
         datasets = self.load_series(job)
         timings["read"] = time.perf_counter() - t
-        results = self.pipeline()(datasets, self.model, predecessors=replaced)
+        if input_kind(datasets) == "image":
+            from pacs_landmarks.pipeline import process_image
+
+            results = process_image(datasets[0], self.load_image_model(), predecessors=replaced)
+        else:
+            results = self.pipeline()(datasets, self.model, predecessors=replaced)
         timings.update({k: float(v) for k, v in (getattr(results, "timings", None) or {}).items()})
         t = time.perf_counter()
         paths = write_results(results, job, self.results_dir)
         timings["write_results"] = time.perf_counter() - t
         return datasets, results, paths, timings
+
+    def _not_analysed(self, job: Job, reason: str) -> Job:
+        """An input that is not what the model is for: ``done`` without results, ``reason`` said."""
+        job = self.store.transition(job.id, "delivering", expect="running", expect_owner=self.owner,
+                                    owner=self.owner, results={}, details={"kind": "image", "not_analysed": reason})
+        log_event("job.not_analysed", job=job.id, series=job.series_instance_uid, reason=reason)
+        return job
 
     def _record_analysis(self, job: Job, datasets: list, results: Any, paths: dict[str, str],
                          timings: dict[str, float]) -> Job:
@@ -228,7 +274,8 @@ class JobSteps:
             job.id, "delivering", expect="running", expect_owner=self.owner, owner=self.owner, results=paths,
             timings=timings,
             details={"instances_read": len(datasets), "result_uids": result_uids(results, RESULT_KINDS),
-                     **({"nothing_found": True} if nothing else {})},
+                     **({"nothing_found": True} if nothing else {}),
+                     **({"kind": "image"} if getattr(results, "image", None) is not None else {})},
         )
         found = sum(1 for lm in results.landmarks if getattr(lm, "status", "found") == "found")
         log_event(
@@ -244,12 +291,18 @@ class JobSteps:
         """Step 4 for a ``delivering`` job: ``done``, ``failed``, or ``delivering`` with a back-off."""
         paths = [Path(job.results[kind]) for kind, _ in RESULT_FILES if kind in job.results]
         missing = [str(p) for p in paths if not p.exists()]
+        if job.details.get("not_analysed") and not paths:
+            reason = f"not analysed: {job.details['not_analysed']}"
+            job = self.store.transition(job.id, "done", reason=reason)
+            log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, not_analysed=True)
+            return job
         if job.details.get("nothing_found") and not paths:
             # no landmark found: nothing goes to the archive (pipeline.Results.nothing_found)
             job = self.store.transition(job.id, "done", reason="no landmark found: no result objects")
             log_event("job.done", job=job.id, series=job.series_instance_uid, destinations=0, nothing_found=True)
             return job
-        required = [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
+        required = list(IMAGE_RESULTS) if job.details.get("kind") == "image" else \
+            [kind for kind, _ in RESULT_FILES if kind not in OPTIONAL_RESULTS]
         if any(kind not in job.results for kind in required) or missing:
             return self.fail(job, f"result files missing: {', '.join(missing) or 'none recorded'}")
         answers: dict[str, str] = {}

@@ -30,10 +30,15 @@ def result_uids(results: Any, kinds: dict[str, str]) -> dict[str, dict[str, str]
 def earlier_jobs(store: JobStore, job: Job, with_results: bool = True) -> list[Job]:
     """Jobs of the same series and model (any version) created before ``job``, newest first: the ones whose
     results ``job``'s results replace. ``with_results``: only those that recorded ``result_uids`` (jobs of
-    versions before it was recorded are left out)."""
+    versions before it was recorded are left out).
+
+    An image job (``details["kind"] == "image"``, one X-ray image) replaces only earlier jobs of the same
+    image (the same ``source``): the other images of its series have results of their own."""
+    image = job.details.get("kind") == "image"
     return [
-        j for j in reversed(store.find(job.series_instance_uid))
+        j for j in reversed(store.find(job.series_instance_uid, source=job.source if image else None))
         if j.id < job.id and j.model_name == job.model_name and (j.details.get("result_uids") or not with_results)
+        and (j.details.get("kind") == "image") == image
     ]
 
 

@@ -1,6 +1,7 @@
 """The embedded mode's analysis worker: a thread that claims jobs from a local store and runs the shared steps.
 
-A front end (the pynetdicom node, the Orthanc plugin) supplies a JobStore, the model, a ``loader`` and a
+A front end (the pynetdicom node, the Orthanc plugin) supplies a JobStore, the model (and the 2D model of
+image jobs, ``image_model``, see ``jobs.steps``), a ``loader`` and a
 ``deliver`` callable (see ``pacs_landmarks.jobs.steps`` for what they do and for what happens to a job); the
 distributed mode runs the same steps from procrastinate tasks instead (``pacs_landmarks.jobs.distributed``).
 
@@ -51,6 +52,7 @@ class Worker(threading.Thread):
         process_series: Callable[[list[Dataset], Any], Any] | None = None,
         name: str = "landmark-worker",
         warm_up: bool = True,
+        image_model: Any = None,
     ):
         super().__init__(name=name, daemon=True)
         self.store = store
@@ -61,6 +63,7 @@ class Worker(threading.Thread):
             store, model, loader=loader, deliver=deliver, results_dir=results_dir, owner=self.owner,
             backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
             max_delivery_attempts=max_delivery_attempts, max_attempts=max_attempts, process_series=process_series,
+            image_model=image_model,
         )
         # Only the real pipeline is warmed up: an injected one (tests) is called for jobs only.
         self._warm_up = warm_up and process_series is None

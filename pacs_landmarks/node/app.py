@@ -4,6 +4,7 @@ Storage layout (``storage`` setting)::
 
     jobs.sqlite                    the durable job store (jobs/store.py)
     series/<SeriesUID>/<SOP>.dcm   received CT / Enhanced CT instances (a job's ``source`` is this directory)
+    images/<SeriesUID>/<SOP>.dcm   received X-ray images (cephalograms): one job each, ``source`` = the file
     other/<SeriesUID>/<SOP>.dcm    everything else a PACS sent (kept, no job)
     results/job-<id>-<attempt>/    landmarks-sr.dcm, measurements-sr.dcm, seg.dcm, landmarks.json
     incomplete/<SeriesUID>/<SOP>.dcm  never-acknowledged files a power loss cut short (set aside at start)
@@ -66,20 +67,33 @@ class ModelLoadError(Exception):
     """The configured model cannot be loaded (the node does not start)."""
 
 
-def load_model(path: str | None, device: str | None) -> Any:
+def load_model(path: str | None, device: str | None, landmark_set: str | None = None) -> Any:
     from pacs_landmarks.inference.model import LandmarkModel
 
     try:
-        return LandmarkModel.load(path, device=device)
+        if landmark_set is None:
+            return LandmarkModel.load(path, device=device)
+        return LandmarkModel.load(path, device=device, landmark_set=landmark_set)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model {path or '(shipped demo model)'}: {exc}") from exc
 
 
+def load_job_sources(job: Any) -> list[Path]:
+    """The node's loader: the image file of an image job, else the series folder's instances."""
+    if job.details.get("kind") == "image":
+        path = Path(job.source)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path.name} is no longer in storage")
+        return [path]
+    return series_files(job.source)
+
+
 class Node:
     def __init__(self, cfg: NodeConfig, model: Any = None,
-                 process_series: Callable[[list, Any], Any] | None = None):
+                 process_series: Callable[[list, Any], Any] | None = None, image_model: Any = None):
         self.cfg = cfg
         self.model = model
+        self.image_model = image_model  # the 2D model of cephalogram jobs (None: loaded at start if enabled)
         self._process_series = process_series
         self.address: tuple[str, int] | None = None
         self.worker: Worker | None = None
@@ -93,12 +107,21 @@ class Node:
         else:
             if self.model is None:  # loaded once, before listening: a bad model path fails the start
                 self.model = load_model(cfg.model, cfg.device)
+            if self.image_model is None and cfg.cephalograms:
+                try:
+                    self.image_model = load_model(cfg.ceph_model, cfg.device, landmark_set="ceph19")
+                except ModelLoadError as exc:
+                    if cfg.ceph_model:  # asked for by name: a bad path fails the start, as for the CT model
+                        raise
+                    # the shipped one is missing: CT works, X-ray images are kept, not analysed
+                    log_event("node.warning", logging.WARNING, reason=f"cephalograms not analysed: {exc}")
             self.store = JobStore(root / "jobs.sqlite")
             unfinished = self.store.resume()
             self.worker = Worker(
-                self.store, self.model, loader=lambda job: series_files(job.source), deliver=StoreSCU(cfg.ae_title),
+                self.store, self.model, loader=load_job_sources, deliver=StoreSCU(cfg.ae_title),
                 results_dir=root / "results", backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s,
                 max_delivery_attempts=cfg.max_delivery_attempts, process_series=self._process_series,
+                image_model=self.image_model,
             )
             on_queued = lambda job_id: self.worker.wake()  # noqa: E731
         self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=on_queued)
@@ -111,7 +134,13 @@ class Node:
             "model_version": getattr(self.model, "version", None),
             "destinations": [d.to_job() for d in cfg.destinations],
         }
-        self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults)
+        # Cephalograms: embedded mode only (the distributed mode's workers carry CT series, docs/scale-out.md).
+        image_defaults = None
+        if self.image_model is not None and cfg.cephalograms and cfg.queue != "postgres":
+            image_defaults = {"model_name": getattr(self.image_model, "name", None),
+                              "model_version": getattr(self.image_model, "version", None),
+                              "destinations": job_defaults["destinations"]}
+        self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults, image_defaults)
         if self.worker is not None:
             self.worker.start()
         self.tracker.start()
@@ -123,6 +152,7 @@ class Node:
         log_event(
             "node.started", ae_title=cfg.ae_title, address=f"{self.address[0]}:{self.address[1]}",
             model=job_defaults["model_name"], model_version=job_defaults["model_version"],
+            ceph_model=f"{image_defaults['model_name']} {image_defaults['model_version']}" if image_defaults else None,
             resumed=len(unfinished), tls=bool(cfg.tls_cert) or None,
         )
         return self.address

@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--idle-timeout", type=float, metavar="S",
                    help="seconds without a new instance after the association closed before a series is complete")
     p.add_argument("--model", help="model file (default: the shipped demo model)")
+    p.add_argument("--ceph-model", help="2D model file for lateral cephalograms (default: the shipped ceph19 model)")
     p.add_argument("--device", help="torch device for inference, e.g. cpu or cuda")
     p.add_argument("--tls-cert", help="DICOM TLS: our certificate (PEM)")
     p.add_argument("--tls-key", help="DICOM TLS: our private key (PEM)")
@@ -69,7 +70,7 @@ def effective_config(args: argparse.Namespace):
 
     try:
         cfg = config_mod.load(getattr(args, "config", None))
-        for key in ("ae_title", "bind", "port", "storage", "idle_timeout", "model", "device", "log_format",
+        for key in ("ae_title", "bind", "port", "storage", "idle_timeout", "model", "ceph_model", "device", "log_format",
                     "tls_cert", "tls_key", "tls_ca", "queue", "dsn"):
             value = getattr(args, key, None)
             if value is not None:

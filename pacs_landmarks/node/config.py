@@ -84,6 +84,10 @@ class NodeConfig:
     storage: str = "node-data"  # series/, other/, results/ and jobs.sqlite live here
     idle_timeout: float = 2.0  # s without a new instance after the association closed -> series complete
     model: str | None = None  # None: the shipped demo model
+    # Lateral cephalograms (single X-ray images, docs/node.md): analysed with this 2D model (None: the shipped
+    # ceph19 model); ``cephalograms = false`` stores X-ray images without analysing them.
+    ceph_model: str | None = None
+    cephalograms: bool = True
     device: str | None = None  # "cpu", "cuda", ...; None: the model's default
     log_format: str = "text"  # "text" or "json"
     max_associations: int = 10
@@ -206,7 +210,7 @@ def load(path: str | Path | None) -> NodeConfig:
     except (TypeError, KeyError) as exc:
         raise ConfigError(f"{path}: bad [[{key}]] entry: {exc}") from None
     # Relative paths in the file are relative to the file, so the node starts the same from any directory.
-    for key in ("storage", "model", "tls_cert", "tls_key", "tls_ca"):
+    for key in ("storage", "model", "ceph_model", "tls_cert", "tls_key", "tls_ca"):
         value = getattr(cfg, key)
         if value and not Path(value).is_absolute():
             setattr(cfg, key, str((path.parent / value).resolve()))

@@ -1,9 +1,12 @@
 """The node's DICOM listener: Verification + Storage SCP (PS3.4 Annex A and B) over pynetdicom.
 
 - Every storage SOP class is accepted (``AllStoragePresentationContexts``) with the transfer syntaxes in
-  ``TRANSFER_SYNTAXES``. Only CT Image Storage and Enhanced CT Image Storage series start a job; any other
-  object is still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as
-  ignored.
+  ``TRANSFER_SYNTAXES``. CT Image Storage and Enhanced CT Image Storage series start a job when complete;
+  with a 2D model loaded (``image_defaults``), each single-frame X-ray image (DX For Presentation / For
+  Processing, CR, Secondary Capture that is not a screen capture of another modality:
+  ``jobs.steps.starts_image_job``) starts its own job as soon as it is stored (``images/<SeriesUID>/<SOP>.dcm``;
+  one image is the whole input, no completion wait). Any other object is
+  still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as ignored.
 - An instance is written as received (the encoded dataset, PS3.10 file meta added) and is durable, data and
   name, before Success (0x0000) is answered (``receive.DurableWriter``: temporary file, rename, fdatasync
   beside a group-committed folder fsync). Paths are built from UIDs that match the
@@ -55,6 +58,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacs_landmarks.dicom.series import CT_CLASSES
 from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.node.receive import DurableWriter, install_wakeups, quiet_pynetdicom
+from pacs_landmarks.jobs.steps import starts_image_job
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 
@@ -263,8 +267,10 @@ def server_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
 class StorageSCP:
     """The listener. ``job_defaults`` (model name/version, destinations) go into every new job."""
 
-    def __init__(self, cfg: NodeConfig, store: JobStore, tracker: SeriesTracker, job_defaults: dict):
+    def __init__(self, cfg: NodeConfig, store: JobStore, tracker: SeriesTracker, job_defaults: dict,
+                 image_defaults: dict | None = None):
         self.cfg = cfg
+        self.image_defaults = image_defaults  # job defaults of X-ray image jobs; None: images are not analysed
         self.store = store
         self.tracker = tracker
         self.job_defaults = job_defaults
@@ -358,6 +364,9 @@ class StorageSCP:
             return exc.status
         self._assoc_counts[assoc] = self._assoc_counts.get(assoc, 0) + 1
         series_uid = str(ds.SeriesInstanceUID)
+        if for_job == "image":
+            self._queue_image(ds, path)
+            return SUCCESS
         if not for_job:
             if (assoc, series_uid) not in self._ignored_logged:
                 self._ignored_logged.add((assoc, series_uid))
@@ -367,7 +376,7 @@ class StorageSCP:
         self._track(event, ds, path)
         return SUCCESS
 
-    def _store(self, event) -> tuple[Path, Dataset, bool]:
+    def _store(self, event) -> tuple[Path, Dataset, str | None]:
         req = event.request
         size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
         if size > self.max_bytes:
@@ -385,7 +394,8 @@ class StorageSCP:
             raise Refused(DOES_NOT_MATCH, "SOP Class/Instance UID in the data set differ from the request")
         series_uid = safe_uid(series_uid, "Series Instance UID")
         safe_uid(study_uid, "Study Instance UID")
-        for_job = sop_class in JOB_SOP_CLASSES
+        for_job = "series" if sop_class in JOB_SOP_CLASSES else "image" if (
+            self.image_defaults is not None and starts_image_job(ds)) else None
         if for_job:
             try:
                 check_pixel_data(ds)
@@ -393,7 +403,8 @@ class StorageSCP:
                 raise
             except Exception as exc:
                 raise Refused(CANNOT_UNDERSTAND, f"Pixel Data cannot be checked: {type(exc).__name__}") from None
-        path = self.root / ("series" if for_job else "other") / series_uid / f"{sop_uid}.dcm"
+        folder = {"series": "series", "image": "images"}.get(for_job or "", "other")
+        path = self.root / folder / series_uid / f"{sop_uid}.dcm"
         if os.path.dirname(os.path.dirname(os.path.dirname(os.path.normpath(path)))) != str(self.root):
             raise Refused(CANNOT_UNDERSTAND, "path outside the storage directory")  # belt and braces: see _UID
         try:
@@ -401,6 +412,16 @@ class StorageSCP:
         except OSError as exc:
             raise Refused(OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}") from None
         return path, ds, for_job
+
+    def _queue_image(self, ds: Dataset, path: Path) -> None:
+        """One X-ray image is one job, queued now: the image is durable already (``DurableWriter``)."""
+        series_uid = str(ds.SeriesInstanceUID)
+        job, created = self.store.ensure_job(series_uid, str(ds.StudyInstanceUID), str(path), state="queued",
+                                             details={"kind": "image"}, **(self.image_defaults or {}))
+        if created:
+            self.store.record_instances(job.id, 1)
+            log_event("job.queued", job=job.id, series=series_uid, kind="image")
+            self.tracker.on_queued(job.id)
 
     def _track(self, event, ds: Dataset, path: Path) -> None:
         series_uid = str(ds.SeriesInstanceUID)

@@ -5,7 +5,10 @@ Loaded by ``entry.py`` inside Orthanc's embedded Python. Threads:
 - Orthanc's plugin thread calls ``on_change``: it only puts the series ID on a queue (slow work there would
   delay every later Orthanc event);
 - the *dispatcher* thread turns a stable series into a job (``JobStore.ensure_job``, state ``queued``) when it
-  is a CT image series not yet analysed by this model version;
+  is a CT image series not yet analysed by this model version; and a stored X-ray image (NEW_INSTANCE, not
+  STABLE_SERIES: one image is the whole input) into an image job when its SOP Class says so
+  (``jobs.steps.starts_image_job``: DX, CR, Secondary Capture that is not a screen capture) and it was not
+  analysed by this version of the 2D model (``CephModel``);
 - the shared ``Worker`` (pacs_landmarks.jobs.worker) claims jobs, reads the instances back from Orthanc
   (``/instances/{id}/file``), runs ``process_series`` and stores the SR, measurements SR, SEG and GSPS with
   ``POST /instances``; then, with ``"Superseded": "delete"``, it deletes the results of earlier jobs of the
@@ -16,7 +19,8 @@ last job read: more, mostly) gets a new job; its results have new UIDs and repla
 
 The job store lives next to Orthanc's storage, so a restart finishes what a crash left pending
 (``JobStore.resume`` at ORTHANC_STARTED). REST (under ``/pacs-landmarks/``): ``jobs`` (GET), ``health``
-(GET), ``series/{orthanc-id}/run`` (POST, run again even if already analysed).
+(GET), ``series/{orthanc-id}/run`` (POST, run again even if already analysed; for a series of X-ray images:
+each image).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_landmarks.dicom.series import CT_CLASSES as CT_IMAGE_SOP_CLASSES
+from pacs_landmarks.dicom.xray import XRAY_CLASSES
 from pacs_landmarks.jobs.store import Job, JobStore, UNFINISHED
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.supersede import earlier_jobs, instances_used
@@ -39,6 +44,9 @@ from pacs_landmarks.plugin.config import PluginSettings
 LOGGER = logging.getLogger("pacs_landmarks.plugin")
 
 ORTHANC_DESTINATION = {"name": "orthanc"}
+# Modalities of series whose X-ray images are looked at even when "Modalities" lists only CT: what a
+# cephalostat, a CR reader or a film scanner writes, and PX / chest so that they end with a reason.
+IMAGE_MODALITIES = ("DX", "CR", "PX", "OT", "RG")
 
 
 class OrthancLogHandler(logging.Handler):
@@ -78,6 +86,8 @@ def prefer_gdcm_for_jpeg_ls() -> None:
 class LandmarkPlugin:
     """State of the plugin inside one Orthanc process."""
 
+    analyses_images = True  # X-ray images (cephalograms) become image jobs here
+
     def __init__(self, orthanc: Any, settings: PluginSettings):
         self.orthanc = orthanc
         self.settings = settings
@@ -85,6 +95,8 @@ class LandmarkPlugin:
         self.events: queue.Queue[tuple[str, bool] | None] = queue.Queue()
         self.model: Any = None
         self.model_error: str | None = None
+        self.image_model: Any = None  # the 2D model of cephalograms (settings.ceph_model)
+        self.image_model_error: str | None = None
         self.last_error: str | None = None
         self.worker: Any = None
         self._model_ready = threading.Event()  # set once loading was attempted, successfully or not
@@ -110,6 +122,8 @@ class LandmarkPlugin:
         ct = self.orthanc.ChangeType
         if change_type == ct.STABLE_SERIES:
             self.events.put((resource_id, False))
+        elif change_type == ct.NEW_INSTANCE and self.analyses_images and self.settings.cephalograms:
+            self.events.put((resource_id, "instance"))
         elif change_type == ct.ORTHANC_STARTED:
             self.start()
         elif change_type == ct.ORTHANC_STOPPED:
@@ -151,8 +165,17 @@ class LandmarkPlugin:
         except Exception as exc:
             self.model_error = self.last_error = f"model not loaded: {type(exc).__name__}: {exc}"
             LOGGER.error("%s", self.model_error)
-        finally:
-            self._model_ready.set()
+        if self.settings.cephalograms:
+            try:
+                from pacs_landmarks.inference.model import LandmarkModel
+
+                self.image_model = LandmarkModel.load(self.settings.ceph_model, device=self.settings.device,
+                                                      landmark_set="ceph19")
+                log_event("plugin.model_loaded", model=self.image_model.name, version=self.image_model.version)
+            except Exception as exc:  # CT goes on; X-ray images are stored and not analysed
+                self.image_model_error = f"cephalograms not analysed: {type(exc).__name__}: {exc}"
+                LOGGER.error("%s", self.image_model_error)
+        self._model_ready.set()
 
     def _start_worker(self) -> None:
         self._model_ready.wait()
@@ -165,7 +188,7 @@ class LandmarkPlugin:
 
         self.worker = Worker(
             self.store, self.model, loader=self.load_instances, deliver=self.store_results,
-            results_dir=self.settings.results_dir, name="landmark-worker",
+            results_dir=self.settings.results_dir, name="landmark-worker", image_model=self.image_model,
         )
         self.worker.start()
 
@@ -180,9 +203,12 @@ class LandmarkPlugin:
         return json.loads(self.orthanc.RestApiGet(uri))
 
     def load_instances(self, job: Job) -> list[Any]:
-        """Worker loader: every instance of the Orthanc series ``job.source``, as pydicom datasets."""
+        """Worker loader: every instance of the Orthanc series ``job.source`` (an image job: the Orthanc
+        instance ``job.source``), as pydicom datasets."""
         import pydicom
 
+        if job.details.get("kind") == "image":
+            return [pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{job.source}/file")))]
         series = self.get_json(f"/series/{job.source}")
         return [
             pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{iid}/file")))
@@ -241,11 +267,16 @@ class LandmarkPlugin:
                 return
             series_id, force = item
             try:
-                self.consider(series_id, force=force)
+                if force == "instance":
+                    self.consider_instance(series_id)
+                else:
+                    self.consider(series_id, force=force)
             except Exception as exc:
                 self.last_error = f"series {series_id}: {type(exc).__name__}: {exc}"
                 LOGGER.error("%s\n%s", self.last_error, traceback.format_exc())
-            if self.events.empty():
+            # Not after each instance event (every CT slice is one): the catch-up from an older sequence number
+            # only considers some images again, which finds them analysed or queued.
+            if self.events.empty() and force != "instance":
                 self._save_change_seq()
 
     @property
@@ -296,7 +327,7 @@ class LandmarkPlugin:
         series = self.get_json(f"/series/{series_id}")
         tags = series.get("MainDicomTags", {})
         modality = str(tags.get("Modality", "")).upper()
-        if modality not in self.settings.modalities:
+        if modality not in self.settings.modalities and not (self.analyses_images and modality in IMAGE_MODALITIES):
             return None, f"skipped: modality {modality or 'none'}"
         if not series.get("Instances"):
             return None, "skipped: no instances"
@@ -304,6 +335,10 @@ class LandmarkPlugin:
             return None, "not complete yet (STABLE_SERIES will follow)"
         sop_class = self.orthanc.RestApiGet(f"/instances/{series['Instances'][0]}/content/0008-0016")
         sop_class = sop_class.decode("ascii", "replace").strip("\x00 ")
+        if sop_class in XRAY_CLASSES and self.analyses_images:  # (catch-up, a re-run): each image is a job
+            answers = [self.consider_instance(iid, force=force) for iid in series["Instances"]]
+            jobs = [job for job, _ in answers if job is not None]
+            return (jobs[-1] if jobs else None), "; ".join(sorted({why for _, why in answers}))
         if sop_class not in CT_IMAGE_SOP_CLASSES:
             log_event("series.skipped", series=tags.get("SeriesInstanceUID"), sop_class=sop_class)
             return None, f"skipped: SOP class {sop_class} is not a CT image"
@@ -318,6 +353,42 @@ class LandmarkPlugin:
             log_event("series.already_processed", series=series_uid, job=last.id, state=last.state)
             return last, "already processed"
         job, created = self._queue_job(series, series_uid, study_uid, series_id, count, force)
+        return job, "queued" if created else "already queued"
+
+    def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
+        """Queue an image job for one stored X-ray image (module docstring); returns (job, why)."""
+        import pydicom
+
+        from pacs_landmarks.jobs.steps import starts_image_job
+
+        try:
+            sop_class = self.orthanc.RestApiGet(f"/instances/{instance_id}/metadata/SopClassUid")
+        except Exception:  # deleted meanwhile (a superseded result, mostly)
+            return None, "skipped: instance gone"
+        if sop_class.decode("ascii", "replace").strip("\x00 ") not in XRAY_CLASSES:
+            return None, "skipped: not an X-ray image"
+        if self.image_model is None:
+            return None, f"skipped: {self.image_model_error or 'no model for cephalograms'}"
+        header = pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{instance_id}/file")),
+                                 stop_before_pixels=True)
+        if not starts_image_job(header):
+            return None, "skipped: a screen capture of another modality"
+        series_uid, study_uid = str(header.SeriesInstanceUID), str(header.get("StudyInstanceUID", "")) or None
+        name, version = str(self.image_model.name), str(self.image_model.version)
+        earlier = [j for j in self.store.find(series_uid, source=instance_id)
+                   if j.state != "failed" and j.model_version == version and j.model_name == name]
+        if not force and self.settings.skip_processed and earlier:
+            return earlier[-1], "already processed"
+        job, created = self.store.ensure_job(
+            series_uid, study_uid, instance_id, model_name=name, model_version=version,
+            destinations=[ORTHANC_DESTINATION], state="queued", details={"kind": "image"},
+        )
+        if created:
+            self.store.record_instances(job.id, 1)
+            job = self.store.get(job.id)
+            log_event("job.queued", job=job.id, series=series_uid, kind="image", forced=force or None)
+        if self.worker is not None:
+            self.worker.wake()
         return job, "queued" if created else "already queued"
 
     def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
@@ -371,6 +442,12 @@ class LandmarkPlugin:
                     "loaded": self.model is not None, "name": name, "version": version,
                     "error": self.model_error, "loading": not self._model_ready.is_set(),
                     "torch_threads": self._torch_threads(),
+                },
+                "ceph_model": {
+                    "loaded": self.image_model is not None,
+                    "name": getattr(self.image_model, "name", None),
+                    "version": getattr(self.image_model, "version", None),
+                    "error": self.image_model_error,
                 },
                 "worker": {"enabled": self.settings.worker, "alive": self.worker_alive},
                 "queue_depth": counts.get("queued", 0) + counts.get("running", 0) + self.events.qsize(),

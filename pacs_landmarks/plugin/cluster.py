@@ -18,6 +18,7 @@ from pacs_landmarks.plugin.app import LandmarkPlugin
 
 
 class ClusterPlugin(LandmarkPlugin):
+    analyses_images = False  # cephalograms: embedded mode only (the workers carry CT series)
     def _open_store(self) -> Any:
         self.cluster = Cluster(self.settings.cluster_settings())
         return self.cluster.store

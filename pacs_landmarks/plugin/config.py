@@ -63,6 +63,8 @@ class PluginSettings:
 
     model: str | None = None
     device: str | None = None
+    ceph_model: str | None = None  # 2D model of lateral cephalograms (None: the shipped ceph19 model)
+    cephalograms: bool = True  # false: X-ray images are stored, not analysed
     venv: Path | None = None
     work_directory: Path = REPO_ROOT / "var" / "pacs-landmarks"
     modalities: tuple[str, ...] = ("CT",)
@@ -89,6 +91,8 @@ class PluginSettings:
             raise ValueError(f'{SECTION}.Superseded must be "delete" or "keep", not {section.get("Superseded")!r}')
         return cls(
             model=str(path(section["Model"])) if section.get("Model") else None,
+            ceph_model=str(path(section["CephModel"])) if section.get("CephModel") else None,
+            cephalograms=bool(section.get("Cephalograms", True)),
             device=section.get("Device") or None,
             venv=path(section.get("Venv")),
             work_directory=path(section.get("WorkDirectory")) or cls.work_directory,

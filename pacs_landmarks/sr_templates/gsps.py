@@ -5,8 +5,12 @@ images (Graphic Annotation Module, PS3.3 C.10.5; Graphic Layer Module, C.10.7). 
 
 - layer ``LANDMARKS`` (the landmark result): each drawn landmark as a POINT on its nearest source slice (the
   same slice and pixel coordinates as the landmark SR's SCOORD point) with its name as text beside it;
-- layer ``TRACING`` (a measurement result, for 2D cephalograms): a POLYLINE per tracing line (S-N, N-A, ...)
-  with its value as text (``Mark.polyline``); CT results have none yet.
+- layer ``TRACING`` (a measurement result, for 2D cephalograms): a POLYLINE per tracing line (S-N, FH = Po-Or,
+  mandibular plane Go-Me, N-A, N-B, N-Pog) labelled with the line and the measurement it shows
+  (``image_marks``); CT results have none yet.
+
+A 2D image (a cephalogram) is one ``ImagePlane``; its marks are in the image's own SCOORD pixels
+(``build_gsps_image``).
 
 Everything drawn is a ``Mark``: one graphic on one source image (or frame) of one layer. A later result adds
 its marks and, if new, its layer (``LAYERS``); the builder does not change.
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydicom.dataset import Dataset
 
-from pacs_landmarks.dicom.volume import Volume
+from pacs_landmarks.dicom.volume import SliceSource, Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.landmark_sets import rgb_to_cielab
 from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish, result_uids
@@ -145,6 +149,18 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
     """The GSPS drawing ``marks`` on the source images of ``volume``; one Graphic Annotation per layer and
     image (frame), one Graphic Layer per layer used. None (and a warning) when the source images differ in
     their rescale: one presentation state cannot show them all right (module docstring)."""
+    planes = source_planes(volume)
+    referenced = evidence_headers(list({p.header.SOPInstanceUID: p.header for p in planes}.values()))
+    if rescale_differs(referenced):
+        LOGGER.warning("series %s: no presentation state: its images differ in Rescale Slope/Intercept/Type",
+                       volume.series_instance_uid)
+        return None
+    return _presentation_state(referenced, volume, marks, algorithm)
+
+
+def _presentation_state(referenced: list[Dataset], source_of, marks: list[Mark], algorithm: Algorithm) -> Dataset:
+    """The GSPS itself: ``referenced`` source headers (no pixels), ``source_of`` what its UIDs follow
+    (``common.result_uids``)."""
     import highdicom as hd
     from highdicom.pr import (
         AnnotationUnitsValues,
@@ -159,12 +175,6 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
     unknown = sorted({m.layer for m in marks} - set(LAYERS))
     if unknown:
         raise ValueError(f"unknown graphic layer(s) {unknown}: add them to gsps.LAYERS")
-    planes = source_planes(volume)
-    referenced = evidence_headers(list({p.header.SOPInstanceUID: p.header for p in planes}.values()))
-    if rescale_differs(referenced):
-        LOGGER.warning("series %s: no presentation state: its images differ in Rescale Slope/Intercept/Type",
-                       volume.series_instance_uid)
-        return None
     by_uid = {str(h.SOPInstanceUID): h for h in referenced}
     groups: dict[tuple[str, str, int | None], list[Mark]] = defaultdict(list)
     for mark in marks:
@@ -199,8 +209,14 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
             graphic_objects=graphics,
             text_objects=texts or None,
         ))
+    extra = {}
+    if all(str(h.get("PhotometricInterpretation", "")) == "MONOCHROME1" for h in referenced):
+        # PS3.4 N.2.1.4: a presentation state's output is P-values (bright = white); for MONOCHROME1 sources
+        # (minimum = white) the Presentation LUT must invert, as their own Presentation LUT Shape does.
+        extra["presentation_lut_transformation"] = hd.PresentationLUTTransformation(
+            presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE)
     number, description = SERIES["gsps"]
-    series_uid, sop_uid = result_uids(volume, "gsps", algorithm)
+    series_uid, sop_uid = result_uids(source_of, "gsps", algorithm)
     ds = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
         series_instance_uid=series_uid,
@@ -216,6 +232,7 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
         graphic_annotations=annotations or None,
         graphic_layers=list(layers.values()) or None,
         **_shared_transformations(referenced),
+        **extra,
     )
     # General Series (PS3.3 C.7.3.1): Laterality is Type 2C, required for a paired body part. The marks are
     # on the source images, so their body part and laterality are ours. Without a body part nobody can tell
@@ -227,3 +244,66 @@ def build_gsps(volume: Volume, marks: list[Mark], algorithm: Algorithm) -> Datas
         ds.Laterality = ""
     return finish(ds, "gsps", algorithm)
 
+
+# --------------------------------------------------------------------------------------------- 2D images
+
+
+@dataclass(frozen=True)
+class ImagePlane:
+    """A single projection image as a ``Mark`` target (what ``Mark`` needs of a ``SourcePlane``)."""
+
+    source: SliceSource
+    header: Dataset
+    rows: int
+    columns: int
+
+    @classmethod
+    def of(cls, header: Dataset) -> "ImagePlane":
+        return cls(SliceSource(str(header.SOPInstanceUID), str(header.SOPClassUID)), header, int(header.Rows),
+                   int(header.Columns))
+
+
+# Tracing lines of a lateral cephalogram: (label, from, to, (measurement shown beside it, its short name)), by
+# abbreviation.
+TRACING_LINES = (
+    ("S-N", "S", "N", ("S-N length", "")),
+    ("FH", "Po", "Or", None),
+    ("MP", "Go", "Me", ("FH to mandibular plane angle", "FMA")),
+    ("N-A", "N", "A", ("SNA angle", "SNA")),
+    ("N-B", "N", "B", ("SNB angle", "SNB")),
+    ("N-Pog", "N", "Pog", ("Facial angle", "facial angle")),
+)
+_UNIT_TEXT = {"deg": "\N{DEGREE SIGN}", "mm": " mm"}
+
+
+def image_marks(header: Dataset, landmarks: list, set_name: str, measurements: list = ()) -> list[Mark]:
+    """Marks on one cephalogram: each found landmark as a POINT with its name (layer LANDMARKS), and the
+    tracing lines (``TRACING_LINES``) whose two ends were found as POLYLINEs, labelled with the line and, when
+    computed, the measurement it shows (layer TRACING). Positions are the image's SCOORD pixels."""
+    from pacs_landmarks.landmark_sets import load_landmark_set
+
+    plane = ImagePlane.of(header)
+    names = {d["abbreviation"]: d["name"] for d in load_landmark_set(set_name)["landmarks"]}
+    points = {lm.name: tuple(float(v) for v in lm.position_px) for lm in drawn_landmarks(landmarks)
+              if lm.position_px is not None}
+    values = {m.name: m for m in measurements}
+    marks = []
+    for label, a, b, shown in TRACING_LINES:
+        pa, pb = points.get(names.get(a, a)), points.get(names.get(b, b))
+        if pa is None or pb is None:
+            continue
+        text = label
+        if shown is not None and shown[0] in values:
+            m, short = values[shown[0]], shown[1]
+            value = f"{m.value:.1f}{_UNIT_TEXT[m.unit]}"
+            text = f"{label} ({short} {value})" if short else f"{label}: {value}"
+        marks.append(Mark("TRACING", plane, "POLYLINE", (pa, pb), text))
+    for lm in drawn_landmarks(landmarks):
+        if lm.position_px is not None:
+            marks.append(Mark("LANDMARKS", plane, "POINT", (points[lm.name],), lm.name))
+    return marks
+
+
+def build_gsps_image(header: Dataset, marks: list[Mark], algorithm: Algorithm, source_of) -> Dataset:
+    """The GSPS drawing ``marks`` on one image (``header``; its UIDs follow ``source_of``)."""
+    return _presentation_state(evidence_headers([header]), source_of, marks, algorithm)

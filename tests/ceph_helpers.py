@@ -1,0 +1,70 @@
+"""Helpers for the cephalogram tests: one synthetic ceph per session, its variants, a truth "model".
+
+``TruthModel`` answers ``predict_image`` with the phantom's own landmarks (its ``landmarks.json``, the
+truth the image was rendered from), so tests of what is built from landmarks check exact values without
+depending on a trained model. Tests of the model path use ``make_untrained(..., landmark_set="ceph19")``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pacs_landmarks.inference.landmark2d import Landmark2D
+from pacs_landmarks.landmark_sets import landmark_names
+
+
+class TruthModel:
+    """The landmarks an image was rendered with (``landmarks.json``), as a 2D model's answer."""
+
+    name = "ceph19-truth"
+    version = "0.0.0-truth"
+    landmark_set = "ceph19"
+    dim = 2
+
+    def __init__(self, *truth_files: Path, missing: tuple[str, ...] = ()):
+        self.truth: dict[str, dict] = {}
+        for f in truth_files:
+            doc = json.loads(Path(f).read_text())
+            self.truth[doc["sop_instance_uid"]] = {lm["name"]: lm["position_px"] for lm in doc["landmarks"]}
+        self.missing = set(missing)
+
+    def add(self, sop_instance_uid: str, points: dict[str, list[float]]) -> None:
+        self.truth[sop_instance_uid] = points
+
+    def predict_image(self, image) -> list[Landmark2D]:
+        points = self.truth.get(image.sop_instance_uid, {})
+        out = []
+        for name in landmark_names("ceph19"):
+            p = points.get(name)
+            if p is None or name in self.missing:
+                out.append(Landmark2D(name, None, 0.1, "not_found"))
+            else:
+                out.append(Landmark2D(name, (float(p[0]), float(p[1])), 0.9, "found"))
+        return out
+
+
+def report_all_model(path: Path, seed: int = 0) -> Path:
+    """An untrained ceph19 model file whose calibrated threshold is 0: it reports every landmark it sees
+    inside the image as found (random points). For end-to-end tests where only the flow matters: result
+    objects are made and delivered; the points mean nothing."""
+    from pacs_landmarks.inference.model import LandmarkModel, make_untrained, save_model_file
+
+    make_untrained(path, seed=seed, landmark_set="ceph19")
+    model = LandmarkModel.load(path, device="cpu")
+    meta = dict(model.metadata, calibration={"low_confidence": 0.0}, name="ceph19-report-all")
+    return save_model_file(path, model.cascade, meta)
+
+
+def write_ceph_variant(src: Path, dst: Path, **changes) -> Path:
+    """A copy of an image with new Series/SOP Instance UIDs and the given attributes changed."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(src)
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
