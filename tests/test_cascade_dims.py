@@ -90,7 +90,7 @@ def ceph_images(tmp_path_factory):
     image = render_ceph(27901)
     write_ceph(image, out / "right")
     write_ceph(image, out / "left", facing="left")
-    return load_xray(out / "right" / "image.dcm"), load_xray(out / "left" / "image.dcm")
+    return load_xray(out / "right" / "image.dcm"), load_xray(out / "left" / "image.dcm"), out
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def untrained_2d(tmp_path_factory):
 def test_untrained_2d_model_predicts_in_the_images_own_coordinates(untrained_2d, ceph_images):
     from pacs_landmarks.landmark_sets import landmark_names
 
-    right, left = ceph_images
+    right, left, _ = ceph_images
     assert (right.facing, left.facing) == ("right", "left")
     assert untrained_2d.dim == 2
     a, b = untrained_2d.predict_image(right), untrained_2d.predict_image(left)
@@ -175,3 +175,51 @@ def test_load_by_landmark_set(tmp_path):
         LandmarkModel.load(landmark_set="aariz29", device="cpu")
     with pytest.raises(ModelError, match="not 'ceph19'"):
         LandmarkModel.load(default_model_path(), landmark_set="ceph19", device="cpu")
+
+
+def _image(pixels, spacing=0.14):
+    from pydicom.dataset import Dataset
+
+    from pacs_landmarks.dicom.xray import CephCheck, Spacing, XRayImage
+
+    return XRayImage(pixels.astype(np.float32), Spacing(spacing, spacing, "test", "patient"), "right", "test",
+                     CephCheck("unknown"), "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2", "1.2.3.4", "DX", "-",
+                     Dataset())
+
+
+def _chest(rows=2500, cols=2100):
+    """A chest-like radiograph: body, two dark lungs, ribs, a bright mediastinum."""
+    y, x = np.mgrid[0:rows, 0:cols] / np.array([rows, cols])[:, None, None]
+    v = np.where(((x - 0.5) / 0.45) ** 2 + ((y - 0.55) / 0.6) ** 2 < 1, 0.55, 0.02)
+    for cx in (0.3, 0.7):
+        v = np.where(((x - cx) / 0.16) ** 2 + ((y - 0.45) / 0.3) ** 2 < 1, 0.15, v)
+    for k in range(10):
+        v = np.where((np.abs(y - 0.2 - 0.06 * k - 0.32 * (x - 0.5) ** 2) < 0.008) & (v > 0.1), v + 0.3, v)
+    v = np.where(np.abs(x - 0.5) < 0.06, 0.8, v)
+    return np.clip(v + np.random.default_rng(1).normal(0, 0.03, v.shape), 0, 1)
+
+
+def test_shipped_ceph_model_on_a_fresh_ceph_and_on_images_that_are_not_cephs(ceph_images):
+    """The shipped ceph19-demo model: close to the truth on a held-out synthetic cephalogram facing either way;
+    nothing found on a chest-like image, noise or a flat image (the whole-image check)."""
+    import json
+
+    from pacs_landmarks.inference.model import LandmarkModel
+
+    torch.set_num_threads(1)
+    model = LandmarkModel.load(landmark_set="ceph19", device="cpu")
+    assert model.trained, "the shipped ceph19 model is the untrained placeholder: run `make train-demo-ceph`"
+    right, left, folder = ceph_images
+    for image, side in ((right, "right"), (left, "left")):
+        truth = {it["name"]: it["position_px"] for it in
+                 json.loads((folder / side / "landmarks.json").read_text())["landmarks"]}
+        lms = model.predict_image(image)
+        found = [lm for lm in lms if lm.found]
+        assert len(found) >= 15, [(lm.name, lm.status, lm.reason) for lm in lms]
+        err_mm = [np.hypot(*(np.subtract(lm.position_px, truth[lm.name]) * right.spacing.col_mm)) for lm in found]
+        assert np.mean(err_mm) < 1.5, np.round(err_mm, 2)
+    for name, pixels in (("chest", _chest()), ("noise", np.random.default_rng(3).random((2000, 1700))),
+                         ("flat", np.full((2000, 1700), 0.5))):
+        lms = model.predict_image(_image(pixels))
+        assert not any(lm.found for lm in lms), name
+        assert all("not a lateral cephalogram" in lm.reason for lm in lms if lm.status == "not_found"), name

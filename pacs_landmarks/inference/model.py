@@ -24,7 +24,10 @@ confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the point does not 
 under the shape model ("implausible position", confidence halved); else ``found``.  A model file without a
 presence output or shape model (1.x) uses the crop rule alone and skips the plausibility check.
 On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
-cephalogram holds every landmark unless collimation cut it off.
+cephalogram holds every landmark unless collimation cut it off.  There is no bone volume to tell a head
+from something else, so the image as a whole confirms it: when fewer than ``MIN_FOUND_SHARE`` of the
+landmarks inside the image pass the rules above, the image does not look like a lateral cephalogram (a
+chest, a hand, a panoramic) and none is ``found`` (reason "not a lateral cephalogram ...").
 Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
 """
 from __future__ import annotations
@@ -58,6 +61,8 @@ LOW_CONFIDENCE = 0.3
 PRESENCE_THRESHOLD = 0.5
 # Less than this share of the last stage's crop inside the volume: the point is at or past the scan's edge.
 MIN_INSIDE_FRACTION = 0.5
+# 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
+MIN_FOUND_SHARE = 0.5
 
 
 def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE):
@@ -283,8 +288,18 @@ class LandmarkModel:
         return float((self.metadata.get("calibration") or {}).get("low_confidence", LOW_CONFIDENCE))
 
     def statuses(self, out):
-        """(status, reason, confidence) per landmark of a ``run`` output (``landmark_statuses``)."""
-        return landmark_statuses(out, self.shape_model, self.low_confidence)
+        """(status, reason, confidence) per landmark of a ``run`` output (``landmark_statuses``; for a 2D
+        model also the whole-image check, see the module docstring)."""
+        status, reason, conf = landmark_statuses(out, self.shape_model, self.low_confidence)
+        if self.dim == 2:
+            reason[reason == "not in the scanned volume"] = "not in the image (collimation)"
+            inside = status != OUTSIDE_FIELD_OF_VIEW
+            found = status == FOUND
+            if inside.any() and found.sum() < MIN_FOUND_SHARE * inside.sum():
+                status[found] = NOT_FOUND
+                reason[inside] = (f"not a lateral cephalogram ({int(found.sum())} of {int(inside.sum())} "
+                                  "landmarks in the image found)")
+        return status, reason, conf
 
     def predict(self, volume) -> list[Landmark]:
         """Every landmark of the set, in order, with status, confidence and every stage's position (LPS mm);
@@ -350,8 +365,7 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
     if dim == 2:
         meta["intensity"] = {"unit": "xray", "range": [0.0, 1.0], "dense": "bright", "outside": 0.0,
                              "normalised": "2 * value - 1"}
-        meta["description"] = ("Coarse-to-fine 2D landmark cascade for lateral cephalograms. Trained on "
-                               "synthetic cephalograms only: not for clinical use.")
+        meta["description"] = "Coarse-to-fine 2D landmark cascade for lateral cephalograms."
     return meta
 
 
@@ -363,6 +377,8 @@ def make_untrained(path: str | Path, seed: int = 0, landmark_set: str = "craniof
 
     torch.manual_seed(seed)
     meta = new_metadata(landmark_set, name=f"{landmark_set}-demo", version="0.0.0-untrained")
+    if meta["dim"] == 2:
+        meta["description"] += " Untrained (random weights): not for clinical use."
     cascade = Cascade(default_stages(meta["dim"]), len(meta["landmark_names"]), meta["dim"],
                       meta["intensity"]["unit"])
     return save_model_file(path, cascade, meta)
