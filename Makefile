@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo cluster-demo serve viewer train-demo bench
+.PHONY: bootstrap test demo cluster-demo serve viewer train-demo train-real bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -28,6 +28,10 @@ viewer: bootstrap
 
 train-demo: bootstrap
 	scripts/train-demo
+
+# The shipped model with real anatomy: phantoms + warps of the annotated real heads in REAL_HEADS (docs/training.md).
+train-real: bootstrap
+	REAL_HEADS=$(REAL_HEADS) scripts/train-real
 
 bench: bootstrap
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

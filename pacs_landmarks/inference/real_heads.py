@@ -292,3 +292,50 @@ def register(sub) -> None:
     p.add_argument("series", help="directory of the head's DICOM series, or an InVesalius .inv3 file")
     p.add_argument("--out", required=True, help="case directory to write")
     p.set_defaults(func=_cmd_real_case)
+
+
+def record_training(model_path: str | Path, heads: list[str], recipe: str,
+                    directory: str | Path = REFERENCE_DIR) -> dict:
+    """Write into a model file's metadata (``training.real_heads``) which real heads made it: each head's
+    source (repository + commit or package + version), its reference-point file and that file's SHA-1."""
+    import os
+
+    import torch
+
+    refs = {}
+    for f in reference_files(directory):
+        r = load_reference(f)
+        refs[r.head] = (f, r)
+    unknown = [h for h in heads if h not in refs]
+    if unknown:
+        raise RealHeadError(f"no reference-point file for {', '.join(unknown)} in {directory}")
+    model_path = Path(model_path)
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    meta = json.loads(payload["metadata"])
+    meta.setdefault("training", {})["real_heads"] = [
+        {"head": h, "use": refs[h][1].use, "source": refs[h][1].source,
+         "reference_points": refs[h][0].name,
+         "reference_points_sha1": hashlib.sha1(refs[h][0].read_bytes()).hexdigest()} for h in heads]
+    meta["training"]["recipe"] = recipe
+    payload["metadata"] = json.dumps(meta)
+    tmp = model_path.with_name(model_path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, model_path)
+    return meta["training"]
+
+
+if __name__ == "__main__":  # python -m pacs_landmarks.inference.real_heads record MODEL --heads H.. --recipe TEXT
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pacs_landmarks.inference.real_heads")
+    cmd = parser.add_subparsers(dest="cmd", required=True).add_parser("record", help="record_training()")
+    cmd.add_argument("model")
+    cmd.add_argument("--heads", nargs="+", required=True)
+    cmd.add_argument("--recipe", required=True)
+    a = parser.parse_args()
+    try:
+        record_training(a.model, a.heads, a.recipe)
+    except RealHeadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -174,12 +174,15 @@ def warp_head(array: np.ndarray, affine: np.ndarray, truth: np.ndarray, names: l
     scale = np.exp(rng.uniform(-1, 1, 3) * np.log1p(scale_range))
     target = centre + (target - centre) * scale
     lo_out, hi_out = centre + (lo - centre) * scale, centre + (hi - centre) * scale
+    nx = int(np.ceil((hi_out[0] - lo_out[0]) / pixel_mm)) + 1
+    ny = int(np.ceil((hi_out[1] - lo_out[1]) / pixel_mm)) + 1
+    grid_centre_x = float(lo_out[0] + (nx - 1) * pixel_mm / 2)  # mirroring about it maps voxels onto voxels
     for attempt in range(4):
         rp, rd = random_control_points(array, affine, np.vstack([truth, target]), rng, sigma_mm=field_mm)
         anchors = box_anchors(lo, hi)
         tgt = np.vstack([target, centre + (rp + rd - centre) * scale, centre + (anchors - centre) * scale])
         src = np.vstack([truth, rp, anchors])
-        mirror_x = float(centre[0]) if (rng.random() < 0.5 if mirror is None else mirror) else None
+        mirror_x = grid_centre_x if (rng.random() < 0.5 if mirror is None else mirror) else None
         bmap = BackwardMap(tgt, src, lo_out, hi_out, mirror_x)
         jmin = bmap.min_jacobian()
         if jmin > 0.3:
@@ -191,8 +194,6 @@ def warp_head(array: np.ndarray, affine: np.ndarray, truth: np.ndarray, names: l
     thick = float(thickness if thickness is not None else rng.choice(THICKNESSES))
     # Output grid: axial slices over the (scaled) box, pixel_mm in plane (LPS axes, as most head CT).
     lo, hi = lo_out, hi_out
-    nx = int(np.ceil((hi[0] - lo[0]) / pixel_mm)) + 1
-    ny = int(np.ceil((hi[1] - lo[1]) / pixel_mm)) + 1
     nz = int(np.floor((hi[2] - lo[2]) / thick)) + 1
     out_aff = np.array([[0, 0, pixel_mm, lo[0]], [0, pixel_mm, 0, lo[1]], [thick, 0, 0, lo[2]], [0, 0, 0, 1.0]])
     inv = np.linalg.inv(affine)
@@ -252,7 +253,8 @@ def write_warped_case(out_dir: str | Path, array: np.ndarray, affine: np.ndarray
 
 
 def warp_cases(case_dir: str | Path, out_dir: str | Path, count: int, seed: int = 0,
-               model: str | Path | None = None, amplitude: float = 1.5, field_mm: float = 2.5) -> list[Path]:
+               model: str | Path | None = None, amplitude: float = 1.5, field_mm: float = 2.5,
+               pixel_mm: float = 1.0) -> list[Path]:
     """``count`` warped heads of one annotated case directory (a real head with all landmarks)."""
     from pacs_landmarks.inference.data import load_case
     from pacs_landmarks.inference.model import DEFAULT_MODEL, read_model_file
@@ -272,7 +274,7 @@ def warp_cases(case_dir: str | Path, out_dir: str | Path, count: int, seed: int 
     for n in range(count):
         s = seed + n
         arr, aff, truth, info = warp_head(case.array, case.affine, case.landmarks, names, shape_model, s,
-                                          amplitude, field_mm)
+                                          amplitude, field_mm, pixel_mm=pixel_mm)
         out.append(write_warped_case(Path(out_dir) / f"warp-{s:04d}", arr, aff, truth, names,
                                      meta["landmark_set"], info, label))
         log.info("warp %d: %s, %d slices of %.2f mm, mirrored %s", s, out[-1], arr.shape[0],
@@ -281,7 +283,8 @@ def warp_cases(case_dir: str | Path, out_dir: str | Path, count: int, seed: int 
 
 
 def _cmd_warp(args: argparse.Namespace) -> int:
-    paths = warp_cases(args.case, args.out, args.count, args.seed, args.model, args.amplitude, args.field_mm)
+    paths = warp_cases(args.case, args.out, args.count, args.seed, args.model, args.amplitude, args.field_mm,
+                       args.pixel_mm)
     print(f"warp-heads: {len(paths)} warped heads in {args.out}")
     return 0
 
@@ -298,4 +301,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model file whose shape model drives the landmarks")
     p.add_argument("--amplitude", type=float, default=1.5, help="scale of the shape-model variation (SDs)")
     p.add_argument("--field-mm", type=float, default=2.5, help="SD of the random field's control points (mm)")
+    p.add_argument("--pixel-mm", type=float, default=1.0, help="in-plane pixel spacing of the warped heads")
     p.set_defaults(func=_cmd_warp)
