@@ -45,6 +45,13 @@ def test_shipped_reference_points_load():
     assert all(ref.notes)
 
 
+def test_evaluation_head_has_out_of_view_landmarks_and_is_never_for_training():
+    ref = real_heads.load_reference(real_heads.REFERENCE_DIR / "invesalius-cranium.json")
+    assert ref.use == "evaluation" and ref.source["package"] == "invesalius-examples"
+    out = [n for n, st in zip(ref.names, ref.status) if st == "outside_field_of_view"]
+    assert out == ["B point", "Pogonion", "Menton", "Gnathion", "Gonion R", "Gonion L"]
+
+
 def _write(tmp_path: Path, doc: dict) -> Path:
     path = tmp_path / "ref.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
