@@ -94,7 +94,8 @@ def register(atlas, target, threads: int):
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     t0 = time.perf_counter()
-    fixed, moving = resample(to_sitk(*crop_to_head(*atlas)), 2.0), resample(to_sitk(*crop_to_head(*target)), 2.0)
+    fixed = resample(to_sitk(*crop_to_head(*atlas)), 2.0)
+    moving = resample(to_sitk(*crop_to_head(*target)), 2.0)
     init = sitk.TranslationTransform(3, (skull_top(*target) - skull_top(*atlas)).tolist())
     affine = sitk.AffineTransform(3)
     affine.SetCenter(skull_top(*atlas).tolist())

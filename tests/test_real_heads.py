@@ -5,7 +5,6 @@ voxel at each landmark, a synthetic ``.inv3`` project, a tiny phantom standing i
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import plistlib
@@ -156,7 +155,8 @@ def test_inv3_reader_rejects_damaged_projects(tmp_path):
     main = plistlib.loads(members["tmpabc/main.plist"])
     main["matrix"]["shape"] = [4, 5, 7]
     with tarfile.open(path, "w:gz") as tar:
-        for name, data in (("tmpabc/main.plist", plistlib.dumps(main)), ("tmpabc/matrix.dat", members["tmpabc/matrix.dat"])):
+        for name, data in (("tmpabc/main.plist", plistlib.dumps(main)),
+                           ("tmpabc/matrix.dat", members["tmpabc/matrix.dat"])):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -32,7 +32,6 @@ Reference UID is derived from the matrix's content so that reference points stay
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import plistlib
