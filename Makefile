@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export TCP_NODELAY := 1
 
-.PHONY: bootstrap test demo demo-ceph cluster-demo serve viewer train-demo train-demo-ceph bench
+.PHONY: bootstrap test demo demo-ceph cluster-demo serve viewer train-demo train-demo-ceph train-real bench
 
 bootstrap:
 	@scripts/bootstrap
@@ -36,6 +36,10 @@ train-demo: bootstrap
 # The cephalogram demo model from synthetic cephalograms (docs/training.md, Cephalograms).
 train-demo-ceph: bootstrap
 	scripts/train-demo-ceph
+
+# The CT model with real anatomy: phantoms + warps of the annotated real heads in REAL_HEADS (docs/training.md).
+train-real: bootstrap
+	REAL_HEADS=$(REAL_HEADS) scripts/train-real
 
 bench: bootstrap
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

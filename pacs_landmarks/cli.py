@@ -20,6 +20,8 @@ COMMAND_MODULES = (
     "pacs_landmarks.inference.importers",  # import
     "pacs_landmarks.sr_templates.cli",  # infer, read-sr
     "pacs_landmarks.review",  # review
+    "pacs_landmarks.inference.real_heads",  # real-case
+    "pacs_landmarks.inference.warp",  # warp-heads
     "pacs_landmarks.node.cli",  # serve, jobs
     "pacs_landmarks.cluster_cli",  # worker
 )
