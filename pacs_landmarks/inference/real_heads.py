@@ -316,6 +316,9 @@ def record_training(model_path: str | Path, heads: list[str], recipe: str,
          "reference_points": refs[h][0].name,
          "reference_points_sha1": hashlib.sha1(refs[h][0].read_bytes()).hexdigest()} for h in heads]
     meta["training"]["recipe"] = recipe
+    # the model is no longer "trained on synthetic phantoms only": its description must say what it learnt from
+    meta["description"] = ("Coarse-to-fine 3D landmark cascade. Trained on synthetic phantoms and thin-plate-spline "
+                           f"warps of {len(heads)} public real head(s) ({', '.join(heads)}): not for clinical use.")
     payload["metadata"] = json.dumps(meta)
     tmp = model_path.with_name(model_path.name + ".tmp")
     torch.save(payload, tmp)
