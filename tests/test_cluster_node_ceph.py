@@ -46,24 +46,34 @@ def test_node_queues_ceph_image_jobs_worker_analyses_from_the_spool(pg_dsn, ceph
         header = pydicom.dcmread(ceph, stop_before_pixels=True)
         px = write_ceph_variant(ceph, tmp_path / "px.dcm", Modality="PX", PositionerType="PANORAMIC")
         px_header = pydicom.dcmread(px, stop_before_pixels=True)
-        storescu(node.port, [ceph], aet="ER-CEPH")  # STAT by the calling AE title
+        # A second image of the same series: a job of its own, not coalesced with the first.
+        second = write_ceph_variant(ceph, tmp_path / "second.dcm", SeriesInstanceUID=header.SeriesInstanceUID)
+        second_uid = str(pydicom.dcmread(second, stop_before_pixels=True).SOPInstanceUID)
+        storescu(node.port, [ceph, second], aet="ER-CEPH")  # STAT by the calling AE title
         storescu(node.port, [px])
-        job = wait_for(finished(header), 240, "the cephalogram's job")[0]
-        assert job.details["kind"] == "image" and job.details["stat"] and job.attempts == 1
+        jobs = wait_for(lambda: len(finished(header)()) == 2 and finished(header)(), 300, "the two images' jobs")
         spool = (tmp_path / "spool").resolve()
-        assert job.source == str(spool / "images" / str(header.SeriesInstanceUID) / f"{header.SOPInstanceUID}.dcm")
+        folder = spool / "images" / str(header.SeriesInstanceUID)
+        assert sorted(j.source for j in jobs) == sorted(str(folder / f"{uid}.dcm")
+                                                        for uid in (str(header.SOPInstanceUID), second_uid))
+        for job in jobs:
+            assert job.details["kind"] == "image" and job.details["stat"] and job.attempts == 1
+        job = jobs[0]
         files = archive.files()
-        assert len(files) == 3, files  # landmark SR, measurements SR, presentation state
+        assert len(files) == 6, files  # per image: landmark SR, measurements SR, presentation state
         for f in files:
             validate_dicom(f)
         px_job = wait_for(finished(px_header), 120, "the panoramic image's job")[0]
         assert px_job.reason.startswith("not analysed: ") and "panoramic" in px_job.reason, px_job.reason
-        assert "stat" not in px_job.details and len(archive.files()) == 3
+        assert "stat" not in px_job.details and len(archive.files()) == 6
         assert (spool / "images" / str(px_header.SeriesInstanceUID) / f"{px_header.SOPInstanceUID}.dcm").is_file()
         with psycopg.connect(pg_dsn) as conn:
-            tasks = {int(args["job_id"]): (queue, priority) for queue, priority, args in conn.execute(
-                "SELECT queue_name, priority, args FROM procrastinate_jobs WHERE task_name = 'analyse'")}
+            rows = conn.execute("SELECT queue_name, priority, args, lock FROM procrastinate_jobs"
+                                " WHERE task_name = 'analyse'").fetchall()
+        tasks = {int(args["job_id"]): (queue, priority) for queue, priority, args, _ in rows}
+        locks = {int(args["job_id"]): lock for _, _, args, lock in rows}
         assert tasks[job.id] == (ANALYSE_STAT, STAT_PRIORITY) and tasks[px_job.id][0] == ANALYSE
+        assert locks[jobs[0].id] != locks[jobs[1].id]  # one lock per image, not per series
         # The node loaded no model: it only received and queued.
         assert not [e for e in node.events() if "model" in str(e.get("event"))]
     finally:

@@ -164,8 +164,8 @@ class Cluster:
     ) -> tuple[Job, bool]:
         """The series' open job (``queued``) and its analysis task; returns ``(job, created)``.
 
-        Idempotent: the open job of (series, source) is reused and a second queued task for the series is
-        refused by procrastinate's queueing lock. Retries while PostgreSQL is unreachable
+        Idempotent: the open job of (series, source) is reused and a second queued task for the series (an
+        image job: for the image, ``lock_key``) is refused by procrastinate's queueing lock. Retries while PostgreSQL is unreachable
         (``enqueue_retry_s``).
         """
         details = {**(job_fields.pop("details", None) or {}), **({"stat": True} if stat else {})}
@@ -184,7 +184,7 @@ class Cluster:
         return job, created
 
     def defer_analyse(self, job: Job, *, stat: bool = False) -> bool:
-        """Defer ``analyse(job.id)``; False when the series already has a queued analysis."""
+        """Defer ``analyse(job.id)``; False when the series (image) already has a queued analysis."""
         from procrastinate.exceptions import AlreadyEnqueued
 
         task = self.app.tasks["analyse"].configure(
