@@ -165,8 +165,8 @@ class Cluster:
         """The series' open job (``queued``) and its analysis task; returns ``(job, created)``.
 
         Idempotent: the open job of (series, source) is reused and a second queued task for the series (an
-        image job: for the image, ``lock_key``) is refused by procrastinate's queueing lock. Retries while PostgreSQL is unreachable
-        (``enqueue_retry_s``).
+        image job: for the image, ``lock_key``) is refused by procrastinate's queueing lock. Retries while
+        PostgreSQL is unreachable (``enqueue_retry_s``).
         """
         details = {**(job_fields.pop("details", None) or {}), **({"stat": True} if stat else {})}
 
