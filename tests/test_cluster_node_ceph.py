@@ -1,7 +1,7 @@
 """Cephalograms through the node in the distributed mode, with real processes: `pacs-landmarks serve`
 (queue = "postgres") stores each X-ray image in its spool and queues one image job for it in PostgreSQL at
 once (the STAT rule applies as for a series); a `pacs-landmarks worker` reads the file from the spool,
-analyses it with the 2D model it loads at the first image job, and C-STOREs the results to a dcmtk storescp
+analyses it with the 2D model (loaded at start: ``--warm-ceph``), and C-STOREs the results to a dcmtk storescp
 archive. A panoramic image is stored, not analysed, and its job says why."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_node_queues_ceph_image_jobs_worker_analyses_from_the_spool(pg_dsn, ceph
     log_path = tmp_path / "worker.log"
     worker = subprocess.Popen(
         [CLI, "worker", "--config", str(config), "--storage", str(tmp_path / "spool"),
-         "--queues", "analyse-stat,analyse,deliver", "--ceph-model", str(model)],
+         "--queues", "analyse-stat,analyse,deliver", "--ceph-model", str(model), "--warm-ceph"],
         env=ENV, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     store = PgJobStore(pg_dsn)
 
@@ -81,4 +81,7 @@ def test_node_queues_ceph_image_jobs_worker_analyses_from_the_spool(pg_dsn, ceph
         worker.terminate()
         worker.wait(30)
         archive.stop()
-    assert log_path.read_text().count("worker.image_model_loaded") == 1
+    text = log_path.read_text()
+    # --warm-ceph: loaded once, at start, before the worker takes jobs (tests/test_cluster_orthanc_ceph.py: lazily)
+    assert text.count("worker.image_model_loaded") == 1
+    assert text.index("worker.image_model_loaded") < text.index("worker.started")

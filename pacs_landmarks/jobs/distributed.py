@@ -35,6 +35,7 @@ Requires the ``distributed`` extra (procrastinate, psycopg).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -443,13 +444,10 @@ def run_worker(
         max_delivery_attempts=settings.max_delivery_attempts, max_attempts=settings.max_attempts,
         process_series=process_series, image_model=image_model,
     )
-    if image_model_loader is not None:
-        steps.load_image_model = _lazy_image_model(steps, image_model_loader)  # type: ignore[method-assign]
+    shipped = functools.partial(JobSteps.load_image_model, steps)  # the shipped ceph19 model
+    steps.load_image_model = _lazy_image_model(steps, image_model_loader or shipped)  # type: ignore[method-assign]
     if warm_image_model and set(queues) & {ANALYSE, ANALYSE_STAT}:
-        t = time.perf_counter()
-        image = steps.load_image_model()
-        log_event("worker.image_model_loaded", model=getattr(image, "name", None),
-                  version=getattr(image, "version", None), seconds=time.perf_counter() - t)
+        steps.load_image_model()
     if warm_up and model is not None and process_series is None and set(queues) & {ANALYSE, ANALYSE_STAT}:
         from pacs_landmarks.pipeline import warm_up as warm
 
