@@ -4,7 +4,9 @@
     pacs-landmarks worker --config node.toml --queues deliver
 
 An analysis worker loads and warms the model once, then takes jobs from PostgreSQL (procrastinate) until
-SIGTERM; a delivery worker needs no model, so an archive that is down never holds a GPU.
+SIGTERM; a delivery worker needs no model, so an archive that is down never holds a GPU. The 2D model of
+cephalogram (image) jobs (``--ceph-model``, node.toml ``ceph_model``; default the shipped ceph19 model) is
+loaded at the first image job, once per process, or at start with ``--warm-ceph``.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queues", default="analyse-stat,analyse",
                    help="comma-separated: analyse-stat, analyse, deliver (default analyse-stat,analyse)")
     p.add_argument("--model", help="model file (default: the shipped demo model)")
+    p.add_argument("--ceph-model", metavar="FILE",
+                   help="2D model of cephalogram jobs (default: the config's ceph_model, else the shipped ceph19)")
+    p.add_argument("--warm-ceph", action="store_true",
+                   help="load the cephalogram model at start, not at the first image job")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda:0")
     p.add_argument("--name", help="worker name shown by `jobs` (default host-pid-random)")
     p.add_argument("--log-format", choices=("text", "json"), help="one line per event, as text or JSON")
@@ -63,10 +69,14 @@ def _worker(args: argparse.Namespace) -> int:
     import functools
 
     settings = cfg.cluster_settings()
+    from pacs_landmarks.node.app import load_model as load
+
+    image_model_loader = functools.partial(load, cfg.ceph_model, cfg.device, landmark_set="ceph19")
     try:
         run_worker(settings, queues, model=model,
                    loader=functools.partial(load_reference, retry_s=settings.source_retry_s),
-                   deliver=DeliverByDestination(cfg.ae_title), name=args.name)
+                   deliver=DeliverByDestination(cfg.ae_title), name=args.name,
+                   image_model_loader=image_model_loader, warm_image_model=args.warm_ceph)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     return 0

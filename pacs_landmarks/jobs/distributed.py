@@ -14,7 +14,11 @@ Queues and procrastinate options:
   then age, over its queues); one started with ``--queues analyse-stat`` is dedicated to STAT work.
 - ``queueing_lock`` = the series UID: at most one queued analysis per series (procrastinate refuses a second,
   ``AlreadyEnqueued``; several Orthancs firing for one series coalesce). ``lock`` = the series UID: at most
-  one running analysis per series, on the whole cluster.
+  one running analysis per series, on the whole cluster. An image job (one X-ray image, a cephalogram:
+  ``job.details["kind"] == "image"``) locks its image instead (``lock_key``): the images of one series are
+  separate jobs and run side by side.
+- Image jobs: the worker loads the 2D model (``image_model_loader``) when the first image job comes, once per
+  process (or at start, ``warm_image_model``); a worker that never sees a cephalogram never loads it.
 - No starvation: a routine job older than ``max_routine_wait_s`` is raised to ``STAT_PRIORITY`` by the
   sweeper (ageing), so under a constant STAT load routine work still waits a bounded time.
 - A killed worker: procrastinate workers write a heartbeat every ``heartbeat_s``; every worker process runs a
@@ -31,6 +35,7 @@ Requires the ``distributed`` extra (procrastinate, psycopg).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -160,9 +165,9 @@ class Cluster:
     ) -> tuple[Job, bool]:
         """The series' open job (``queued``) and its analysis task; returns ``(job, created)``.
 
-        Idempotent: the open job of (series, source) is reused and a second queued task for the series is
-        refused by procrastinate's queueing lock. Retries while PostgreSQL is unreachable
-        (``enqueue_retry_s``).
+        Idempotent: the open job of (series, source) is reused and a second queued task for the series (an
+        image job: for the image, ``lock_key``) is refused by procrastinate's queueing lock. Retries while
+        PostgreSQL is unreachable (``enqueue_retry_s``).
         """
         details = {**(job_fields.pop("details", None) or {}), **({"stat": True} if stat else {})}
 
@@ -180,14 +185,14 @@ class Cluster:
         return job, created
 
     def defer_analyse(self, job: Job, *, stat: bool = False) -> bool:
-        """Defer ``analyse(job.id)``; False when the series already has a queued analysis."""
+        """Defer ``analyse(job.id)``; False when the series (image) already has a queued analysis."""
         from procrastinate.exceptions import AlreadyEnqueued
 
         task = self.app.tasks["analyse"].configure(
             queue=ANALYSE_STAT if stat else ANALYSE,
             priority=STAT_PRIORITY if stat else ROUTINE_PRIORITY,
-            lock=job.series_instance_uid,
-            queueing_lock=job.series_instance_uid,
+            lock=lock_key(job),
+            queueing_lock=lock_key(job),
         )
         try:
             task.defer(job_id=job.id)
@@ -198,6 +203,16 @@ class Cluster:
     def jobs(self, states: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """The cluster's jobs (newest first) with their queue facts: which worker, task attempts, timings."""
         return cluster_jobs(self.store, states, limit)
+
+
+def lock_key(job: Job | dict[str, Any]) -> str:
+    """procrastinate's lock and queueing lock of a job's analysis: its series, or for an image job its image
+    (``series/source``: the images of a series are separate jobs)."""
+    get = job.get if isinstance(job, dict) else lambda key: getattr(job, key)
+    details = get("details") or {}
+    if details.get("kind") == "image":
+        return f"{get('series_instance_uid')}/{get('source')}"
+    return str(get("series_instance_uid"))
 
 
 class RetryingStore:
@@ -346,11 +361,12 @@ async def _reconcile(app: Any, settings: ClusterSettings) -> None:
 
             stat = bool(details.get("stat"))
             series = await app.connector.execute_query_one_async(
-                "SELECT series_instance_uid FROM pacs_landmarks.jobs WHERE id = %(id)s", id=row["id"])
+                "SELECT series_instance_uid, source FROM pacs_landmarks.jobs WHERE id = %(id)s", id=row["id"])
+            key = lock_key({**series, "details": details})
             try:
                 await app.tasks["analyse"].configure(
                     queue=ANALYSE_STAT if stat else ANALYSE, priority=STAT_PRIORITY if stat else ROUTINE_PRIORITY,
-                    lock=series["series_instance_uid"], queueing_lock=series["series_instance_uid"],
+                    lock=key, queueing_lock=key,
                 ).defer_async(job_id=row["id"])
             except AlreadyEnqueued:
                 continue
@@ -403,11 +419,17 @@ def run_worker(
     name: str | None = None,
     warm_up: bool = True,
     on_ready: Callable[[], None] | None = None,
+    image_model: Any = None,
+    image_model_loader: Callable[[], Any] | None = None,
+    warm_image_model: bool = False,
 ) -> None:
     """Run one worker process until SIGTERM/SIGINT: ``model`` (loaded once by the caller) serves every job.
 
     ``queues``: which of ``QUEUES`` to take jobs from. Analysis queues need a model; a deliver-only worker
-    does not.
+    does not. Image jobs (cephalograms) use ``image_model``, else what ``image_model_loader()`` returns,
+    called once, at the first image job (``warm_image_model``: at start); without either, the shipped ceph19
+    model (``JobSteps.load_image_model``). A loader that fails fails that image job with the reason and is
+    tried again at the next one.
     """
     global _RUNTIME
     unknown = set(queues) - set(QUEUES)
@@ -420,14 +442,33 @@ def run_worker(
         store, model, loader=loader, deliver=deliver, results_dir=Path(settings.results_dir), owner=name,
         backoff_base_s=settings.backoff_base_s, backoff_max_s=settings.backoff_max_s,
         max_delivery_attempts=settings.max_delivery_attempts, max_attempts=settings.max_attempts,
-        process_series=process_series,
+        process_series=process_series, image_model=image_model,
     )
+    shipped = functools.partial(JobSteps.load_image_model, steps)  # the shipped ceph19 model
+    steps.load_image_model = _lazy_image_model(steps, image_model_loader or shipped)  # type: ignore[method-assign]
+    if warm_image_model and set(queues) & {ANALYSE, ANALYSE_STAT}:
+        steps.load_image_model()
     if warm_up and model is not None and process_series is None and set(queues) & {ANALYSE, ANALYSE_STAT}:
         from pacs_landmarks.pipeline import warm_up as warm
 
         log_event("worker.warm_up", seconds=warm(model))
     _RUNTIME = _Runtime(settings, store, steps, name)
     asyncio.run(_run_async(settings, queues, name, on_ready))
+
+
+def _lazy_image_model(steps: JobSteps, loader: Callable[[], Any]) -> Callable[[], Any]:
+    """``JobSteps.load_image_model`` for a worker: ``loader()`` once, at the first image job (tasks run one at
+    a time in a worker process: ``_Runtime.busy``)."""
+
+    def load() -> Any:
+        if steps.image_model is None:
+            t = time.perf_counter()
+            steps.image_model = loader()
+            log_event("worker.image_model_loaded", model=getattr(steps.image_model, "name", None),
+                      version=getattr(steps.image_model, "version", None), seconds=time.perf_counter() - t)
+        return steps.image_model
+
+    return load
 
 
 async def _run_async(settings: ClusterSettings, queues: list[str], name: str,

@@ -9,6 +9,10 @@ A distributed job carries a reference, never the images (docs/scale-out.md):
   on loopback; python-requests is 25x slower per request);
 - otherwise ``job.source`` is a folder on shared storage (the node's spool) holding the series' ``*.dcm``.
 
+An image job (``job.details["kind"] == "image"``: one X-ray image, a cephalogram) reads that ONE instance:
+WADO-RS instance retrieve (PS3.18 10.4.1.1.3, ``GET {root}/studies/{study}/series/{series}/instances/{sop}``,
+``job.details["sop_instance_uid"]``), or the file ``job.source`` on the shared storage.
+
 Results go to each of ``job.destinations``:
 
 - ``{"stow_rs": root, "stow_rs_peers": [...]}``: STOW-RS (PS3.18 10.5, ``POST {root}/studies``), to the
@@ -90,21 +94,27 @@ def join_multipart(items: list[bytes], media_type: str = "application/dicom") ->
     return out.getvalue(), f'multipart/related; type="{media_type}"; boundary={boundary}'
 
 
-def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 300.0) -> list[Any]:
-    """Every instance of a series as pydicom datasets, from one WADO-RS request."""
+def wado_rs_series(root: str, study_uid: str, series_uid: str, timeout: float = 300.0,
+                   sop_instance_uid: str | None = None) -> list[Any]:
+    """Every instance of a series as pydicom datasets, from one WADO-RS request (``sop_instance_uid``: only
+    that instance, the instance-level retrieve)."""
     import pydicom
 
     conn, path = _connection(root, timeout)
+    resource = f"{path}/studies/{study_uid}/series/{series_uid}"
+    if sop_instance_uid:
+        resource += f"/instances/{sop_instance_uid}"
     try:
         try:
-            conn.request("GET", f"{path}/studies/{study_uid}/series/{series_uid}",
+            conn.request("GET", resource,
                          headers={"Accept": 'multipart/related; type="application/dicom"'})
             resp = conn.getresponse()
             body = resp.read()
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut short mid-body
             raise UnreachableError(f"WADO-RS {root}: {type(exc).__name__}: {exc}") from exc
         if resp.status == 404:
-            raise FileNotFoundError(f"series {series_uid} not found at {root}")
+            raise FileNotFoundError(f"{'instance ' + sop_instance_uid if sop_instance_uid else 'series ' + series_uid}"
+                                    f" not found at {root}")
         if resp.status != 200:
             raise UnreachableError(f"WADO-RS {root}: HTTP {resp.status}")
         try:
@@ -126,19 +136,28 @@ def load_reference(job: Job, retry_s: float = SOURCE_RETRY_S) -> list[Any]:
     again with back-off for ``retry_s`` seconds before the job fails: an Orthanc restart loses nothing.
     """
     root = job.details.get("wado_rs")
+    image = job.details.get("kind") == "image"
     if root:
         roots = [root, *job.details.get("wado_rs_peers", [])]
+        sop = job.details.get("sop_instance_uid") if image else None
+        if image and not sop:
+            raise ValueError("image job without details.sop_instance_uid: cannot refer to its image")
         deadline, delay = time.monotonic() + retry_s, 0.5
         while True:
             try:
                 return _first_reachable(roots, lambda r: wado_rs_series(
-                    r, job.study_instance_uid or "", job.series_instance_uid))
+                    r, job.study_instance_uid or "", job.series_instance_uid, sop_instance_uid=sop))
             except UnreachableError as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log_event("read.retry", logging.WARNING, job=job.id, reason=str(exc)[:200], in_s=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+    if image:  # the node's spool: images/<series>/<sop>.dcm
+        path = Path(job.source)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path.name} not found (is the shared storage mounted here?)")
+        return [path]
     folder = Path(job.source)
     if not folder.is_dir():
         raise FileNotFoundError(f"spool folder {folder} not found (is the shared storage mounted here?)")

@@ -11,8 +11,10 @@ Storage layout (``storage`` setting)::
 
 Distributed mode (``queue = "postgres"``, docs/scale-out.md): ``storage`` is shared storage (the same path
 on every worker host); the job records live in PostgreSQL and a completed series is queued there with its
-folder as reference (``Cluster.defer_analyse``). No model is loaded here and no worker thread runs:
-``pacs-landmarks worker`` processes analyse and deliver. Calls to PostgreSQL retry while it is unreachable.
+folder as reference (``Cluster.defer_analyse``); an X-ray image (a cephalogram) is queued at once with its
+file ``images/<SeriesUID>/<SOP>.dcm`` as reference, STAT rule as for a series. No model is loaded here and no
+worker thread runs: ``pacs-landmarks worker`` processes analyse (loading the 2D model at their first image
+job) and deliver. Calls to PostgreSQL retry while it is unreachable.
 
 Start-up resumes what a crash left: ``running`` jobs are re-queued, ``delivering`` ones are retried now, and
 ``received`` ones (series still arriving when the node died) complete after the idle timeout from start; their
@@ -136,9 +138,10 @@ class Node:
         }
         if cfg.store_when_nothing_found:  # the job steps read it from the job (jobs/steps.py), in both modes
             job_defaults["details"] = {"store_when_nothing_found": True}
-        # Cephalograms: embedded mode only (the distributed mode's workers carry CT series, docs/scale-out.md).
+        # Cephalograms: one image job per X-ray image. Distributed mode: no model here (the workers load the 2D
+        # model), so every such image is queued; the job refers to its file on the shared storage.
         image_defaults = None
-        if self.image_model is not None and cfg.cephalograms and cfg.queue != "postgres":
+        if cfg.cephalograms and (self.image_model is not None or cfg.queue == "postgres"):
             image_defaults = {"model_name": getattr(self.image_model, "name", None),
                               "model_version": getattr(self.image_model, "version", None),
                               "destinations": job_defaults["destinations"]}

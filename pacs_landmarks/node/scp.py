@@ -402,7 +402,7 @@ class StorageSCP:
         self._assoc_counts[assoc] = self._assoc_counts.get(assoc, 0) + 1
         series_uid = str(ds.SeriesInstanceUID)
         if for_job == "image":
-            self._queue_image(ds, path)
+            self._queue_image(ds, path, event.assoc.requestor.ae_title)
             return SUCCESS
         if not for_job:
             if (assoc, series_uid) not in self._ignored_logged:
@@ -454,11 +454,14 @@ class StorageSCP:
             raise Refused(OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}") from None
         return path, ds, for_job
 
-    def _queue_image(self, ds: Dataset, path: Path) -> None:
-        """One X-ray image is one job, queued now: the image is durable already (``DurableWriter``)."""
+    def _queue_image(self, ds: Dataset, path: Path, calling_ae: str | None = None) -> None:
+        """One X-ray image is one job, queued now: the image is durable already (``DurableWriter``). The
+        distributed mode's STAT rule applies as to a series."""
         series_uid = str(ds.SeriesInstanceUID)
+        stat = bool(self.stat_rule) and is_stat(self.stat_rule, {**dataset_facts(ds), "calling_ae_title": calling_ae})
         job, created = self.store.ensure_job(series_uid, str(ds.StudyInstanceUID), str(path), state="queued",
-                                             details={"kind": "image"}, **(self.image_defaults or {}))
+                                             details={"kind": "image", **({"stat": True} if stat else {})},
+                                             **(self.image_defaults or {}))
         if created:
             self.store.record_instances(job.id, 1)
             log_event("job.queued", job=job.id, series=series_uid, kind="image")

@@ -6,9 +6,17 @@ in the embedded mode) becomes a queued job in PostgreSQL plus a procrastinate ``
 the results come back with STOW-RS. Every Orthanc of a cluster may fire for the same series (measured: a
 series split over two Orthancs fires STABLE_SERIES on both): the series' queueing lock coalesces them, and
 the worker reads the instance list when the job starts. ``/pacs-landmarks/jobs`` lists the cluster's jobs.
+
+Cephalograms (``"Cephalograms": true``, the default): as in the embedded mode, each stored X-ray image that
+``jobs.steps.starts_image_job`` accepts is an image job as soon as it is stored (NEW_INSTANCE: one image is
+the whole input), with the same STAT rule as a series; the worker reads that one instance by WADO-RS
+(``job.details["sop_instance_uid"]``) and loads the 2D model itself (``pacs-landmarks worker --ceph-model``):
+``CephModel`` is not read here. The same image again (a re-run) is a new job whose results replace the
+image's earlier ones only.
 """
 from __future__ import annotations
 
+import io
 from typing import Any
 
 from pacs_landmarks.jobs.distributed import Cluster, cluster_jobs
@@ -19,7 +27,7 @@ from pacs_landmarks.plugin.app import LandmarkPlugin
 
 
 class ClusterPlugin(LandmarkPlugin):
-    analyses_images = False  # cephalograms: embedded mode only (the workers carry CT series)
+    analyses_images = True  # X-ray images become image jobs; the workers load the 2D model
     def _open_store(self) -> Any:
         self.cluster = Cluster(self.settings.cluster_settings())
         return self.cluster.store
@@ -44,32 +52,74 @@ class ClusterPlugin(LandmarkPlugin):
         self._stopping.set()
         self.events.put(None)
 
+    def _stat(self, instance_id: str) -> bool:
+        """The STAT rule (jobs/priority.py) on an instance: its priority and station, and who sent it."""
+        rule = self.settings.cluster.get("stat_rule") or {}
+        if not rule:
+            return False
+        facts: dict[str, Any] = {}
+        try:
+            facts.update(dataset_facts(self.get_json(f"/instances/{instance_id}/tags?simplify")))
+        except Exception:  # deleted meanwhile: the job's loader will say so
+            pass
+        try:
+            remote = self.orthanc.RestApiGet(f"/instances/{instance_id}/metadata/RemoteAET")
+            facts["calling_ae_title"] = remote.decode("ascii", "replace").strip()
+        except Exception:  # no metadata (uploaded over REST): no calling AE to match
+            pass
+        return is_stat(rule, facts)
+
+    def _references(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """A job's destinations (STOW-RS back here) and the WADO-RS reference details."""
+        destinations = [{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers),
+                         **({"superseded": "delete"} if self.settings.superseded == "delete" else {})}]
+        return destinations, {"wado_rs": self.settings.dicomweb_url,
+                              "wado_rs_peers": list(self.settings.dicomweb_peers)}
+
     def _queue_job(self, series: dict, series_uid: str, study_uid: str | None, series_id: str, count: int,
                    force: bool) -> tuple[Job, bool]:
-        rule = self.settings.cluster.get("stat_rule") or {}
-        facts: dict[str, Any] = {}
-        if rule:  # the series' first instance: its priority and station (jobs/priority.py), and who sent it
-            first = series["Instances"][0]
-            try:
-                facts.update(dataset_facts(self.get_json(f"/instances/{first}/tags?simplify")))
-            except Exception:  # deleted meanwhile: the job's loader will say so
-                pass
-            try:
-                remote = self.orthanc.RestApiGet(f"/instances/{first}/metadata/RemoteAET")
-                facts["calling_ae_title"] = remote.decode("ascii", "replace").strip()
-            except Exception:  # no metadata (uploaded over REST): no calling AE to match
-                pass
+        destinations, refs = self._references()
         job, created = self.cluster.enqueue(
-            series_uid, study_uid, series_id, stat=is_stat(rule, facts),
-            destinations=[{"stow_rs": self.settings.dicomweb_url, "stow_rs_peers": list(self.settings.dicomweb_peers),
-                           **({"superseded": "delete"} if self.settings.superseded == "delete" else {})}],
-            details={"wado_rs": self.settings.dicomweb_url, "wado_rs_peers": list(self.settings.dicomweb_peers),
-                     "orthanc_series": series_id, **self.settings.job_details()},
+            series_uid, study_uid, series_id, stat=self._stat(series["Instances"][0]), destinations=destinations,
+            details={**refs, "orthanc_series": series_id, **self.settings.job_details()},
         )
         if created:
             self.store.record_instances(job.id, count)
             job = self.store.get(job.id)
         return job, created
+
+    def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
+        """Queue an image job for one stored X-ray image on the cluster (the embedded rule, without a model
+        here: "analysed already" is any earlier job of this image that did not fail)."""
+        import pydicom
+
+        from pacs_landmarks.dicom.xray import XRAY_CLASSES
+        from pacs_landmarks.jobs.steps import starts_image_job
+
+        try:
+            sop_class = self.orthanc.RestApiGet(f"/instances/{instance_id}/metadata/SopClassUid")
+        except Exception:  # deleted meanwhile (a superseded result, mostly)
+            return None, "skipped: instance gone"
+        if sop_class.decode("ascii", "replace").strip("\x00 ") not in XRAY_CLASSES:
+            return None, "skipped: not an X-ray image"
+        header = pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{instance_id}/file")),
+                                 stop_before_pixels=True)
+        if not starts_image_job(header):
+            return None, "skipped: a screen capture of another modality"
+        series_uid, study_uid = str(header.SeriesInstanceUID), str(header.get("StudyInstanceUID", "")) or None
+        earlier = [j for j in self.store.find(series_uid, source=instance_id) if j.state != "failed"]
+        if not force and self.settings.skip_processed and earlier:
+            return earlier[-1], "already processed"
+        destinations, refs = self._references()
+        job, created = self.cluster.enqueue(
+            series_uid, study_uid, instance_id, stat=self._stat(instance_id), destinations=destinations,
+            details={**refs, "kind": "image", "sop_instance_uid": str(header.SOPInstanceUID),
+                     **self.settings.job_details()},
+        )
+        if created:
+            self.store.record_instances(job.id, 1)
+            job = self.store.get(job.id)
+        return job, "queued" if created else "already queued"
 
     def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
         """The cluster's jobs (every Orthanc's and node's), with the worker that ran each."""
