@@ -355,8 +355,8 @@ class LandmarkPlugin:
         job, created = self._queue_job(series, series_uid, study_uid, series_id, count, force)
         return job, "queued" if created else "already queued"
 
-    def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
-        """Queue an image job for one stored X-ray image (module docstring); returns (job, why)."""
+    def image_job_header(self, instance_id: str):
+        """(header without pixels, "") of a stored instance that starts an image job, else (None, why)."""
         import pydicom
 
         from pacs_landmarks.jobs.steps import starts_image_job
@@ -367,12 +367,19 @@ class LandmarkPlugin:
             return None, "skipped: instance gone"
         if sop_class.decode("ascii", "replace").strip("\x00 ") not in XRAY_CLASSES:
             return None, "skipped: not an X-ray image"
-        if self.image_model is None:
-            return None, f"skipped: {self.image_model_error or 'no model for cephalograms'}"
         header = pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{instance_id}/file")),
                                  stop_before_pixels=True)
         if not starts_image_job(header):
             return None, "skipped: a screen capture of another modality"
+        return header, ""
+
+    def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
+        """Queue an image job for one stored X-ray image (module docstring); returns (job, why)."""
+        if self.image_model is None:
+            return None, f"skipped: {self.image_model_error or 'no model for cephalograms'}"
+        header, why = self.image_job_header(instance_id)
+        if header is None:
+            return None, why
         series_uid, study_uid = str(header.SeriesInstanceUID), str(header.get("StudyInstanceUID", "")) or None
         name, version = str(self.image_model.name), str(self.image_model.version)
         earlier = [j for j in self.store.find(series_uid, source=instance_id)

@@ -16,7 +16,6 @@ image's earlier ones only.
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from pacs_landmarks.jobs.distributed import Cluster, cluster_jobs
@@ -91,21 +90,9 @@ class ClusterPlugin(LandmarkPlugin):
     def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
         """Queue an image job for one stored X-ray image on the cluster (the embedded rule, without a model
         here: "analysed already" is any earlier job of this image that did not fail)."""
-        import pydicom
-
-        from pacs_landmarks.dicom.xray import XRAY_CLASSES
-        from pacs_landmarks.jobs.steps import starts_image_job
-
-        try:
-            sop_class = self.orthanc.RestApiGet(f"/instances/{instance_id}/metadata/SopClassUid")
-        except Exception:  # deleted meanwhile (a superseded result, mostly)
-            return None, "skipped: instance gone"
-        if sop_class.decode("ascii", "replace").strip("\x00 ") not in XRAY_CLASSES:
-            return None, "skipped: not an X-ray image"
-        header = pydicom.dcmread(io.BytesIO(self.orthanc.RestApiGet(f"/instances/{instance_id}/file")),
-                                 stop_before_pixels=True)
-        if not starts_image_job(header):
-            return None, "skipped: a screen capture of another modality"
+        header, why = self.image_job_header(instance_id)
+        if header is None:
+            return None, why
         series_uid, study_uid = str(header.SeriesInstanceUID), str(header.get("StudyInstanceUID", "")) or None
         earlier = [j for j in self.store.find(series_uid, source=instance_id) if j.state != "failed"]
         if not force and self.settings.skip_processed and earlier:
