@@ -121,6 +121,9 @@ class ViewerHandler(SimpleHTTPRequestHandler):
 
 class ViewerServer(ThreadingHTTPServer):
     daemon_threads = True
+    # Ctrl-C must stop the viewer at once: a browser's idle keep-alive connection would otherwise hold
+    # server_close() (it joins every handler thread) until the browser lets go (CI saw a 30 s hang once).
+    block_on_close = False
 
 
 def make_server(dist: Path, orthanc: str, host: str = "127.0.0.1", port: int = 3000, quiet: bool = True) -> ViewerServer:
