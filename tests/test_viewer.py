@@ -79,8 +79,15 @@ def test_make_viewer_command_prints_its_url_and_serves():
     import subprocess
     import sys
 
+    def as_in_a_terminal():
+        # A child inherits an ignored or blocked SIGINT (a background job; seen in full-suite runs here, not
+        # alone), and Ctrl-C is the point of this test.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     proc = subprocess.Popen([sys.executable, "-m", "pacs_landmarks.viewer", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=as_in_a_terminal)
     try:
         line = proc.stdout.readline()
         assert line.startswith("viewer: OHIF on http://localhost:"), line
