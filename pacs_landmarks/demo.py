@@ -169,8 +169,10 @@ def _ct_steps(args: argparse.Namespace, orthanc: OrthancProcess, out: Path, prog
     landmark_sr = _read_dataset(paths[0])
     from pacs_landmarks.sr_templates import read_landmark_sr
 
-    predicted = read_landmark_sr(landmark_sr)
-    progress(f"landmark SR read back from Orthanc ({len(predicted)} landmarks) vs the phantom's truth:")
+    predicted = read_landmark_sr(landmark_sr, include_missing=True)
+    n_found = sum(lm.position_lps_mm is not None for lm in predicted)
+    progress(f"landmark SR read back from Orthanc ({n_found} of {len(predicted)} landmarks found) vs the "
+             "phantom's truth:")
     print_landmark_table(predicted, truth)
     if str(health["model"]["version"]).endswith("untrained"):
         progress.note("NOTE: the shipped model is untrained (random weights): these errors are meaningless;")
@@ -346,10 +348,14 @@ def print_landmark_table(predicted: list[Any], truth: dict[str, Any]) -> list[fl
     true = {lm["name"]: np.asarray(lm["position_lps_mm"], dtype=float) for lm in truth["landmarks"]}
     print(f"    {'landmark':12s} {'predicted LPS (mm)':>26s} {'truth LPS (mm)':>26s} {'error':>8s}")
     errors = []
+    fmt = lambda v: "(" + ", ".join(f"{x:7.1f}" for x in v) + ")"  # noqa: E731
     for lm in predicted:
+        if lm.position_lps_mm is None:  # stated in the SR as not found / outside the field of view
+            status = getattr(lm, "status", "not found").replace("_", " ")
+            print(f"    {lm.name:12s} {status:>26s}")
+            continue
         p = np.asarray(lm.position_lps_mm, dtype=float)
         t = true.get(lm.name)
-        fmt = lambda v: "(" + ", ".join(f"{x:7.1f}" for x in v) + ")"  # noqa: E731
         if t is None:
             print(f"    {lm.name:12s} {fmt(p):>26s} {'(not in truth)':>26s}")
             continue
