@@ -96,6 +96,47 @@ def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
     assert synced.fsyncs < len(payload)  # ... with fewer folder fsyncs than files: shared between writers
 
 
+@pytest.mark.parametrize("size", [receive.DIRECT_MIN, receive.DIRECT_MIN + 1, 530_001, 4 * receive.DIRECT_ALIGN * 40])
+def test_direct_writes_are_byte_exact_without_padding(tmp_path, size):
+    """Direct I/O for the aligned part, the tail buffered: the file is exactly the buffers, one after the other."""
+    writer = DurableWriter()
+    header, body = os.urandom(333), os.urandom(size - 333)
+    path = tmp_path / "series" / "1.2" / "1.2.3.dcm"
+    writer.write(path, [header, memoryview(body)])
+    assert path.read_bytes() == header + body
+    assert writer.direct_writes == 1, "this filesystem (the test's tmp_path) should take direct I/O"
+    writer.write(path, [body, header])  # a resend replaces it, with direct I/O too
+    assert path.read_bytes() == body + header and writer.direct_writes == 2
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.dcm"]
+
+
+def test_small_files_and_direct_off_are_written_buffered(tmp_path):
+    writer, small = DurableWriter(), os.urandom(receive.DIRECT_MIN - 1)
+    writer.write(tmp_path / "a.dcm", small)
+    assert (tmp_path / "a.dcm").read_bytes() == small and writer.direct_writes == 0
+    buffered, big = DurableWriter(direct=False), os.urandom(530_001)
+    buffered.write(tmp_path / "b.dcm", big)
+    assert (tmp_path / "b.dcm").read_bytes() == big and buffered.direct_writes == 0
+
+
+def test_direct_writes_from_concurrent_threads_keep_their_own_buffers(tmp_path):
+    writer, n_threads, per_thread = DurableWriter(), 6, 6
+    payload = {f"{t}.{i}": os.urandom(200_000 + 4099 * t + i) for t in range(n_threads) for i in range(per_thread)}
+
+    def send(t):
+        for i in range(per_thread):
+            writer.write(tmp_path / f"{t}.{i}.dcm", [b"DICM", payload[f"{t}.{i}"]])
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert all((tmp_path / f"{k}.dcm").read_bytes() == b"DICM" + v for k, v in payload.items())
+    assert writer.direct_writes == len(payload)
+    assert len(writer._buffers._idle) <= n_threads  # reused, one per concurrent writer at most
+
+
 def test_durable_writer_recreates_a_purged_folder(tmp_path):
     import shutil
 
