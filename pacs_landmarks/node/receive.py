@@ -22,14 +22,14 @@ tests/test_node_receive.py against the pinned pynetdicom range in pyproject.toml
 
 :class:`DurableWriter` makes each instance durable before its Success: data flushed (``fdatasync``) and the name
 made durable by an ``fsync`` of the folder (POSIX asks for both). The data goes to the disk with direct I/O
-(``O_DIRECT``, from a reused page-aligned buffer) where the file system takes it: no copy into the page
-cache. A new file is renamed into place *before* its flush, so that the folder fsync (in a syncer thread)
-and the file's flush run at the same time; on the CI disk (ext4 without a journal, where both are needed)
-that is 3-5 ms per instance instead of 9-11 ms one after the other. A file that replaces an earlier copy (a resend) is flushed before the rename, so an acknowledged copy
-is never replaced by data not yet on disk. What a power loss can leave is therefore limited to instances
-never acknowledged: an empty or cut-off file under its name, which the node moves aside at start
-(``app.set_aside_incomplete``) and the sender's retry replaces. Each folder fsync covers every rename made
-before it started: concurrent associations share them (group commit).
+(``O_DIRECT``, from a reused page-aligned buffer) where the file system takes it: no copy into the page cache. A
+new file is renamed into place *before* its flush, so that the folder fsync (in a syncer thread) and the file's
+flush run at the same time; on the CI disk (ext4 without a journal, where both are needed) that is 3-5 ms per
+instance instead of 9-11 ms one after the other. A file that replaces an earlier copy (a resend) is flushed
+before the rename, so an acknowledged copy is never replaced by data not yet on disk. What a power loss can
+leave is therefore limited to instances never acknowledged: an empty or cut-off file under its name, which the
+node moves aside at start (``app.set_aside_incomplete``) and the sender's retry replaces. Each folder fsync
+covers every rename made before it started: concurrent associations share them (group commit).
 """
 from __future__ import annotations
 
