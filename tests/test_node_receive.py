@@ -74,6 +74,30 @@ def test_reactor_get_waits_for_a_message(acceptor, monkeypatch):
     assert assoc.dimse.get_msg(block=False) == (1, "C-STORE-RQ")  # the reactor's call: waited, not empty
 
 
+def test_a_release_request_ends_the_reactor_wait(acceptor, monkeypatch):
+    """An A-RELEASE-RQ arrives on the DUL's queue to the user, not the DIMSE queue: the reactor's wait for a
+    DIMSE message ends at once, and a release queued just before the wait does not make it wait either."""
+    from pynetdicom.pdu_primitives import A_RELEASE
+
+    assoc, _ = acceptor
+    install_wakeups(assoc)
+    assert isinstance(assoc.dul.to_user_queue, receive._WakingQueue)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(assoc.dimse.get_msg(block=False)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    assoc.dul.to_user_queue.put(A_RELEASE())  # what pynetdicom's state machine does on an A-RELEASE-RQ PDU
+    waiter.join(10)
+    assert not waiter.is_alive() and answers == [(None, None)]  # empty: the reactor goes on to check release
+    assert assoc.acse.is_release_requested()
+
+    assoc.dul.to_user_queue.put(A_RELEASE())
+    t = time.monotonic()
+    assert assoc.dimse.get_msg(block=False) == (None, None) and time.monotonic() - t < 5
+
+
 def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
     writer, n_threads, per_thread = DurableWriter(), 8, 15
     payload = {f"{t}.{i}": os.urandom(64 * 1024) for t in range(n_threads) for i in range(per_thread)}
