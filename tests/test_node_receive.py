@@ -52,6 +52,7 @@ def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monke
     install_wakeups(assoc)
     sock = assoc.dul.socket
     monkeypatch.setattr(receive, "WAIT_S", 60.0)  # only data or a wake-up can end the wait now
+    assert assoc.dul.event_queue.get(False) == "Evt5"  # the connection's event, as the DUL takes it first
     peer.sendall(b"x")
     assert sock.ready is True and bytes(sock.recv(1)) == b"x"
 
@@ -64,6 +65,21 @@ def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monke
     waiter.join(10)
     assert not waiter.is_alive() and answers == [False]
     assert assoc.dul.to_provider_queue.get(False) == "primitive"  # pynetdicom's non-blocking get still works
+
+
+def test_ready_does_not_wait_while_the_dul_has_an_event_queued(acceptor, monkeypatch):
+    """The DUL handles one event per turn of its loop and asks ``ready`` before each: an accepted connection
+    queues Evt5, and the A-ASSOCIATE-RQ read in the same turn queues Evt6 behind it. Waiting in ``ready``
+    then delayed every association's A-ASSOCIATE-AC by the full wait (10 ms, strace of the node)."""
+    assoc, peer = acceptor
+    install_wakeups(assoc)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    sock = assoc.dul.socket
+    assert assoc.dul.event_queue.qsize() == 1  # Evt5, queued by AssociationSocket for an accepted connection
+    t = time.monotonic()
+    assert sock.ready is False and time.monotonic() - t < 5  # nothing to read: it looked, it did not wait
+    peer.sendall(b"x")
+    assert sock.ready is True
 
 
 def test_reactor_get_waits_for_a_message(acceptor, monkeypatch):

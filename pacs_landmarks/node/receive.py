@@ -7,7 +7,8 @@ time around each C-STORE was those sleeps (docs/benchmarks.md, "Node"). :func:`i
 threads *wait* for the thing they poll for, with the hooks pynetdicom itself provides:
 
 - the transport (``AssociationSocket``, which pynetdicom lets a server replace per association) answers
-  ``ready`` by waiting in ``select`` on the socket *and* a wake-up descriptor, for at most ``WAIT_S``; the
+  ``ready`` by waiting in ``select`` on the socket *and* a wake-up descriptor, for at most ``WAIT_S`` (not at
+  all while the DUL's event queue holds an event: it handles one per turn of its loop); the
   DUL's loop delay (``_run_loop_delay``, "setting it higher uses less CPU when idle", pynetdicom's own
   comment) is 0, so the thread waits in ``select`` instead of sleeping;
 - the DUL's outgoing queue (``DULServiceProvider.to_provider_queue``) signals the wake-up descriptor on
@@ -79,8 +80,11 @@ class WakingSocket(AssociationSocket):
             return False
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True  # TLS may hold decrypted bytes that select() cannot see (pynetdicom #528)
+        # The DUL handles one event per turn of its loop and asks ``ready`` first: with an event still queued
+        # (an A-ASSOCIATE-RQ read in the same turn as the connection's Evt5) it must look, not wait.
+        timeout = 0 if self.event_queue.qsize() else WAIT_S
         try:
-            readable, _, _ = select.select([sock, self._wake_r], [], [], WAIT_S)
+            readable, _, _ = select.select([sock, self._wake_r], [], [], timeout)
         except (OSError, TimeoutError, ValueError):
             self.event_queue.put("Evt17")  # transport connection closed, as pynetdicom's own ``ready`` does
             return False
