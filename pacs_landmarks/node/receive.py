@@ -258,7 +258,7 @@ def install_wakeups(assoc) -> None:
     """Set an acceptor association (before its threads start) to wait instead of poll; see the docstring."""
     dul, dimse = assoc.dul, assoc.dimse
     for owner, name in ((dul, "_run_loop_delay"), (dul, "to_provider_queue"), (dul, "to_user_queue"),
-                        (dimse, "msg_queue"), (dul, "socket")):
+                        (dul, "event_queue"), (dimse, "msg_queue"), (dul, "socket")):
         if not hasattr(owner, name):  # pynetdicom changed: fail loudly rather than poll silently
             raise RuntimeError(f"pynetdicom {type(owner).__name__}.{name} is gone: update node/receive.py")
     sock = dul.socket
