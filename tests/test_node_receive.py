@@ -177,6 +177,16 @@ def test_direct_writes_from_concurrent_threads_keep_their_own_buffers(tmp_path):
     assert len(writer._buffers._idle) <= n_threads  # reused, one per concurrent writer at most
 
 
+def test_a_large_instance_does_not_keep_its_aligned_buffer(tmp_path):
+    writer = DurableWriter()
+    big, small = os.urandom(receive._AlignedBuffers.KEEP_BYTES + 12_345), os.urandom(300_000)
+    writer.write(tmp_path / "big.dcm", big)
+    writer.write(tmp_path / "small.dcm", small)
+    assert (tmp_path / "big.dcm").read_bytes() == big and (tmp_path / "small.dcm").read_bytes() == small
+    assert writer.direct_writes == 2
+    assert [len(b) for b in writer._buffers._idle] == [1024 * 1024]  # only the small one's buffer is kept
+
+
 def test_durable_writer_recreates_a_purged_folder(tmp_path):
     import shutil
 

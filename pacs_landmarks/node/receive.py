@@ -472,6 +472,7 @@ class _AlignedBuffers:
     """Page-aligned (``mmap``) buffers for direct writes, reused: a fresh one costs a page fault per 4 KB."""
 
     KEEP = 16  # at most this many idle buffers are kept (one per concurrent writer is what is used)
+    KEEP_BYTES = 4 * 1024 * 1024  # ... each at most this large: a larger one (a big instance) is freed after use
 
     def __init__(self) -> None:
         self._idle: list[mmap.mmap] = []
@@ -485,10 +486,11 @@ class _AlignedBuffers:
         return mmap.mmap(-1, -(-size // (1024 * 1024)) * 1024 * 1024)  # whole MB: fewer distinct sizes
 
     def give(self, buf: mmap.mmap) -> None:
-        with self._lock:
-            if len(self._idle) < self.KEEP:
-                self._idle.append(buf)
-                return
+        if len(buf) <= self.KEEP_BYTES:
+            with self._lock:
+                if len(self._idle) < self.KEEP:
+                    self._idle.append(buf)
+                    return
         buf.close()
 
 
