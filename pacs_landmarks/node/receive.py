@@ -465,7 +465,7 @@ class DurableWriter:
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 DIRECT_ALIGN = 4096  # offsets, lengths and memory of direct writes: any logical block size up to a page
 DIRECT_MIN = 64 * 1024  # smaller files are written buffered: the page-cache copy is cheap, the aligned part small
-DIRECT_MAX = 64 * 1024 * 1024  # larger ones too: no aligned buffer that large is kept
+DIRECT_MAX = 64 * 1024 * 1024  # larger ones too: no aligned copy that large is made
 
 
 class _AlignedBuffers:
