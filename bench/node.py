@@ -12,6 +12,8 @@
   temp file, rename, fdatasync beside the folder fsync) were the only cost.
 - latency: last instance acknowledged -> every result acknowledged by the destination (a storescp), with the
   per-step breakdown recorded by the job. Target: <= 5 s for 300 slices on the 2-core CPU.
+- CPU: user + system CPU time of Orthanc's and the node's process per instance received, each round (every
+  thread; /proc/PID/stat): steadier than the rates on a shared machine.
 - memory: the node's peak RSS (VmHWM) after receiving and analysing a --rss-slices (600) slice series.
   Target: <= 2 GB.
 
@@ -29,6 +31,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,6 +169,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat, PS: every thread of it)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -208,12 +217,13 @@ def main() -> None:
         wait_listening(node_port)
         store = JobStore(work / "node" / "jobs.sqlite")
         rates: dict[int, list[tuple[float, float, float]]] = {n: [] for n in senders}
+        cpu: dict[int, list[tuple[float, float]]] = {n: [] for n in senders}  # ms per instance: Orthanc, node
         latencies = []
         for run in range(args.repeat):
             for n in senders:
                 by_count = run % 2 == 1  # odd rounds: Images in Acquisition set, so no idle wait
                 sent, series = fresh_copy(files, work / f"run{run}-{n}", count=by_count)
-                t_last, rate = 0.0, {}
+                t_last, rate, used = 0.0, {}, {}
                 order = ["storescp", "orthanc", "node"]
                 for name in order[run % 3:] + order[:run % 3]:
                     if name == "storescp":
@@ -223,34 +233,41 @@ def main() -> None:
                         scp.terminate()
                         scp.wait()
                     elif name == "orthanc":
+                        c = cpu_s(orthanc.proc.pid)
                         rate[name] = len(sent) / send(orthanc.dicom_port, orthanc.aet, sent, n, orthanc.client_prefix())
+                        used[name] = (cpu_s(orthanc.proc.pid) - c) * 1000 / len(sent)
                     else:
+                        c = cpu_s(node.pid)
                         rate[name] = len(sent) / send(node_port, "LANDMARKS", sent, n)
+                        used[name] = (cpu_s(node.pid) - c) * 1000 / len(sent)
                         t_last = time.time()
                         job = wait_job(store, series)  # the analysis must not overlap the next measurement
                         if n == senders[0]:
                             how = "count" if by_count else f"idle {args.idle_timeout:g} s"
                             latencies.append((job.finished_at - t_last, job.timings, how))
                 rates[n].append((rate["storescp"], rate["orthanc"], rate["node"]))
+                cpu[n].append((used["orthanc"], used["node"]))
                 print(f"round {run + 1}, {n} sender(s): storescp {rate['storescp']:.0f}, Orthanc {rate['orthanc']:.0f}, "
                       f"node {rate['node']:.0f} inst/s", file=sys.stderr, flush=True)
                 shutil.rmtree(work / f"run{run}-{n}", ignore_errors=True)
         durable = fsync_ms(work, files[0])
         print(f"\nNode ingest: {args.slices} x {args.size}x{args.size} CT instances ({mb:.0f} MB), dcmtk storescu "
               f"(TCP_NODELAY=1), {args.repeat} rounds; instances/s (aggregate over the senders)\n")
-        print("| senders | round | storescp (no fsync) | Orthanc 1.10 (SyncStorageArea) | node | node / Orthanc |")
-        print("|---|---|---|---|---|---|")
+        print("| senders | round | storescp (no fsync) | Orthanc 1.10 (SyncStorageArea) | node | node / Orthanc "
+              "| CPU ms/instance Orthanc | CPU ms/instance node |")
+        print("|---|---|---|---|---|---|---|---|")
         for n in senders:
-            for r, (scp, orth, nd) in enumerate(rates[n], 1):
-                print(f"| {n} | {r} | {scp:.0f} | {orth:.0f} | {nd:.0f} | {nd / orth:.2f} |")
+            for r, ((scp, orth, nd), (c_orth, c_node)) in enumerate(zip(rates[n], cpu[n]), 1):
+                print(f"| {n} | {r} | {scp:.0f} | {orth:.0f} | {nd:.0f} | {nd / orth:.2f} | {c_orth:.2f} | {c_node:.2f} |")
         print(f"\nfsync floor: durable write of one {mb / len(files):.2f} MB instance (temp file, rename, fdatasync "
               f"beside the folder fsync: node/receive.py) {durable:.2f} ms on this disk = {1000 / durable:.0f} inst/s for one sender\n")
-        print("| senders | storescp | Orthanc | node | node / Orthanc (range) | target |")
-        print("|---|---|---|---|---|---|")
+        print("| senders | storescp | Orthanc | node | node / Orthanc (range) | median | target |")
+        print("|---|---|---|---|---|---|---|")
         for n in senders:
             scp, orth, nd = zip(*rates[n])
-            print(f"| {n} | {span(scp)} | {span(orth)} | {span(nd)} | "
-                  f"{span([a / b for a, b in zip(nd, orth)], '{:.2f}')} | >= 1.0 |")
+            ratios = [a / b for a, b in zip(nd, orth)]
+            print(f"| {n} | {span(scp)} | {span(orth)} | {span(nd)} | {span(ratios, '{:.2f}')} | "
+                  f"{statistics.median(ratios):.2f} | >= 1.0 |")
         steps = ["completion_wait", "queue_wait", "read", "volume", "cascade", "outputs", "write_results", "delivery"]
         print(f"\nLatency ({senders[0]} sender(s)): last instance acknowledged -> all results acknowledged by the "
               "destination (s)\n")

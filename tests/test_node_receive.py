@@ -52,6 +52,7 @@ def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monke
     install_wakeups(assoc)
     sock = assoc.dul.socket
     monkeypatch.setattr(receive, "WAIT_S", 60.0)  # only data or a wake-up can end the wait now
+    assert assoc.dul.event_queue.get(False) == "Evt5"  # the connection's event, as the DUL takes it first
     peer.sendall(b"x")
     assert sock.ready is True and bytes(sock.recv(1)) == b"x"
 
@@ -66,12 +67,51 @@ def test_ready_waits_for_data_and_wakes_on_an_outgoing_primitive(acceptor, monke
     assert assoc.dul.to_provider_queue.get(False) == "primitive"  # pynetdicom's non-blocking get still works
 
 
+def test_ready_does_not_wait_while_the_dul_has_an_event_queued(acceptor, monkeypatch):
+    """The DUL handles one event per turn of its loop and asks ``ready`` before each: an accepted connection
+    queues Evt5, and the A-ASSOCIATE-RQ read in the same turn queues Evt6 behind it. Waiting in ``ready``
+    then delayed every association's A-ASSOCIATE-AC by the full wait (10 ms, strace of the node)."""
+    assoc, peer = acceptor
+    install_wakeups(assoc)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    sock = assoc.dul.socket
+    assert assoc.dul.event_queue.qsize() == 1  # Evt5, queued by AssociationSocket for an accepted connection
+    t = time.monotonic()
+    assert sock.ready is False and time.monotonic() - t < 5  # nothing to read: it looked, it did not wait
+    peer.sendall(b"x")
+    assert sock.ready is True
+
+
 def test_reactor_get_waits_for_a_message(acceptor, monkeypatch):
     assoc, _ = acceptor
     install_wakeups(assoc)
     monkeypatch.setattr(receive, "WAIT_S", 60.0)
     threading.Timer(0.2, assoc.dimse.msg_queue.put, args=[(1, "C-STORE-RQ")]).start()
     assert assoc.dimse.get_msg(block=False) == (1, "C-STORE-RQ")  # the reactor's call: waited, not empty
+
+
+def test_a_release_request_ends_the_reactor_wait(acceptor, monkeypatch):
+    """An A-RELEASE-RQ arrives on the DUL's queue to the user, not the DIMSE queue: the reactor's wait for a
+    DIMSE message ends at once, and a release queued just before the wait does not make it wait either."""
+    from pynetdicom.pdu_primitives import A_RELEASE
+
+    assoc, _ = acceptor
+    install_wakeups(assoc)
+    assert isinstance(assoc.dul.to_user_queue, receive._WakingQueue)
+    monkeypatch.setattr(receive, "WAIT_S", 60.0)
+    answers = []
+    waiter = threading.Thread(target=lambda: answers.append(assoc.dimse.get_msg(block=False)))
+    waiter.start()
+    time.sleep(0.2)
+    assert waiter.is_alive()
+    assoc.dul.to_user_queue.put(A_RELEASE())  # what pynetdicom's state machine does on an A-RELEASE-RQ PDU
+    waiter.join(10)
+    assert not waiter.is_alive() and answers == [(None, None)]  # empty: the reactor goes on to check release
+    assert assoc.acse.is_release_requested()
+
+    assoc.dul.to_user_queue.put(A_RELEASE())
+    t = time.monotonic()
+    assert assoc.dimse.get_msg(block=False) == (None, None) and time.monotonic() - t < 5
 
 
 def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
@@ -94,6 +134,57 @@ def test_durable_writer_group_commits_the_folder_fsync(tmp_path):
     synced = writer._folders[folder]
     assert synced.durable == synced.issued == len(payload)  # every rename covered by a finished fsync
     assert synced.fsyncs < len(payload)  # ... with fewer folder fsyncs than files: shared between writers
+
+
+@pytest.mark.parametrize("size", [receive.DIRECT_MIN, receive.DIRECT_MIN + 1, 530_001, 4 * receive.DIRECT_ALIGN * 40])
+def test_direct_writes_are_byte_exact_without_padding(tmp_path, size):
+    """Direct I/O for the aligned part, the tail buffered: the file is exactly the buffers, one after the other."""
+    writer = DurableWriter()
+    header, body = os.urandom(333), os.urandom(size - 333)
+    path = tmp_path / "series" / "1.2" / "1.2.3.dcm"
+    writer.write(path, [header, memoryview(body)])
+    assert path.read_bytes() == header + body
+    assert writer.direct_writes == 1, "this filesystem (the test's tmp_path) should take direct I/O"
+    writer.write(path, [body, header])  # a resend replaces it, with direct I/O too
+    assert path.read_bytes() == body + header and writer.direct_writes == 2
+    assert [p.name for p in path.parent.iterdir()] == ["1.2.3.dcm"]
+
+
+def test_small_files_and_direct_off_are_written_buffered(tmp_path):
+    writer, small = DurableWriter(), os.urandom(receive.DIRECT_MIN - 1)
+    writer.write(tmp_path / "a.dcm", small)
+    assert (tmp_path / "a.dcm").read_bytes() == small and writer.direct_writes == 0
+    buffered, big = DurableWriter(direct=False), os.urandom(530_001)
+    buffered.write(tmp_path / "b.dcm", big)
+    assert (tmp_path / "b.dcm").read_bytes() == big and buffered.direct_writes == 0
+
+
+def test_direct_writes_from_concurrent_threads_keep_their_own_buffers(tmp_path):
+    writer, n_threads, per_thread = DurableWriter(), 6, 6
+    payload = {f"{t}.{i}": os.urandom(200_000 + 4099 * t + i) for t in range(n_threads) for i in range(per_thread)}
+
+    def send(t):
+        for i in range(per_thread):
+            writer.write(tmp_path / f"{t}.{i}.dcm", [b"DICM", payload[f"{t}.{i}"]])
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert all((tmp_path / f"{k}.dcm").read_bytes() == b"DICM" + v for k, v in payload.items())
+    assert writer.direct_writes == len(payload)
+    assert len(writer._buffers._idle) <= n_threads  # reused, one per concurrent writer at most
+
+
+def test_a_large_instance_does_not_keep_its_aligned_buffer(tmp_path):
+    writer = DurableWriter()
+    big, small = os.urandom(receive._AlignedBuffers.KEEP_BYTES + 12_345), os.urandom(300_000)
+    writer.write(tmp_path / "big.dcm", big)
+    writer.write(tmp_path / "small.dcm", small)
+    assert (tmp_path / "big.dcm").read_bytes() == big and (tmp_path / "small.dcm").read_bytes() == small
+    assert writer.direct_writes == 2
+    assert [len(b) for b in writer._buffers._idle] == [1024 * 1024]  # only the small one's buffer is kept
 
 
 def test_durable_writer_recreates_a_purged_folder(tmp_path):
