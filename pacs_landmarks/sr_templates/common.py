@@ -63,6 +63,24 @@ def result_uids(volume, kind: str, alg: Algorithm) -> tuple[str, str]:
     return tuple(result_uid(series, sources, kind, alg.name, alg.version, what) for what in ("series", "instance"))
 
 
+def image_result_identity(volume, kind: str, alg: Algorithm) -> dict[str, object]:
+    """The keyword arguments that identify a SEG or GSPS result in highdicom's constructors: its series
+    (General Series, PS3.3 C.7.3.1: the derived UID and the fixed number of ``kind``), its instance (SOP Common,
+    C.12.1; one per series) and the equipment (Enhanced General Equipment, C.7.5.2; ``finish`` completes it)."""
+    number, _ = SERIES[kind]
+    series_uid, sop_uid = result_uids(volume, kind, alg)
+    return dict(
+        series_instance_uid=series_uid,
+        series_number=number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=alg.version,
+        device_serial_number="0",
+    )
+
+
 def reference(ds: Dataset) -> Dataset:
     """The four UIDs that identify a stored object (what a Predecessor Documents Sequence item needs)."""
     ref = Dataset()
