@@ -9,6 +9,7 @@ import pytest
 
 from test_node import CLI, ENV, Archive, NodeProc, phantom, series_uid_of, storescu, wait_for  # noqa: F401
 
+from pacs_landmarks.jobs.distributed import stop_workers
 from pacs_landmarks.jobs.pgstore import PgJobStore
 
 
@@ -45,9 +46,7 @@ def test_node_spools_and_enqueues_workers_analyse_and_deliver(pg_dsn, phantom, t
         assert not [e for e in node.events() if e.get("event") == "worker.warm_up"]
     finally:
         node.kill(15)
-        for w in workers:
-            w.terminate()
-            w.wait(30)
+        stop_workers(workers)
         archive.stop()
 
 
