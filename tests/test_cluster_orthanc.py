@@ -139,11 +139,17 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
     pg_server.create_database("cluster_orthanc_killed")
     dsn = pg_server.socket_dsn("cluster_orthanc_killed")
     config = orthanc_factory.config(Queue="postgres", Dsn=dsn)
-    holder = subprocess.Popen([program("unshare"), "-n", "--", "sh", "-c", "ip link set lo up && exec sleep 900"])
-    orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log").start()
-    worker = start_worker(orthanc, dsn, tmp_path)
+    holder = subprocess.Popen([program("unshare"), "-n", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep 900"],
+                              stdout=subprocess.PIPE, text=True)
+    orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log")
+    workers = []
     store = PgJobStore(dsn)
     try:
+        # Until the holder has its namespace, nsenter would join the host's: Orthanc on the host's loopback, out of
+        # the worker's reach (seen under load).
+        assert holder.stdout.readline() == "up\n"
+        orthanc.start()
+        workers.append(worker := start_worker(orthanc, dsn, tmp_path))
         wait_for(lambda: "worker.started" in (tmp_path / "worker.log").read_text(), 180, "the worker to start")
         case_dir, truth = phantom
         series_uid = truth["series_instance_uid"]
@@ -171,10 +177,11 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
         assert stored == {u["SOPInstanceUID"] for u in job.details["result_uids"].values()}
         assert len(orthanc.get_json("/instances")) == len(list(case_dir.glob("*.dcm"))) + 4
     finally:
-        stop_workers([worker])
+        stop_workers(workers)
         orthanc.stop()
         holder.kill()
         holder.wait()
+        holder.stdout.close()
 
 
 def test_a_multipart_body_cut_short_is_not_taken_for_whole():
