@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pacs_landmarks.jobs.distributed import Cluster, ClusterSettings  # noqa: E402
+from pacs_landmarks.jobs.distributed import Cluster, ClusterSettings, stop_workers  # noqa: E402
 from pacs_landmarks.jobs.pgserver import PgServer  # noqa: E402
 
 CLI = str(Path(sys.executable).with_name("pacs-landmarks"))
@@ -64,16 +64,6 @@ def start_workers(args, dsn: str, root: Path, n: int, seconds: float) -> list[su
             pass
         time.sleep(0.2)
     raise SystemExit(f"workers not ready: {(root / 'workers.err').read_text()[-2000:]}")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def wait_done(cluster: Cluster, n: int, timeout: float = 1800) -> list:
@@ -124,7 +114,7 @@ def burst(args, pg: PgServer, root: Path, workers: int) -> dict:
         jobs = wait_done(cluster, len(series))
         wall = max(j.finished_at for j in jobs) - t0
     finally:
-        stop(procs)
+        stop_workers(procs)
         cluster.close()
     failed = [j for j in jobs if j.state != "done"]
     if failed:
@@ -151,7 +141,7 @@ def overhead(args, pg: PgServer, root: Path) -> list[float]:
             while not cluster.store.get(job.id).finished:
                 time.sleep(0.005)
     finally:
-        stop(procs)
+        stop_workers(procs)
         cluster.close()
     return waits
 

@@ -59,6 +59,7 @@ def _orthanc(out: Path, name: str, http: int, dicom: int, pg_uri: str, dsn: str,
 
 
 def run(args: argparse.Namespace) -> int:
+    from pacs_landmarks.jobs.distributed import stop_workers
     from pacs_landmarks.jobs.pgserver import PgServer
     from pacs_landmarks.jobs.pgstore import PgJobStore
 
@@ -155,13 +156,7 @@ def run(args: argparse.Namespace) -> int:
         _say(t0, "results found by C-FIND through every running Orthanc; stopping")
         return 0
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_workers(procs)
         for o in orthancs:
             o.stop()
         pg.stop()

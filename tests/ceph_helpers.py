@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pacs_landmarks.inference.landmark2d import Landmark2D
 from pacs_landmarks.landmark_sets import landmark_names
 
@@ -41,6 +43,20 @@ class TruthModel:
             else:
                 out.append(Landmark2D(name, (float(p[0]), float(p[1])), 0.9, "found"))
         return out
+
+
+def rendered_ceph(folder: Path, seed: int) -> Path:
+    """The synthetic lateral ceph of ``seed`` (0.4 mm imager pixels) written into ``folder``, with its truth
+    (``landmarks.json``) beside it: the file."""
+    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
+
+    return write_ceph(render_ceph(seed, imager_pixel_spacing=0.4), folder)
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory) -> Path:
+    """One ceph file for the Orthanc and cluster tests (import this fixture)."""
+    return rendered_ceph(tmp_path_factory.mktemp("ceph"), 13)
 
 
 def report_all_model(path: Path, seed: int = 0) -> Path:

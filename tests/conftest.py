@@ -74,3 +74,45 @@ def pg_dsn(pg_server, request):
 
     name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50]
     return pg_server.create_database(name)
+
+
+def _sigint_state() -> tuple[object, set]:
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+# Taken when pytest imports this file, before any test module: what every test must leave as it found.
+_SIGINT_AT_START = _sigint_state()
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_as_found():
+    """A test (or a fixture it set up, an earlier teardown, an import while collecting) that leaves this
+    process's SIGINT handler or signal mask other than at the start fails here, and the start's state is put
+    back: every later child would inherit an ignored or blocked SIGINT (test_viewer's Ctrl-C)."""
+    import signal
+
+    yield
+    handler, blocked = _SIGINT_AT_START
+    now_handler, now_blocked = _sigint_state()
+    if now_blocked != blocked:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if now_handler is not handler and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+    assert now_handler is handler and now_blocked == blocked, (
+        f"SIGINT left changed: handler {handler!r} -> {now_handler!r}, "
+        f"blocked signals {sorted(blocked)} -> {sorted(now_blocked)}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say so when this pytest started with SIGINT ignored or blocked: its children (servers that stop on
+    Ctrl-C) inherit that. A shell without job control starts a background job so (``sh -c 'make test &'``,
+    POSIX "Asynchronous Lists"); test_viewer's child hung 30 s in two such full-suite runs."""
+    import signal
+
+    handler, blocked = _SIGINT_AT_START
+    if handler is signal.SIG_IGN or signal.SIGINT in blocked:
+        terminalreporter.write_line(f"note: SIGINT was {'ignored' if handler is signal.SIG_IGN else 'blocked'} in "
+                                    "this pytest process from its start (a background job of a shell without job "
+                                    "control?); children that stop on Ctrl-C inherit that")

@@ -5,6 +5,8 @@ the base, so the shipped configuration is what is tested.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from pacs_landmarks.plugin.config import write_runtime_config
+from pacs_landmarks.plugin.config import REPO_ROOT, write_runtime_config
 from pacs_landmarks.plugin.launch import OrthancProcess
 
 HTTP_PORT = 18042
@@ -71,3 +73,15 @@ def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
         yield factory
     finally:
         factory.stop_all()
+
+
+def start_worker(orthanc: OrthancProcess, dsn: str, folder: Path, *options: str) -> subprocess.Popen:
+    """A real ``pacs-landmarks worker`` on every queue, in ``orthanc``'s network (it reads by WADO-RS and
+    stores by STOW-RS there), its storage in ``folder/shared``, its output in ``folder/worker.log``; stop it
+    with ``pacs_landmarks.jobs.distributed.stop_workers``."""
+    with open(folder / "worker.log", "w") as log:
+        return subprocess.Popen(
+            orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
+                                       str(folder / "shared"), "--queues", "analyse-stat,analyse,deliver", *options],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+        )

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import REPO
 
-from pacs_landmarks.jobs.distributed import Cluster, ClusterSettings  # noqa: E402
+from pacs_landmarks.jobs.distributed import Cluster, ClusterSettings, stop_workers  # noqa: E402
 
 STALLED_AFTER_S = 3.0  # the workers' setting (tests/cluster_worker.py --stalled-after)
 
@@ -65,15 +65,7 @@ class Workers:
         return [r for r in rows if event is None or r["event"] == event]
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_workers(self.procs, grace_s=15)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import pytest
 
 from test_node import CLI, ENV, Archive, NodeProc, phantom, series_uid_of, storescu, wait_for  # noqa: F401
 
+from pacs_landmarks.jobs.distributed import stop_workers
 from pacs_landmarks.jobs.pgstore import PgJobStore
 
 
@@ -45,9 +46,7 @@ def test_node_spools_and_enqueues_workers_analyse_and_deliver(pg_dsn, phantom, t
         assert not [e for e in node.events() if e.get("event") == "worker.warm_up"]
     finally:
         node.kill(15)
-        for w in workers:
-            w.terminate()
-            w.wait(30)
+        stop_workers(workers)
         archive.stop()
 
 
@@ -78,12 +77,15 @@ def test_node_stat_rule_queues_by_priority_and_calling_ae(pg_dsn, phantom, tmp_p
 
         def queued():
             jobs = {name: store.find(uid) for name, uid in series.items()}
-            return all(j and j[0].state == "queued" for j in jobs.values()) and jobs
+            if not all(j and j[0].state == "queued" for j in jobs.values()):
+                return None
+            with psycopg.connect(pg_dsn) as conn:
+                tasks = {int(args["job_id"]): (queue, priority) for queue, priority, args in conn.execute(
+                    "SELECT queue_name, priority, args FROM procrastinate_jobs WHERE task_name = 'analyse'")}
+            # Cluster.enqueue queues the job, then defers its task: a job may be queued a moment before its task.
+            return all(j[0].id in tasks for j in jobs.values()) and (jobs, tasks)
 
-        jobs = wait_for(queued, 60, "four queued jobs")
-        with psycopg.connect(pg_dsn) as conn:
-            tasks = {int(args["job_id"]): (queue, priority) for queue, priority, args in conn.execute(
-                "SELECT queue_name, priority, args FROM procrastinate_jobs WHERE task_name = 'analyse'")}
+        jobs, tasks = wait_for(queued, 60, "four queued jobs and their analysis tasks")
         got = {name: tasks[j[0].id] for name, j in jobs.items()}
         assert got == {"routine": (ANALYSE, ROUTINE_PRIORITY), "by_ae": (ANALYSE_STAT, STAT_PRIORITY),
                        "by_priority": (ANALYSE_STAT, STAT_PRIORITY), "low": (ANALYSE, ROUTINE_PRIORITY)}

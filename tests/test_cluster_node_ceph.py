@@ -8,10 +8,10 @@ from __future__ import annotations
 import subprocess
 
 import pydicom
-from ceph_helpers import report_all_model, write_ceph_variant
-from test_cluster_orthanc_ceph import ceph  # noqa: F401  (fixture)
+from ceph_helpers import ceph, report_all_model, write_ceph_variant  # noqa: F401  (fixture)
 from test_node import CLI, ENV, Archive, NodeProc, storescu, wait_for
 
+from pacs_landmarks.jobs.distributed import stop_workers
 from pacs_landmarks.jobs.pgstore import PgJobStore
 
 
@@ -78,8 +78,7 @@ def test_node_queues_ceph_image_jobs_worker_analyses_from_the_spool(pg_dsn, ceph
         assert not [e for e in node.events() if "model" in str(e.get("event"))]
     finally:
         node.kill(15)
-        worker.terminate()
-        worker.wait(30)
+        stop_workers([worker])
         archive.stop()
     text = log_path.read_text()
     # --warm-ceph: loaded once, at start, before the worker takes jobs (tests/test_cluster_orthanc_ceph.py: lazily)

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 
-from orthanc_harness import orthanc_factory, wait_for  # noqa: F401  (fixture)
+from orthanc_harness import orthanc_factory, start_worker, wait_for  # noqa: F401  (fixture)
 from test_orthanc import phantom, series_of  # noqa: F401  (fixture)
 
-from tests.conftest import REPO
+from pacs_landmarks.jobs.distributed import stop_workers
 
 
 def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_server, phantom, tmp_path,
@@ -21,12 +20,7 @@ def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_s
     orthanc = orthanc_factory.start(Queue="postgres", Dsn=dsn)
     health = orthanc.get_json("/pacs-landmarks/health")
     assert health["queue"] == "postgres" and health["model"] is None  # no model, no torch inside Orthanc
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(
-        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
-                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
+    worker = start_worker(orthanc, dsn, tmp_path)
     try:
         case_dir, truth = phantom
         orthanc.storescu(sorted(case_dir.glob("*.dcm")))
@@ -52,11 +46,7 @@ def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_s
                 path.write_bytes(body)
                 validate_dicom(path)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers([worker])
     text = (tmp_path / "worker.log").read_text()
     assert text.count("worker.warm_up") == 1  # the model loaded and warmed once
     assert "job.done" in text
@@ -71,12 +61,7 @@ def test_superseded_results_are_deleted_in_the_distributed_mode(orthanc_factory,
     pg_server.create_database("cluster_supersede")
     dsn = pg_server.socket_dsn("cluster_supersede")
     orthanc = orthanc_factory.start(Queue="postgres", Dsn=dsn)  # "Superseded": "delete" is the default
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(
-        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
-                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
+    worker = start_worker(orthanc, dsn, tmp_path)
     case_dir, truth = phantom
     files = sorted(case_dir.glob("*.dcm"),
                    key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[::-1]
@@ -118,11 +103,7 @@ def test_superseded_results_are_deleted_in_the_distributed_mode(orthanc_factory,
                  for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
         assert first["details"]["result_uids"]["landmark-sr"]["SOPInstanceUID"] in named
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers([worker])
     assert "results.superseded" in (tmp_path / "worker.log").read_text()
 
 
@@ -132,7 +113,6 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
     storage 3 s later: the worker retries (source_retry_s / delivery back-off), the job completes, nothing
     is lost. Orthanc runs in a network namespace held by a sleeping process, so the restarted Orthanc and
     the worker still share one loopback."""
-    import signal
     import time
 
     from pacs_landmarks.jobs.pgstore import PgJobStore
@@ -159,16 +139,17 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
     pg_server.create_database("cluster_orthanc_killed")
     dsn = pg_server.socket_dsn("cluster_orthanc_killed")
     config = orthanc_factory.config(Queue="postgres", Dsn=dsn)
-    holder = subprocess.Popen([program("unshare"), "-n", "--", "sh", "-c", "ip link set lo up && exec sleep 900"])
-    orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log").start()
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen(
-        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
-                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver"],
-        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-    )
+    holder = subprocess.Popen([program("unshare"), "-n", "--", "sh", "-c", "ip link set lo up && echo up && exec sleep 900"],
+                              stdout=subprocess.PIPE, text=True)
+    orthanc = NamespacedOrthanc(config, holder, tmp_path / "orthanc.log")
+    workers = []
     store = PgJobStore(dsn)
     try:
+        # Until the holder has its namespace, nsenter would join the host's: Orthanc on the host's loopback, out of
+        # the worker's reach (seen under load).
+        assert holder.stdout.readline() == "up\n"
+        orthanc.start()
+        workers.append(worker := start_worker(orthanc, dsn, tmp_path))
         wait_for(lambda: "worker.started" in (tmp_path / "worker.log").read_text(), 180, "the worker to start")
         case_dir, truth = phantom
         series_uid = truth["series_instance_uid"]
@@ -196,14 +177,11 @@ def test_orthanc_killed_while_the_worker_reads_then_back(orthanc_factory, pg_ser
         assert stored == {u["SOPInstanceUID"] for u in job.details["result_uids"].values()}
         assert len(orthanc.get_json("/instances")) == len(list(case_dir.glob("*.dcm"))) + 4
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers(workers)
         orthanc.stop()
         holder.kill()
         holder.wait()
+        holder.stdout.close()
 
 
 def test_a_multipart_body_cut_short_is_not_taken_for_whole():

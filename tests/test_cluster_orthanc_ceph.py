@@ -5,7 +5,6 @@ and stores the results back with STOW-RS, where dcmtk's findscu finds them. A pa
 not analysed, with the reason, and nothing is added."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,19 +12,12 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceph_helpers import report_all_model, write_ceph_variant  # noqa: E402
-from orthanc_harness import orthanc_factory, wait_for  # noqa: E402,F401  (fixture)
+from ceph_helpers import ceph, report_all_model, write_ceph_variant  # noqa: E402,F401  (fixture)
+from orthanc_harness import orthanc_factory, start_worker, wait_for  # noqa: E402,F401  (fixture)
 
-from tests.conftest import REPO  # noqa: E402
+from pacs_landmarks.jobs.distributed import stop_workers  # noqa: E402
 
 STABLE_AGE = 120  # longer than the test waits: an image job must not depend on STABLE_SERIES
-
-
-@pytest.fixture(scope="module")
-def ceph(tmp_path_factory) -> Path:
-    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
-
-    return write_ceph(render_ceph(13, imager_pixel_spacing=0.4), tmp_path_factory.mktemp("ceph"))
 
 
 def test_cluster_plugin_queues_ceph_image_jobs_worker_analyses_them(orthanc_factory, pg_server, ceph, tmp_path,
@@ -35,12 +27,7 @@ def test_cluster_plugin_queues_ceph_image_jobs_worker_analyses_them(orthanc_fact
     model = report_all_model(tmp_path / "ceph19-report-all.pt")
     orthanc = orthanc_factory.start({"StableAge": STABLE_AGE}, Queue="postgres", Dsn=dsn)
     log_path = tmp_path / "worker.log"
-    worker = subprocess.Popen(
-        orthanc.client_prefix() + [sys.executable, "-m", "pacs_landmarks", "worker", "--dsn", dsn, "--storage",
-                                   str(tmp_path / "shared"), "--queues", "analyse-stat,analyse,deliver",
-                                   "--ceph-model", str(model)],
-        cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-    )
+    worker = start_worker(orthanc, dsn, tmp_path, "--ceph-model", str(model))
 
     def finished(header):
         def check():
@@ -84,10 +71,6 @@ def test_cluster_plugin_queues_ceph_image_jobs_worker_analyses_them(orthanc_fact
         assert orthanc.get_json(f"/instances/{px_job['source']}")["MainDicomTags"]["SOPInstanceUID"] == \
             str(px_header.SOPInstanceUID), "the refused image stays stored"
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        stop_workers([worker])
     text = log_path.read_text()
     assert text.count("worker.image_model_loaded") == 1  # the 2D model: once, at the first image job

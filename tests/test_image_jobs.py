@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceph_helpers import TruthModel, write_ceph_variant  # noqa: E402
+from ceph_helpers import TruthModel, rendered_ceph, write_ceph_variant  # noqa: E402
 
 from pacs_landmarks.jobs.steps import JobSteps, input_kind  # noqa: E402
 from pacs_landmarks.jobs.store import JobStore  # noqa: E402
@@ -21,9 +21,7 @@ from pacs_landmarks.jobs.supersede import earlier_jobs  # noqa: E402
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory):
-    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
-
-    path = write_ceph(render_ceph(15, imager_pixel_spacing=0.4), tmp_path_factory.mktemp("ceph"))
+    path = rendered_ceph(tmp_path_factory.mktemp("ceph"), 15)
     return path, json.loads((path.parent / "landmarks.json").read_text())
 
 

@@ -180,14 +180,19 @@ def archive(tmp_path_factory):
     a.stop()
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory, archive):
-    n = NodeProc(tmp_path_factory.mktemp("node") / "storage", "--allow-ae", SENDER, "--allow-ae", "SENDER2",
-                 "--allow-ae", "SENDER3", "--allow-ae", "SENDER4", "--allow-ae", "FARAWAY@10.9.9.9",
-                 "--destination", archive.destination,
-                 "--idle-timeout", "0.5").start()
+def serving(tmp_path_factory, *args: str):
+    """A module's ``node`` fixture: `serve` with ``args`` on a new storage, stopped with SIGTERM at the end
+    (``yield from serving(...)``)."""
+    n = NodeProc(tmp_path_factory.mktemp("node") / "storage", *args).start()
     yield n
     n.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, archive):
+    yield from serving(tmp_path_factory, "--allow-ae", SENDER, "--allow-ae", "SENDER2", "--allow-ae", "SENDER3",
+                       "--allow-ae", "SENDER4", "--allow-ae", "FARAWAY@10.9.9.9", "--destination", archive.destination,
+                       "--idle-timeout", "0.5")
 
 
 def test_echo(node):

@@ -3,7 +3,6 @@ and dcmtk's storescp as the archive (tests/test_node.py's harness), all on 127.0
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import time
 from pathlib import Path
@@ -12,31 +11,20 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceph_helpers import report_all_model, write_ceph_variant  # noqa: E402
-from test_node import Archive, NodeProc, SENDER, storescu, wait_for  # noqa: E402
+from ceph_helpers import rendered_ceph, report_all_model, write_ceph_variant  # noqa: E402
+from test_node import SENDER, archive, serving, storescu, wait_for  # noqa: E402,F401  (fixture)
 
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory) -> Path:
-    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
-
-    return write_ceph(render_ceph(12, imager_pixel_spacing=0.4), tmp_path_factory.mktemp("ceph"))
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    a = Archive(tmp_path_factory.mktemp("archive")).start()
-    yield a
-    a.stop()
+    return rendered_ceph(tmp_path_factory.mktemp("ceph"), 12)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory, archive):
     model = report_all_model(tmp_path_factory.mktemp("model") / "ceph19-report-all.pt")
-    n = NodeProc(tmp_path_factory.mktemp("node") / "storage", "--allow-ae", SENDER, "--destination",
-                 archive.destination, "--idle-timeout", "30", "--ceph-model", str(model)).start()
-    yield n
-    n.kill(signal.SIGTERM)
+    yield from serving(tmp_path_factory, "--allow-ae", SENDER, "--destination", archive.destination,
+                       "--idle-timeout", "30", "--ceph-model", str(model))
 
 
 def _job_of(node, sop_uid: str, timeout: float = 120):

@@ -68,6 +68,11 @@ def test_mr_series_makes_no_job_but_ct_does(orthanc_factory):
     assert all(j["source"] != mr[0]["ID"] for j in orthanc.get_json("/pacs-landmarks/jobs"))
     ct = series_of(orthanc, "CT")[0]
     assert [j["source"] for j in jobs] == [ct["ID"]]
+    # The listing's query: only the states asked for, at most `limit` rows.
+    assert orthanc.get_json("/pacs-landmarks/jobs?state=no-such-state") == []
+    from pacs_landmarks.jobs.store import STATES
+
+    assert len(orthanc.get_json(f"/pacs-landmarks/jobs?state={','.join(STATES)}&limit=1")) == 1
     # Re-running by REST is refused for the MR series with a reason.
     answer = orthanc.post_json(f"/pacs-landmarks/series/{mr[0]['ID']}/run")
     assert answer["job"] is None and "modality MR" in answer["result"]

@@ -6,20 +6,12 @@ import sys
 from pathlib import Path
 
 import pydicom
-import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ceph_helpers import report_all_model, write_ceph_variant  # noqa: E402
+from ceph_helpers import ceph, report_all_model, write_ceph_variant  # noqa: E402,F401  (fixture)
 from orthanc_harness import orthanc_factory, wait_for  # noqa: E402,F401  (fixture)
 
 STABLE_AGE = 120  # longer than the test waits: an image job must not depend on STABLE_SERIES
-
-
-@pytest.fixture(scope="module")
-def ceph(tmp_path_factory) -> Path:
-    from pacs_landmarks.inference.ceph_phantom import render_ceph, write_ceph
-
-    return write_ceph(render_ceph(13, imager_pixel_spacing=0.4), tmp_path_factory.mktemp("ceph"))
 
 
 def _image_job(orthanc, sop_uid: str, series_uid: str) -> dict | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from pacs_landmarks.inference.phantom import MATERIAL_IDS, PhantomCase, Shape, make_case
+from pacs_landmarks.inference.phantom import MATERIAL_IDS, PhantomCase, Shape, _rot, make_case
 
 LANDMARK_SET = "ceph19"
 NAMES = (
@@ -90,15 +90,6 @@ class CephImage:
 
 
 # --------------------------------------------------------------------------------------------- anatomy
-def _rot(axis: str, deg: float) -> np.ndarray:
-    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-    if axis == "x":
-        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    if axis == "y":
-        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
-
-
 def _ellipsoid(name: str, material: str, centre, axes, R=None, clip=None) -> Shape:
     """An ellipsoid given directly in the head frame (``R`` columns: its axes)."""
     R = np.eye(3) if R is None else np.asarray(R, float)

@@ -199,6 +199,8 @@ def _frame(axis: np.ndarray, hint: Sequence[float] = (1.0, 0.0, 0.0)) -> np.ndar
 
 
 def _rot(axis: str, deg: float) -> np.ndarray:
+    """The rotation by ``deg`` degrees about the head frame's ``axis`` ("x", "y" or "z"; right-handed); the
+    ceph phantom turns its head with it too."""
     c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
     if axis == "x":
         return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])

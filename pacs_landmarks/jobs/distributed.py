@@ -39,10 +39,11 @@ import functools
 import logging
 import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,6 +455,21 @@ def run_worker(
         log_event("worker.warm_up", seconds=warm(model))
     _RUNTIME = _Runtime(settings, store, steps, name)
     asyncio.run(_run_async(settings, queues, name, on_ready))
+
+
+def stop_workers(procs: Iterable[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Stop worker processes (``run_worker`` in each) as SIGTERM asks, all at once: each finishes the job it
+    is running first; one that is still running after ``grace_s`` is killed (its job is the sweeper's)."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _lazy_image_model(steps: JobSteps, loader: Callable[[], Any]) -> Callable[[], Any]:

@@ -20,50 +20,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pacs_landmarks.jobs.store import SqlJobStore
+from pacs_landmarks.jobs.store import SqlJobStore, schema_sql
 
 SCHEMA = "pacs_landmarks"
 
-# The SQLite schema with PostgreSQL types: BIGSERIAL ids, DOUBLE PRECISION times (REAL would be float4 and
-# lose the milliseconds of a UNIX time), an explicit event order (SQLite's rowid).
-_SCHEMA_SQL = f"""
-CREATE SCHEMA IF NOT EXISTS {SCHEMA};
-CREATE TABLE IF NOT EXISTS {SCHEMA}.jobs (
-    id BIGSERIAL PRIMARY KEY,
-    series_instance_uid TEXT NOT NULL,
-    study_instance_uid TEXT,
-    source TEXT NOT NULL,
-    model_name TEXT,
-    model_version TEXT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    delivery_attempts INTEGER NOT NULL DEFAULT 0,
-    instances INTEGER NOT NULL DEFAULT 0,
-    owner TEXT,
-    next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    queued_at DOUBLE PRECISION,
-    started_at DOUBLE PRECISION,
-    finished_at DOUBLE PRECISION,
-    timings TEXT NOT NULL DEFAULT '{{}}',
-    results TEXT NOT NULL DEFAULT '{{}}',
-    destinations TEXT NOT NULL DEFAULT '[]',
-    delivery TEXT NOT NULL DEFAULT '{{}}',
-    details TEXT NOT NULL DEFAULT '{{}}'
-);
-CREATE INDEX IF NOT EXISTS jobs_series ON {SCHEMA}.jobs (series_instance_uid, source);
-CREATE INDEX IF NOT EXISTS jobs_state ON {SCHEMA}.jobs (state, next_attempt_at);
-CREATE TABLE IF NOT EXISTS {SCHEMA}.job_events (
-    seq BIGSERIAL PRIMARY KEY,
-    job_id BIGINT NOT NULL REFERENCES {SCHEMA}.jobs(id),
-    at DOUBLE PRECISION NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT
-);
-CREATE INDEX IF NOT EXISTS job_events_job ON {SCHEMA}.job_events (job_id);
-"""
+# The SQLite store's schema with PostgreSQL types: BIGSERIAL ids, DOUBLE PRECISION times (REAL would be
+# float4 and lose the milliseconds of a UNIX time), an explicit event order (SQLite's rowid), in SCHEMA.
+_SCHEMA_SQL = f"\nCREATE SCHEMA IF NOT EXISTS {SCHEMA};" + schema_sql(
+    job_id="BIGSERIAL PRIMARY KEY", time="DOUBLE PRECISION", job_ref="BIGINT",
+    event_order="seq BIGSERIAL PRIMARY KEY", tables=f"{SCHEMA}.",
+)
 # Any constant: concurrent first starts must not race on CREATE TABLE IF NOT EXISTS (it is not atomic).
 _SCHEMA_LOCK = 0x6C616E64
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import string
 import threading
 import time
 import uuid
@@ -64,9 +65,10 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "failed": ("queued",),
 }
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+# The schema once for both stores; the dialects differ only in what the placeholders say (``schema_sql``).
+_SCHEMA_TEMPLATE = string.Template("""
+CREATE TABLE IF NOT EXISTS ${tables}jobs (
+    id $job_id,
     series_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT,
     source TEXT NOT NULL,
@@ -78,28 +80,41 @@ CREATE TABLE IF NOT EXISTS jobs (
     delivery_attempts INTEGER NOT NULL DEFAULT 0,
     instances INTEGER NOT NULL DEFAULT 0,
     owner TEXT,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    queued_at REAL,
-    started_at REAL,
-    finished_at REAL,
+    next_attempt_at $time NOT NULL DEFAULT 0,
+    created_at $time NOT NULL,
+    updated_at $time NOT NULL,
+    queued_at $time,
+    started_at $time,
+    finished_at $time,
     timings TEXT NOT NULL DEFAULT '{}',
     results TEXT NOT NULL DEFAULT '{}',
     destinations TEXT NOT NULL DEFAULT '[]',
     delivery TEXT NOT NULL DEFAULT '{}',
     details TEXT NOT NULL DEFAULT '{}'
 );
-CREATE INDEX IF NOT EXISTS jobs_series ON jobs (series_instance_uid, source);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
-CREATE TABLE IF NOT EXISTS job_events (
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    at REAL NOT NULL,
+CREATE INDEX IF NOT EXISTS jobs_series ON ${tables}jobs (series_instance_uid, source);
+CREATE INDEX IF NOT EXISTS jobs_state ON ${tables}jobs (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS ${tables}job_events (${event_order}
+    job_id $job_ref NOT NULL REFERENCES ${tables}jobs(id),
+    at $time NOT NULL,
     state TEXT NOT NULL,
     reason TEXT
 );
-CREATE INDEX IF NOT EXISTS job_events_job ON job_events (job_id);
-"""
+CREATE INDEX IF NOT EXISTS job_events_job ON ${tables}job_events (job_id);
+""")
+
+
+def schema_sql(*, job_id: str, time: str, job_ref: str, event_order: str = "", tables: str = "") -> str:
+    """The jobs and job_events tables in one SQL dialect: ``job_id`` the id column's type and key,
+    ``time`` the type of a UNIX time, ``job_ref`` the type of a job id in events, ``event_order`` a leading
+    events column that orders them (none where the database has one: SQLite's rowid), ``tables`` a schema
+    prefix of the table names."""
+    order = f"\n    {event_order}," if event_order else ""
+    return _SCHEMA_TEMPLATE.substitute(job_id=job_id, time=time, job_ref=job_ref, event_order=order,
+                                       tables=tables)
+
+
+_SCHEMA = schema_sql(job_id="INTEGER PRIMARY KEY AUTOINCREMENT", time="REAL", job_ref="INTEGER")
 
 _JSON_FIELDS = ("timings", "results", "destinations", "delivery", "details")
 _EVENT_INSERT = "INSERT INTO job_events (job_id, at, state, reason) VALUES (?,?,?,?)"

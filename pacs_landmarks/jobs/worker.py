@@ -20,11 +20,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-from pydicom.dataset import Dataset
 
 from pacs_landmarks.jobs.logs import log_event
 from pacs_landmarks.jobs.steps import (  # noqa: F401  (re-exported: front ends import them from here)
@@ -53,32 +49,21 @@ class Worker(threading.Thread):
         store: JobStore,
         model: Any,
         *,
-        loader: Loader,
-        deliver: Deliver,
-        results_dir: Path,
-        backoff_base_s: float = 1.0,
-        backoff_max_s: float = 60.0,
-        max_delivery_attempts: int | None = None,
-        max_attempts: int = 3,
         poll_interval_s: float = 1.0,
-        process_series: Callable[[list[Dataset], Any], Any] | None = None,
         name: str = "landmark-worker",
         warm_up: bool = True,
-        image_model: Any = None,
+        **steps: Any,
     ):
+        """``steps``: the keyword options of ``JobSteps`` (``loader``, ``deliver``, ``results_dir``, the back-off
+        and attempt limits, ``process_series``, ``image_model``) but ``owner``: this worker's, one per thread."""
         super().__init__(name=name, daemon=True)
         self.store = store
         self.model = model
         self.poll_interval_s = poll_interval_s
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.steps = JobSteps(
-            store, model, loader=loader, deliver=deliver, results_dir=results_dir, owner=self.owner,
-            backoff_base_s=backoff_base_s, backoff_max_s=backoff_max_s,
-            max_delivery_attempts=max_delivery_attempts, max_attempts=max_attempts, process_series=process_series,
-            image_model=image_model,
-        )
+        self.steps = JobSteps(store, model, owner=self.owner, **steps)
         # Only the real pipeline is warmed up: an injected one (tests) is called for jobs only.
-        self._warm_up = warm_up and process_series is None
+        self._warm_up = warm_up and steps.get("process_series") is None
         self._wake = threading.Event()
         self._stopping = threading.Event()
 

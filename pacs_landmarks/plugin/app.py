@@ -114,6 +114,9 @@ class LandmarkPlugin:
         o.RegisterRestCallback("/pacs-landmarks/jobs", self.rest_jobs)
         o.RegisterRestCallback("/pacs-landmarks/health", self.rest_health)
         o.RegisterRestCallback("/pacs-landmarks/series/([^/]+)/run", self.rest_run)
+        self._start_loading_model()
+
+    def _start_loading_model(self) -> None:
         # Loading torch and the model takes seconds: start now, overlapping Orthanc's own start-up.
         self._loader_thread.start()
 
@@ -423,13 +426,18 @@ class LandmarkPlugin:
             output.SendHttpStatus(status, data)
 
     def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
+        """``GET /pacs-landmarks/jobs?state=queued,running&limit=N``: the jobs (all states, 100 when not said)."""
         if request.get("method") != "GET":
             output.SendMethodNotAllowed("GET")
             return
         args = request.get("get") or {}
         states = [s for s in args.get("state", "").split(",") if s] or None
         limit = int(args["limit"]) if str(args.get("limit", "")).isdigit() else 100
-        self._answer(output, [j.to_json() for j in self.store.list(states, limit=limit)])
+        self._answer(output, self.jobs_listing(states, limit))
+
+    def jobs_listing(self, states: list[str] | None, limit: int) -> list[dict[str, Any]]:
+        """What ``/pacs-landmarks/jobs`` lists: this Orthanc's jobs."""
+        return [j.to_json() for j in self.store.list(states, limit=limit)]
 
     def rest_health(self, output: Any, uri: str, **request: Any) -> None:
         if request.get("method") != "GET":

@@ -31,12 +31,7 @@ class ClusterPlugin(LandmarkPlugin):
         self.cluster = Cluster(self.settings.cluster_settings())
         return self.cluster.store
 
-    def install(self) -> None:
-        o = self.orthanc
-        o.RegisterOnChangeCallback(self.on_change)
-        o.RegisterRestCallback("/pacs-landmarks/jobs", self.rest_jobs)
-        o.RegisterRestCallback("/pacs-landmarks/health", self.rest_health)
-        o.RegisterRestCallback("/pacs-landmarks/series/([^/]+)/run", self.rest_run)
+    def _start_loading_model(self) -> None:
         self._model_ready.set()  # no model here: the workers have it
 
     def start(self) -> None:
@@ -108,15 +103,9 @@ class ClusterPlugin(LandmarkPlugin):
             job = self.store.get(job.id)
         return job, "queued" if created else "already queued"
 
-    def rest_jobs(self, output: Any, uri: str, **request: Any) -> None:
+    def jobs_listing(self, states: list[str] | None, limit: int) -> list[dict[str, Any]]:
         """The cluster's jobs (every Orthanc's and node's), with the worker that ran each."""
-        if request.get("method") != "GET":
-            output.SendMethodNotAllowed("GET")
-            return
-        args = request.get("get") or {}
-        states = [s for s in args.get("state", "").split(",") if s] or None
-        limit = int(args["limit"]) if str(args.get("limit", "")).isdigit() else 100
-        self._answer(output, cluster_jobs(self.store, states, limit))
+        return cluster_jobs(self.store, states, limit)
 
     def rest_health(self, output: Any, uri: str, **request: Any) -> None:
         if request.get("method") != "GET":

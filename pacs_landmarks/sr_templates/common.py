@@ -63,6 +63,23 @@ def result_uids(volume, kind: str, alg: Algorithm) -> tuple[str, str]:
     return tuple(result_uid(series, sources, kind, alg.name, alg.version, what) for what in ("series", "instance"))
 
 
+def result_identity(volume, kind: str, alg: Algorithm) -> dict[str, object]:
+    """The keyword arguments that identify a ``kind`` result in highdicom's constructors: its series (General
+    Series, PS3.3 C.7.3.1: the derived UID and the fixed number of ``kind``), its instance (SOP Common, C.12.1;
+    one per series) and its manufacturer (General Equipment, C.7.5.1)."""
+    number, _ = SERIES[kind]
+    series_uid, sop_uid = result_uids(volume, kind, alg)
+    return dict(series_instance_uid=series_uid, series_number=number, sop_instance_uid=sop_uid, instance_number=1,
+                manufacturer=MANUFACTURER)
+
+
+def image_result_identity(volume, kind: str, alg: Algorithm) -> dict[str, object]:
+    """``result_identity`` and what Enhanced General Equipment (PS3.3 C.7.5.2) adds, which the SEG and GSPS
+    IODs require (``finish`` completes it)."""
+    return dict(result_identity(volume, kind, alg), manufacturer_model_name=MANUFACTURER,
+                software_versions=alg.version, device_serial_number="0")
+
+
 def reference(ds: Dataset) -> Dataset:
     """The four UIDs that identify a stored object (what a Predecessor Documents Sequence item needs)."""
     ref = Dataset()
@@ -141,17 +158,12 @@ def sr_document(report, evidence: list[Dataset], kind: str, alg: Algorithm, volu
         if elem.keyword != "ContentSequence":
             stub.add(elem)
     stub.ContentSequence = []
-    number, _ = SERIES[kind]
-    series_uid, sop_uid = result_uids(volume, kind, alg)
-    replaced = next((p for p in predecessors if str(p.SOPInstanceUID) != sop_uid), None)
+    identity = result_identity(volume, kind, alg)
+    replaced = next((p for p in predecessors if str(p.SOPInstanceUID) != identity["sop_instance_uid"]), None)
     ds = (Comprehensive3DSR if three_d else ComprehensiveSR)(
         evidence=evidence,
         content=stub,
-        series_instance_uid=series_uid,
-        series_number=number,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
+        **identity,
         is_complete=True,
         is_final=False,  # PRELIMINARY: a person verifies the result, not this software
         is_verified=False,

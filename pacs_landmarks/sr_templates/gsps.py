@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pacs_landmarks.dicom.volume import SliceSource, Volume
 from pacs_landmarks.inference.landmark import Landmark
 from pacs_landmarks.landmark_sets import rgb_to_cielab
-from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish, result_uids
+from pacs_landmarks.sr_templates.common import SERIES, Algorithm, evidence_headers, finish, image_result_identity
 from pacs_landmarks.sr_templates.geometry import SourcePlane, nearest_plane, source_planes
 
 # Layer name -> (order, description, sRGB colour, stored as Graphic Layer Recommended Display CIELab Value).
@@ -215,20 +215,11 @@ def _presentation_state(referenced: list[Dataset], source_of, marks: list[Mark],
         # (minimum = white) the Presentation LUT must invert, as their own Presentation LUT Shape does.
         extra["presentation_lut_transformation"] = hd.PresentationLUTTransformation(
             presentation_lut_shape=hd.PresentationLUTShapeValues.INVERSE)
-    number, description = SERIES["gsps"]
-    series_uid, sop_uid = result_uids(source_of, "gsps", algorithm)
     ds = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=referenced,
-        series_instance_uid=series_uid,
-        series_number=number,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=algorithm.version,
-        device_serial_number="0",
+        **image_result_identity(source_of, "gsps", algorithm),
         content_label="AI_LANDMARKS",
-        content_description=description,
+        content_description=SERIES["gsps"][1],
         graphic_annotations=annotations or None,
         graphic_layers=list(layers.values()) or None,
         **_shared_transformations(referenced),

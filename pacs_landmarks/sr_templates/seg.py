@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from pacs_landmarks.dicom.volume import Volume
 from pacs_landmarks.inference.landmark import FOUND, Landmark
-from pacs_landmarks.sr_templates.common import MANUFACTURER, SERIES, Algorithm, evidence_headers, finish, result_uids
+from pacs_landmarks.sr_templates.common import Algorithm, evidence_headers, finish, image_result_identity
 from pacs_landmarks.sr_templates.geometry import SourcePlane, plane_distances, source_planes
 from pacs_landmarks.landmark_sets import coded, landmark_definition, rgb_to_cielab
 from pacs_landmarks.sr_templates.uids import tracking_uid
@@ -144,21 +144,12 @@ def build_landmark_seg(volume: Volume, landmarks: list[Landmark], algorithm: Alg
                 display_color=rgb_to_cielab(tuple(definition["color_rgb"])),
             )
         )
-    number, _ = SERIES["seg"]
-    series_uid, sop_uid = result_uids(volume, "seg", algorithm)
     ds = hd.seg.Segmentation(
         **_frames_and_sources(planes, used),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=series_uid,
-        series_number=number,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=algorithm.version,
-        device_serial_number="0",
+        **image_result_identity(volume, "seg", algorithm),
         content_label="LANDMARKS",
         content_description="AI landmark spheres",
         omit_empty_frames=True,
