@@ -108,7 +108,7 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
-    assert model.trained and model.version == "2.0.0"
+    assert model.trained and model.version == "2.1.0"
     # 2.0: a presence output, a shape model of the training truth, a calibrated threshold
     assert model.stages[0].presence and model.shape_model is not None
     assert model.shape_model.n_landmarks == 16 and 0.3 <= model.low_confidence < 0.9

@@ -83,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         cal = calibrate_model(model, result, args.calibrate)
         print(f"calibrated threshold {cal['low_confidence']:.2f}: {cal.get('share')} of {cal['n']} points at or "
-              f"above it within 2 mm; model written to {args.calibrate}")
+              f"above it within 2 mm; {model.name} {model.version} ({model.path}) written to {args.calibrate}")
     if args.plots:
         paths = box_plots(result, args.plots)
         print(f"{len(paths)} box plots in {args.plots}")
@@ -238,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "landmarks of landmarks.json); every annotator is scored besides, with the inter-observer "
                    "distance")
     p.add_argument("--calibrate", default=None, metavar="OUT.pt",
-                   help="write the model with the lowest confidence threshold at which >= 95 %% of the points "
+                   help="write the evaluated model (--model; without it the shipped one) with the lowest confidence threshold at which >= 95 %% of the points "
                    "at or above it are within 2 mm on these cases (use held-out cases)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
