@@ -117,15 +117,15 @@ def main():
         if not r:
             continue
         w(f"## {title}\n")
-        w(HEADER.format(what="stage (all landmarks)"))
+        w(HEADER.format(what="stage (all landmarks)", axes="x / y / z"))
         for st in r["stages"]:
             w(_row(st, r["overall"][st]))
         w("")
-        w(HEADER.format(what="landmark (fine stage)"))
+        w(HEADER.format(what="landmark (fine stage)", axes="x / y / z"))
         for n in r["landmarks"]:
             w(_row(n, r["per_landmark"][r["stages"][-1]][n]))
         w("")
-        w(HEADER.format(what="found landmarks"))
+        w(HEADER.format(what="found landmarks", axes="x / y / z"))
         w(_row("found", r["status"]["found_error"]))
         w("")
     w("## Per scan range and condition: statuses\n")
