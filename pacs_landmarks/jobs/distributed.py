@@ -229,7 +229,8 @@ _MODELS_SQL = f"""CREATE TABLE IF NOT EXISTS {SCHEMA}.worker_models (
 
 def announce_model(store: PgJobStore, kind: str, model: Any, worker: str) -> None:
     """Record that ``worker`` runs ``model`` for ``kind`` ("series" or "image"): the last announcement is the
-    cluster's current model (a new model version is rolled out by starting workers with it)."""
+    cluster's current model (a new model version is rolled out by starting workers with it and stopping the
+    old ones)."""
     name = getattr(model, "name", None)
     if name is None:
         return
