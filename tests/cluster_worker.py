@@ -30,14 +30,24 @@ def _uid(*parts: str) -> str:
     return "2.25." + str(int(hashlib.sha256("|".join(parts).encode()).hexdigest()[:30], 16))
 
 
+class StubModel:
+    """A model's identity only (``--model-version``): what the worker records on its jobs and announces."""
+
+    name = "stub-model"
+
+    def __init__(self, version: str):
+        self.version = version
+
+
 class StubResults:
-    def __init__(self, series: str):
+    def __init__(self, series: str, version: str = ""):
         self.landmarks = []
         self.timings = {"cascade": 0.0}
         for kind in ("landmark_sr", "measurements_sr", "seg"):
             ds = Dataset()
             ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
-            ds.SOPInstanceUID = _uid(series, kind)  # deterministic, like the real results
+            # deterministic, like the real results (whose UIDs also depend on the model version)
+            ds.SOPInstanceUID = _uid(series, kind, *([version] if version else []))
             ds.SeriesInstanceUID = _uid(series, "results")
             ds.StudyInstanceUID = _uid(series, "study")
             ds.file_meta = FileMetaDataset()
@@ -56,6 +66,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=0.3)
     p.add_argument("--stalled-after", type=float, default=3.0)
     p.add_argument("--max-routine-wait", type=float, default=300.0)
+    p.add_argument("--model-version", default=None, help="a model with a name and this version (default: none)")
     args = p.parse_args()
     log = Path(args.log)
 
@@ -64,7 +75,7 @@ def main() -> None:
             fh.write(json.dumps({"pid": os.getpid(), **entry}) + "\n")
 
     write(event="model_loaded", t=time.time())  # once per process, before the first job
-    model = object()
+    model = StubModel(args.model_version) if args.model_version else object()
 
     def process_series(datasets, model_, predecessors=None):
         series = os.path.basename(str(datasets[0]))
@@ -72,7 +83,7 @@ def main() -> None:
         write(event="run_start", series=series, t=start)
         time.sleep(args.seconds)
         write(event="run_end", series=series, start=start, t=time.time())
-        return StubResults(series)
+        return StubResults(series, args.model_version or "")
 
     settings = ClusterSettings(dsn=args.dsn, results_dir=args.results, heartbeat_s=0.5,
                                stalled_after_s=args.stalled_after, sweep_interval_s=0.5,

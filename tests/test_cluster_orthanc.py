@@ -35,6 +35,7 @@ def test_plugin_enqueues_worker_analyses_results_come_back(orthanc_factory, pg_s
 
         job = wait_for(finished, 300, "the cluster job to be done")[0]
         assert job["worker"] and job["attempts"] == 1 and job["timings"]["cascade"] > 0
+        assert job["model_name"] == "craniofacial16-demo" and job["model_version"]  # recorded by the worker
         assert list(job["delivery"].values()) == ["success"]
         # The results are in Orthanc: landmark SR, measurements SR, SEG, valid DICOM.
         results = series_of(orthanc, "SR") + series_of(orthanc, "SEG")

@@ -43,6 +43,7 @@ def test_cluster_plugin_queues_ceph_image_jobs_worker_analyses_them(orthanc_fact
         orthanc.storescu([ceph])
         job = wait_for(finished(header), 240, f"the image job (StableAge {STABLE_AGE} s: it must not wait)")[0]
         assert job["details"]["kind"] == "image" and job["worker"] and job["attempts"] == 1
+        assert job["model_name"] == "ceph19-report-all" and job["model_version"]  # recorded by the worker
         assert job["series_instance_uid"] == str(header.SeriesInstanceUID)
         assert list(job["delivery"].values()) == ["success"]
         made = {kind: u["SOPInstanceUID"] for kind, u in job["details"]["result_uids"].items()}

@@ -19,6 +19,11 @@ Queues and procrastinate options:
   separate jobs and run side by side.
 - Image jobs: the worker loads the 2D model (``image_model_loader``) when the first image job comes, once per
   process (or at start, ``warm_image_model``); a worker that never sees a cephalogram never loads it.
+- Which model: the worker records on each job the model it ran (``model_name`` / ``model_version``, as the
+  embedded front ends do when they queue), and announces the model it loaded (``announce_model``: the series
+  model at start, the 2D model when it loads it). A front end, which loads no model, asks
+  ``Cluster.current_model`` which model the workers run now: an input analysed by an earlier model version is
+  analysed again without ``force`` (``Cluster.analysed_now``), and its new results supersede the old ones.
 - No starvation: a routine job older than ``max_routine_wait_s`` is raised to ``STAT_PRIORITY`` by the
   sweeper (ageing), so under a constant STAT load routine work still waits a bounded time.
 - A killed worker: procrastinate workers write a heartbeat every ``heartbeat_s``; every worker process runs a
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_landmarks.jobs.logs import log_event
-from pacs_landmarks.jobs.pgstore import PgJobStore
+from pacs_landmarks.jobs.pgstore import _SCHEMA_LOCK, SCHEMA, PgJobStore
 from pacs_landmarks.jobs.priority import is_stat  # noqa: F401  (the front ends' priority rule)
 from pacs_landmarks.jobs.steps import JobSteps
 from pacs_landmarks.jobs.store import Job
@@ -204,6 +209,49 @@ class Cluster:
     def jobs(self, states: list[str] | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """The cluster's jobs (newest first) with their queue facts: which worker, task attempts, timings."""
         return cluster_jobs(self.store, states, limit)
+
+    def current_model(self, kind: str = "series") -> tuple[str | None, str | None]:
+        """(name, version) of the model the cluster's workers run for ``kind`` ("series": CT; "image": the 2D
+        model): the last one a worker announced (``announce_model``); (None, None) before any did."""
+        return current_model(self.store, kind)
+
+    def analysed_now(self, jobs: list[Job], kind: str = "series") -> list[Job]:
+        """Of ``jobs`` (earlier jobs of one input), those that count as "analysed already": not failed, and run
+        with the model the workers announce now, or not run yet (no model recorded: queued). Every job that did
+        not fail counts while no model has been announced."""
+        name, version = self.current_model(kind)
+        return [j for j in jobs if j.state != "failed" and (
+            name is None or j.model_name is None or (j.model_name, j.model_version) == (name, version))]
+
+
+_MODELS_SQL = f"""CREATE TABLE IF NOT EXISTS {SCHEMA}.worker_models (
+    kind TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT, worker TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)"""
+
+
+def announce_model(store: PgJobStore, kind: str, model: Any, worker: str) -> None:
+    """Record that ``worker`` runs ``model`` for ``kind`` ("series" or "image"): the last announcement is the
+    cluster's current model (a new model version is rolled out by starting workers with it and stopping the
+    old ones)."""
+    name = getattr(model, "name", None)
+    if name is None:
+        return
+    version = getattr(model, "version", None)
+    with store._write() as db:
+        db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+        db.execute(_MODELS_SQL)
+        db.execute("INSERT INTO worker_models (kind, name, version, worker, at) VALUES (?,?,?,?,?) ON CONFLICT (kind)"
+                   " DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version, worker = EXCLUDED.worker,"
+                   " at = EXCLUDED.at", (kind, str(name), None if version is None else str(version), worker, time.time()))
+    log_event("worker.model", kind=kind, model=str(name), version=version, worker=worker)
+
+
+def current_model(store: PgJobStore, kind: str) -> tuple[str | None, str | None]:
+    """(name, version) last announced for ``kind``; (None, None) when none was."""
+    db = store._db()
+    if db.execute(f"SELECT to_regclass('{SCHEMA}.worker_models') AS t").fetchone()["t"] is None:
+        return None, None
+    row = db.execute("SELECT name, version FROM worker_models WHERE kind = ?", (kind,)).fetchone()
+    return (row["name"], row["version"]) if row else (None, None)
 
 
 def lock_key(job: Job | dict[str, Any]) -> str:
@@ -446,9 +494,11 @@ def run_worker(
         process_series=process_series, image_model=image_model,
     )
     shipped = functools.partial(JobSteps.load_image_model, steps)  # the shipped ceph19 model
-    steps.load_image_model = _lazy_image_model(steps, image_model_loader or shipped)  # type: ignore[method-assign]
-    if warm_image_model and set(queues) & {ANALYSE, ANALYSE_STAT}:
-        steps.load_image_model()
+    steps.load_image_model = _lazy_image_model(steps, image_model_loader or shipped, store, name)  # type: ignore[method-assign]
+    if model is not None and set(queues) & {ANALYSE, ANALYSE_STAT}:
+        announce_model(store, "series", model, name)
+    if (warm_image_model or image_model is not None) and set(queues) & {ANALYSE, ANALYSE_STAT}:
+        steps.load_image_model()  # (a given one is only announced)
     if warm_up and model is not None and process_series is None and set(queues) & {ANALYSE, ANALYSE_STAT}:
         from pacs_landmarks.pipeline import warm_up as warm
 
@@ -472,9 +522,12 @@ def stop_workers(procs: Iterable[subprocess.Popen], grace_s: float = 30.0) -> No
             p.wait()
 
 
-def _lazy_image_model(steps: JobSteps, loader: Callable[[], Any]) -> Callable[[], Any]:
+def _lazy_image_model(steps: JobSteps, loader: Callable[[], Any], store: PgJobStore,
+                      worker: str) -> Callable[[], Any]:
     """``JobSteps.load_image_model`` for a worker: ``loader()`` once, at the first image job (tasks run one at
-    a time in a worker process: ``_Runtime.busy``)."""
+    a time in a worker process: ``_Runtime.busy``), then announced (``announce_model``)."""
+
+    announced: list[Any] = []
 
     def load() -> Any:
         if steps.image_model is None:
@@ -482,6 +535,12 @@ def _lazy_image_model(steps: JobSteps, loader: Callable[[], Any]) -> Callable[[]
             steps.image_model = loader()
             log_event("worker.image_model_loaded", model=getattr(steps.image_model, "name", None),
                       version=getattr(steps.image_model, "version", None), seconds=time.perf_counter() - t)
+        if not announced:
+            try:
+                announce_model(store, "image", steps.image_model, worker)
+                announced.append(steps.image_model)
+            except Exception as exc:  # PostgreSQL away: not this job's fault; announced at the next image job
+                log_event("worker.model_not_announced", logging.WARNING, reason=f"{type(exc).__name__}: {exc}")
         return steps.image_model
 
     return load

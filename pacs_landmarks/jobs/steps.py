@@ -23,7 +23,9 @@ A front end supplies:
 Per job:
 
 1. ``queued -> running`` (``JobStore.claim``, by the caller); a job claimed more than ``max_attempts`` times
-   (the process died while analysing it each time) fails instead of crashing the node again.
+   (the process died while analysing it each time) fails instead of crashing the node again. The job's
+   ``model_name`` / ``model_version`` become those of the model it runs with (the 2D model for an image job):
+   the distributed mode's front ends load no model and queue jobs without them.
 2. ``loader`` + ``pacs_landmarks.pipeline.process_series(datasets, model, predecessors)`` (an image job:
    ``process_image(dataset, image_model, predecessors)``; an image that is not a lateral cephalogram,
    ``pipeline.NotACephalogram``, makes no results: the job ends ``done`` with the reason, e.g. "not analysed:
@@ -224,8 +226,13 @@ class JobSteps:
         log_event("job.running", job=job.id, series=job.series_instance_uid, attempt=job.attempts, worker=self.owner)
         if job.attempts > self.max_attempts:
             return self.fail(job, f"gave up after {job.attempts - 1} attempts that did not finish")
+        try:
+            model = self.load_image_model() if job.details.get("kind") == "image" else self.model
+        except Exception as exc:  # a 2D model file that cannot be read: this job fails with the reason
+            return self.fail(job, f"{type(exc).__name__}: {exc}")
         # Read from the job store before the series' own work: a store that is down (PostgreSQL restarting) is
         # not the series' fault and must not fail the job; the error goes to the worker, which retries.
+        job = self._record_model(job, model)
         replaced = predecessors(self.store, job)
         from pacs_landmarks.pipeline import NotACephalogram
 
@@ -239,6 +246,15 @@ class JobSteps:
             return self.fail(job, f"{type(exc).__name__}: {exc}")
         # Outside the try for the same reason as above: a store error here is retried, not the series' failure.
         return self._record_analysis(job, datasets, results, paths, timings, replaced)
+
+    def _record_model(self, job: Job, model: Any) -> Job:
+        """The job's record names the model it runs with, as the embedded front ends record it when they queue
+        it: the distributed mode's front ends load no model, so the worker does (before ``predecessors``, which
+        compares model names, and so that a front end can tell which model version analysed an input)."""
+        name, version = getattr(model, "name", None), getattr(model, "version", None)
+        if name is None or (job.model_name, job.model_version) == (str(name), str(version)):
+            return job
+        return self.store.record_model(job.id, str(name), None if version is None else str(version))
 
     def _analyse(self, job: Job, replaced: dict[str, list[Dataset]]) -> tuple[list, Any, dict[str, str], dict]:
         """Read, run the pipeline, write the results: the series' own work."""

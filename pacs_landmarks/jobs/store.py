@@ -289,6 +289,16 @@ class SqlJobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (new_id,)).fetchone()
             return self._job(row), True
 
+    def record_model(self, job_id: int, name: str | None, version: str | None) -> Job:
+        """Record the model a job runs with (the worker's; a front end without a model queues jobs without)."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET model_name = ?, model_version = ?, updated_at = ? WHERE id = ?",
+                       (name, version, time.time(), int(job_id)))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (int(job_id),)).fetchone()
+        if row is None:
+            raise JobStateError(f"no job {job_id}")
+        return self._job(row)
+
     def record_instances(self, job_id: int, count: int = 1, details: dict[str, Any] | None = None) -> None:
         """Add ``count`` received instances to a job, and merge ``details`` into its free-form facts."""
         with self._write() as db:

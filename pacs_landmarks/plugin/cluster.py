@@ -12,7 +12,8 @@ Cephalograms (``"Cephalograms": true``, the default): as in the embedded mode, e
 the whole input), with the same STAT rule as a series; the worker reads that one instance by WADO-RS
 (``job.details["sop_instance_uid"]``) and loads the 2D model itself (``pacs-landmarks worker --ceph-model``):
 ``CephModel`` is not read here. The same image again (a re-run) is a new job whose results replace the
-image's earlier ones only.
+image's earlier ones only. Whether an image or series was "processed already" compares the model version
+its job recorded (the worker records it) with the one the workers announce (``Cluster.current_model``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ from pacs_landmarks.plugin.app import LandmarkPlugin
 
 class ClusterPlugin(LandmarkPlugin):
     analyses_images = True  # X-ray images become image jobs; the workers load the 2D model
+
+    @property
+    def model_identity(self) -> tuple[str | None, str | None]:
+        """The CT model the cluster's workers run (no model here): a series analysed by another version is
+        analysed again (``LandmarkPlugin.consider_series``)."""
+        return self.cluster.current_model("series")
+
     def _open_store(self) -> Any:
         self.cluster = Cluster(self.settings.cluster_settings())
         return self.cluster.store
@@ -83,13 +91,13 @@ class ClusterPlugin(LandmarkPlugin):
         return job, created
 
     def consider_instance(self, instance_id: str, force: bool = False) -> tuple[Job | None, str]:
-        """Queue an image job for one stored X-ray image on the cluster (the embedded rule, without a model
-        here: "analysed already" is any earlier job of this image that did not fail)."""
+        """Queue an image job for one stored X-ray image on the cluster (the embedded rule, with the model the
+        workers announce instead of one loaded here: ``Cluster.analysed_now``)."""
         header, why = self.image_job_header(instance_id)
         if header is None:
             return None, why
         series_uid, study_uid = str(header.SeriesInstanceUID), str(header.get("StudyInstanceUID", "")) or None
-        earlier = [j for j in self.store.find(series_uid, source=instance_id) if j.state != "failed"]
+        earlier = self.cluster.analysed_now(self.store.find(series_uid, source=instance_id), "image")
         if not force and self.settings.skip_processed and earlier:
             return earlier[-1], "already processed"
         destinations, refs = self._references()
