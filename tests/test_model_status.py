@@ -81,6 +81,22 @@ def test_tilted_metal_routine_head_is_found(tmp_path, model):
         assert name in {lm.name for lm in found}
 
 
+@pytest.mark.parametrize("seed", [7204, 7207])
+def test_small_dental_cbct_cylinder_finds_what_it_holds(tmp_path, model, seed):
+    """A small-field dental CBCT (a cylinder around the front teeth, 40-100 ml of bone) is part of a head:
+    the landmarks it holds are found (with 150 ml as the least bone of a head, none were), and nothing
+    outside it."""
+    from pacs_landmarks.dicom.series import load_series
+
+    case, folder, doc = _series(tmp_path, seed, "cbct-small")
+    in_scan = {d["name"]: d["in_scan"] for d in doc["landmarks"]}
+    found = [lm for lm in model.predict(load_series(sorted(folder.glob("*.dcm")))) if lm.status == FOUND]
+    assert len(found) >= 3, [lm.name for lm in found]
+    for lm in found:
+        assert in_scan[lm.name], f"{lm.name} found but not in the scan"
+        assert np.linalg.norm(np.subtract(lm.position_lps_mm, case.landmarks[lm.name])) < 3.0, lm.name
+
+
 def test_an_mr_series_is_refused_before_the_model():
     """An MR series never reaches the model: the loader takes CT image storage only (clear reason)."""
     from sr_helpers import make_series

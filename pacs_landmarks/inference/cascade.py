@@ -27,8 +27,10 @@ from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_p
                                               soft_argmax)
 
 BONE_HU = 250.0
-# A skull holds several hundred ml of bone; below this little bone there is no head to find landmarks on.
-MIN_HEAD_BONE_ML = 150.0
+# A whole skull holds several hundred ml of bone, the part of a head in a small dental CBCT cylinder (teeth,
+# alveolar bone, a piece of the mandible) 40-100 ml; an empty volume or soft tissue none. Below this there is
+# no head to find landmarks on. (150 ml, until 2.1.0, left every small-field CBCT with nothing found.)
+MIN_HEAD_BONE_ML = 40.0
 
 
 @dataclass(frozen=True)
