@@ -9,20 +9,7 @@ supersede the old ones.
 """
 from __future__ import annotations
 
-import pytest
-
-from pacs_landmarks.jobs.distributed import Cluster, ClusterSettings
-
-from tests.test_cluster import Workers, _wait_all_finished
-
-
-@pytest.fixture
-def cluster(pg_dsn, tmp_path):
-    c = Cluster(ClusterSettings(dsn=pg_dsn, results_dir=str(tmp_path / "results"), enqueue_retry_s=60))
-    workers = Workers(pg_dsn, tmp_path)
-    yield c, workers, tmp_path
-    workers.stop()
-    c.close()
+from tests.test_cluster import _wait_all_finished, cluster  # noqa: F401 (the fixture)
 
 
 def test_worker_records_its_model_and_a_new_version_reruns_and_supersedes(cluster):
