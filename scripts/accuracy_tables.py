@@ -101,7 +101,7 @@ def main():
     w("## Confidence: reliability table\n")
     thr = cal.get("low_confidence")
     w(f"The confidence threshold below which a landmark is `not_found` is calibrated on the two calibration sets "
-      f"(`evaluate --calibrate`, stored in the model file's metadata): the lowest threshold at which ≥ 95 % of the "
+      f"plus 4 held-out warps of the real training head (`make train-real`; `evaluate --calibrate`, stored in the model file's metadata): the lowest threshold at which ≥ 95 % of the "
       f"points at or above it are within 2 mm. Calibrated threshold: **{thr}** "
       f"({pct(cal.get('share'))} % of {cal.get('n')} calibration points at or above it within 2 mm). "
       "Reliability over every in-scan landmark of every set above (status not considered):\n")
