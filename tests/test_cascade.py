@@ -102,6 +102,22 @@ def test_abdomen_sized_soft_tissue_gives_no_confident_landmark(demo_model):
     assert not any(lm.found for lm in lms)
 
 
+def test_chest_like_volume_with_much_bone_gives_no_landmark(demo_model):
+    # Body ellipse with lungs, a spine and rib rings: over a litre of bone, so the "too little bone" rule does
+    # not apply and the model itself must not see a head in it.
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[0:150, 0:260, 0:360].astype(np.float32)
+    arr = np.where(((x - 180) / 160) ** 2 + ((y - 130) / 115) ** 2 < 1, 40.0, -1000.0)
+    for cx in (110, 250):
+        arr = np.where(((x - cx) / 55) ** 2 + ((y - 120) / 75) ** 2 < 1, -850.0, arr)
+    arr = np.where(((x - 180) / 18) ** 2 + ((y - 215) / 18) ** 2 < 1, 700.0, arr)
+    rib = np.abs(np.sqrt(((x - 180) / 150) ** 2 + ((y - 130) / 105) ** 2) - 1.0) < 0.04
+    arr = np.where(rib & ((z.astype(int) % 25) < 8), 900.0, arr)
+    arr += rng.normal(0, 15, arr.shape)
+    lms = demo_model.predict(_volume(arr))
+    assert not any(lm.found for lm in lms), [(lm.name, round(lm.confidence, 2)) for lm in lms if lm.found]
+
+
 def test_predict_returns_every_stage(demo_model):
     arr = np.full((60, 128, 128), -1000.0)
     lms = demo_model.predict(_volume(arr))
