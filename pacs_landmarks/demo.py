@@ -351,8 +351,8 @@ def print_landmark_table(predicted: list[Any], truth: dict[str, Any]) -> list[fl
     fmt = lambda v: "(" + ", ".join(f"{x:7.1f}" for x in v) + ")"  # noqa: E731
     for lm in predicted:
         if lm.position_lps_mm is None:  # stated in the SR as not found / outside the field of view
-            status = getattr(lm, "status", "not found").replace("_", " ")
-            print(f"    {lm.name:12s} {status:>26s}")
+            status = lm.status.replace("_", " ") + (f" ({lm.reason})" if lm.reason else "")
+            print(f"    {lm.name:12s} {status}")
             continue
         p = np.asarray(lm.position_lps_mm, dtype=float)
         t = true.get(lm.name)
