@@ -158,20 +158,33 @@ def read_markups(path: str | Path, names: list[str], landmark_set: str = "cranio
     return truth
 
 
-def _check_truth_in_volume(case_dir: Path, truth: np.ndarray, array_shape, affine: np.ndarray,
-                           names: list[str], margin_mm: float = 5.0) -> None:
-    """A true point outside the scanned volume means truth for another series / frame of reference."""
+def points_outside_volume(points, array_shape, affine, margin_mm: float = 0.0) -> list[int]:
+    """Indices of the finite points (LPS mm) more than ``margin_mm`` outside the volume of ``array_shape`` voxels
+    whose voxel -> LPS matrix is ``affine`` (voxel centres at integer indices, so the volume reaches 0.5 voxel
+    past them)."""
+    affine = np.asarray(affine, float)
     inv = np.linalg.inv(affine)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    for i, p in enumerate(truth):
+    slack = margin_mm / np.linalg.norm(affine[:3, :3], axis=0)
+    size = np.asarray(array_shape, float)
+    outside = []
+    for i, p in enumerate(np.asarray(points, float)):
         if not np.isfinite(p).all():
             continue
         idx = inv[:3, :3] @ p + inv[:3, 3]
-        slack = margin_mm / spacing
-        if np.any(idx < -0.5 - slack) or np.any(idx > np.asarray(array_shape) - 0.5 + slack):
-            raise DataError(f"{case_dir}: truth point {names[i]!r} at {np.round(p, 1).tolist()} mm (LPS) is "
-                            "outside the scanned volume: truth for another series or frame of reference, or "
-                            "RAS/LPS mixed up")
+        if np.any(idx < -0.5 - slack) or np.any(idx > size - 0.5 + slack):
+            outside.append(i)
+    return outside
+
+
+def _check_truth_in_volume(case_dir: Path, truth: np.ndarray, array_shape, affine: np.ndarray,
+                           names: list[str], margin_mm: float = 5.0) -> None:
+    """A true point outside the scanned volume means truth for another series / frame of reference."""
+    outside = points_outside_volume(truth, array_shape, affine, margin_mm)
+    if outside:
+        i = outside[0]
+        raise DataError(f"{case_dir}: truth point {names[i]!r} at {np.round(truth[i], 1).tolist()} mm (LPS) is "
+                        "outside the scanned volume: truth for another series or frame of reference, or "
+                        "RAS/LPS mixed up")
 
 
 def _truth_from_sr(files: list[Path], names: list[str]) -> np.ndarray | None:

@@ -151,16 +151,13 @@ def check_against_volume(ref: ReferencePoints, array_shape, affine: np.ndarray,
             ref.frame_of_reference_uid != frame_of_reference_uid:
         raise RealHeadError(f"{ref.path}: points are for frame of reference {ref.frame_of_reference_uid}, "
                              f"the series is in {frame_of_reference_uid}")
-    inv = np.linalg.inv(np.asarray(affine, float))
-    spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
-    for name, p in zip(ref.names, ref.positions):
-        if not np.isfinite(p).all():
-            continue
-        idx = inv[:3, :3] @ p + inv[:3, 3]
-        slack = margin_mm / spacing
-        if np.any(idx < -0.5 - slack) or np.any(idx > np.asarray(array_shape) - 0.5 + slack):
-            raise RealHeadError(f"{ref.path}: {name!r} at {np.round(p, 1).tolist()} mm (LPS) is outside the "
-                                 "scanned volume: points for another series, or RAS/LPS mixed up")
+    from pacs_landmarks.inference.data import points_outside_volume
+
+    outside = points_outside_volume(ref.positions, array_shape, affine, margin_mm)
+    if outside:
+        i = outside[0]
+        raise RealHeadError(f"{ref.path}: {ref.names[i]!r} at {np.round(ref.positions[i], 1).tolist()} mm (LPS) "
+                            "is outside the scanned volume: points for another series, or RAS/LPS mixed up")
 
 
 def truth_document(ref: ReferencePoints, series_uid: str | None = None) -> dict:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_landmarks.jobs.logs import log_event
-from pacs_landmarks.jobs.pgstore import _SCHEMA_LOCK, SCHEMA, PgJobStore
+from pacs_landmarks.jobs.pgstore import PgJobStore
 from pacs_landmarks.jobs.priority import is_stat  # noqa: F401  (the front ends' priority rule)
 from pacs_landmarks.jobs.steps import JobSteps
 from pacs_landmarks.jobs.store import Job
@@ -213,7 +213,7 @@ class Cluster:
     def current_model(self, kind: str = "series") -> tuple[str | None, str | None]:
         """(name, version) of the model the cluster's workers run for ``kind`` ("series": CT; "image": the 2D
         model): the last one a worker announced (``announce_model``); (None, None) before any did."""
-        return current_model(self.store, kind)
+        return self.store.current_model(kind)
 
     def analysed_now(self, jobs: list[Job], kind: str = "series") -> list[Job]:
         """Of ``jobs`` (earlier jobs of one input), those that count as "analysed already": not failed, and run
@@ -224,34 +224,14 @@ class Cluster:
             name is None or j.model_name is None or (j.model_name, j.model_version) == (name, version))]
 
 
-_MODELS_SQL = f"""CREATE TABLE IF NOT EXISTS {SCHEMA}.worker_models (
-    kind TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT, worker TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)"""
-
-
 def announce_model(store: PgJobStore, kind: str, model: Any, worker: str) -> None:
-    """Record that ``worker`` runs ``model`` for ``kind`` ("series" or "image"): the last announcement is the
-    cluster's current model (a new model version is rolled out by starting workers with it and stopping the
-    old ones)."""
+    """``store.announce_model`` for a loaded model (one without a name, e.g. a test's stub, is not announced)."""
     name = getattr(model, "name", None)
     if name is None:
         return
     version = getattr(model, "version", None)
-    with store._write() as db:
-        db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
-        db.execute(_MODELS_SQL)
-        db.execute("INSERT INTO worker_models (kind, name, version, worker, at) VALUES (?,?,?,?,?) ON CONFLICT (kind)"
-                   " DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version, worker = EXCLUDED.worker,"
-                   " at = EXCLUDED.at", (kind, str(name), None if version is None else str(version), worker, time.time()))
+    store.announce_model(kind, str(name), None if version is None else str(version), worker)
     log_event("worker.model", kind=kind, model=str(name), version=version, worker=worker)
-
-
-def current_model(store: PgJobStore, kind: str) -> tuple[str | None, str | None]:
-    """(name, version) last announced for ``kind``; (None, None) when none was."""
-    db = store._db()
-    if db.execute(f"SELECT to_regclass('{SCHEMA}.worker_models') AS t").fetchone()["t"] is None:
-        return None, None
-    row = db.execute("SELECT name, version FROM worker_models WHERE kind = ?", (kind,)).fetchone()
-    return (row["name"], row["version"]) if row else (None, None)
 
 
 def lock_key(job: Job | dict[str, Any]) -> str:

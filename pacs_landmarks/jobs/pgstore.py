@@ -16,6 +16,7 @@ Requires the ``distributed`` extra (psycopg 3).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,7 +30,11 @@ SCHEMA = "pacs_landmarks"
 _SCHEMA_SQL = f"\nCREATE SCHEMA IF NOT EXISTS {SCHEMA};" + schema_sql(
     job_id="BIGSERIAL PRIMARY KEY", time="DOUBLE PRECISION", job_ref="BIGINT",
     event_order="seq BIGSERIAL PRIMARY KEY", tables=f"{SCHEMA}.",
-)
+) + f"""
+CREATE TABLE IF NOT EXISTS {SCHEMA}.worker_models (
+    kind TEXT PRIMARY KEY, name TEXT NOT NULL, version TEXT, worker TEXT NOT NULL, at DOUBLE PRECISION NOT NULL
+);
+"""
 # Any constant: concurrent first starts must not race on CREATE TABLE IF NOT EXISTS (it is not atomic).
 _SCHEMA_LOCK = 0x6C616E64
 
@@ -72,6 +77,20 @@ class PgJobStore(SqlJobStore):
             conn.execute(f"SET search_path TO {SCHEMA}")
             db = self._local.db = _Connection(conn)
         return db
+
+    def announce_model(self, kind: str, name: str, version: str | None, worker: str) -> None:
+        """Record that ``worker`` runs model ``name`` ``version`` for ``kind`` ("series" or "image"): the last
+        announcement is the cluster's current model (a new version is rolled out by starting workers with it
+        and stopping the old ones). Only the distributed mode has workers that are not the front end."""
+        with self._write() as db:
+            db.execute("INSERT INTO worker_models (kind, name, version, worker, at) VALUES (?,?,?,?,?) ON CONFLICT"
+                       " (kind) DO UPDATE SET name = EXCLUDED.name, version = EXCLUDED.version,"
+                       " worker = EXCLUDED.worker, at = EXCLUDED.at", (kind, name, version, worker, time.time()))
+
+    def current_model(self, kind: str) -> tuple[str | None, str | None]:
+        """(name, version) last announced for ``kind``; (None, None) when none was."""
+        row = self._db().execute("SELECT name, version FROM worker_models WHERE kind = ?", (kind,)).fetchone()
+        return (row["name"], row["version"]) if row else (None, None)
 
     @contextmanager
     def _write(self) -> Iterator[_Connection]:
