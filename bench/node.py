@@ -12,13 +12,14 @@
   temp file, rename, fdatasync beside the folder fsync) were the only cost.
 - latency: last instance acknowledged -> every result acknowledged by the destination (a storescp), with the
   per-step breakdown recorded by the job. Target: <= 5 s for 300 slices on the 2-core CPU.
-- CPU: user + system CPU time of Orthanc's and the node's process per instance received, each round (every
-  thread; /proc/PID/stat): steadier than the rates on a shared machine.
-- memory: the node's peak RSS (VmHWM) after receiving and analysing a --rss-slices (600) slice series.
-  Target: <= 2 GB.
+- CPU: user + system CPU time of Orthanc's process and of the node's processes (main + receivers) per instance
+  received, each round (every thread; /proc/PID/stat): steadier than the rates on a shared machine.
+- memory: the node's peak RSS (VmHWM, main process + receivers summed) after receiving and analysing a
+  --rss-slices (600) slice series. Target: <= 2 GB.
 
     .venv/bin/python bench/node.py [--slices 300] [--size 512] [--repeat 3] [--senders 1,4,8]
                                    [--rss-slices 600] [--work DIR] [--cache DIR] [--idle-timeout 2]
+                                   [--receivers N]
 
 The machine is shared: every round measures the three receivers back to back (the order rotates between
 rounds), the summary gives the range over rounds, and ``uptime`` is printed before and after. Needs root (the
@@ -162,17 +163,31 @@ def fsync_ms(work: Path, sample: Path, n: int = 30) -> float:
     return (time.perf_counter() - t) / n * 1000
 
 
+def tree(pid: int) -> list[int]:
+    """A process and its children (the node's receiver processes), from /proc/PID/task/*/children."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return [pid] + [p for k in kids for p in tree(k)]
+
+
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Sum of the peak RSS (VmHWM) of the process and its children: an upper bound of their peak together."""
+    total = 0
+    for p in tree(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat, PS: every thread of it)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its children so far (/proc/PID/stat: every thread)."""
+    total = 0
+    for p in tree(pid):
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def uptime() -> str:
@@ -192,6 +207,7 @@ def main() -> None:
     ap.add_argument("--senders", default="1,4,8")
     ap.add_argument("--rss-slices", type=int, default=600, help="0: skip the memory run")
     ap.add_argument("--idle-timeout", type=float, default=2.0)
+    ap.add_argument("--receivers", type=int, default=None, help="the node's receiver processes (default: its own)")
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for every receiver's storage (default: the system temp folder; a tmpfs such as "
                          "/dev/shm makes fsync free and shows the receive path's CPU cost alone)")
@@ -210,11 +226,12 @@ def main() -> None:
     node = subprocess.Popen(
         [CLI, "serve", "--storage", str(work / "node"), "--port", str(node_port), "--ae-title", "LANDMARKS",
          "--destination", f"ARCHIVE@127.0.0.1:{arch_port}", "--idle-timeout", str(args.idle_timeout),
-         "--log-format", "json"], env=ENV, stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "w"))
+         "--log-format", "json", *(["--receivers", str(args.receivers)] if args.receivers else [])], env=ENV, stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "w"))
     orthanc = None
     try:
         orthanc = start_orthanc(work / "orthanc")
         wait_listening(node_port)
+        print(f"node: {len(tree(node.pid)) - 1} receiver process(es)", flush=True)
         store = JobStore(work / "node" / "jobs.sqlite")
         rates: dict[int, list[tuple[float, float, float]]] = {n: [] for n in senders}
         cpu: dict[int, list[tuple[float, float]]] = {n: [] for n in senders}  # ms per instance: Orthanc, node

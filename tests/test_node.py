@@ -192,7 +192,7 @@ def serving(tmp_path_factory, *args: str):
 def node(tmp_path_factory, archive):
     yield from serving(tmp_path_factory, "--allow-ae", SENDER, "--allow-ae", "SENDER2", "--allow-ae", "SENDER3",
                        "--allow-ae", "SENDER4", "--allow-ae", "FARAWAY@10.9.9.9", "--destination", archive.destination,
-                       "--idle-timeout", "0.5")
+                       "--idle-timeout", "0.5", "--receivers", "2")
 
 
 def test_echo(node):
@@ -375,6 +375,112 @@ def test_four_senders_at_once(node, archive, phantom, tmp_path):
     assert all(j.instances == len(series[0]) for j in jobs)
     for job in jobs:
         assert len(results_at(archive, job)) == len(RESULT_KINDS)
+
+
+def running(pid: int) -> bool:
+    try:
+        return "\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def receiver_pids(node) -> dict[int, int]:
+    """Receiver number -> pid of its newest process, from the node's log."""
+    return {e["receiver"]: e["pid"] for e in node.events() if e.get("event") == "receiver.started"}
+
+
+def test_concurrent_senders_are_spread_over_the_receiver_processes(node, phantom, tmp_path):
+    """The node's associations run in receiver processes (node/receivers.py): two senders at once get two."""
+    pids = receiver_pids(node)
+    assert len(pids) == 2 and all(map(running, pids.values())), pids
+    before = len([e for e in node.events() if e.get("event") == "association.accepted"])
+    series = [clone_series(phantom, tmp_path / f"r{n}") for n in range(2)]
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", SENDER, "-aec", NODE_AET, "127.0.0.1", str(node.port),
+                               *map(str, files)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for files in series]
+    for p in procs:
+        assert p.wait(120) == 0, p.stdout.read()
+    accepted = [e for e in node.events() if e.get("event") == "association.accepted"][before:]
+    assert len(accepted) == 2 and {e["receiver"] for e in accepted} == {0, 1}, accepted
+    for files in series:
+        uid = series_uid_of(files[0].parent)
+        job = wait_for(lambda: next((j for j in node.jobs() if j.series_instance_uid == uid and j.state != "received"),
+                                    None), 60, "the series to complete")
+        assert job.instances == len(files)
+
+
+def test_max_associations_counts_every_receiver(tmp_path, phantom):
+    """max_associations is the node's, not each receiver process': one more is rejected (transient)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("max_associations = 2\nreceivers = 2\n")
+    n = NodeProc(tmp_path / "storage", "--config", str(cfg)).start()
+    try:
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context(Verification)
+        held = [ae.associate("127.0.0.1", n.port, ae_title=NODE_AET) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        extra = ae.associate("127.0.0.1", n.port, ae_title=NODE_AET)
+        assert extra.is_rejected
+        assert any(e.get("event") == "association.rejected" and "max_associations" in e.get("reason", "")
+                   for e in n.events())
+        for a in held:
+            a.release()
+        # Closed ones no longer count.
+        again = wait_for(lambda: (lambda a: a if a.is_established else a.release())(
+            ae.associate("127.0.0.1", n.port, ae_title=NODE_AET)), 10, "a free association slot", every=0.2)
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+    finally:
+        n.kill(signal.SIGTERM)
+
+
+def test_a_killed_receiver_is_replaced_and_nothing_acknowledged_is_lost(phantom, tmp_path):
+    """kill -9 of a receiver process mid-series: its sender sees the association fail, the node starts a new
+    receiver, every instance acknowledged before is kept, and the resent series completes whole."""
+    from pynetdicom import AE
+
+    files = clone_series(phantom, tmp_path / "k")
+    uid = series_uid_of(tmp_path / "k")
+    n = NodeProc(tmp_path / "storage", "--receivers", "2", "--idle-timeout", "0.5").start()
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        ae = AE(ae_title=SENDER)
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", n.port, ae_title=NODE_AET)
+        acknowledged = [f for f in files[:5] if assoc.send_c_store(f).Status == 0x0000]
+        assert len(acknowledged) == 5
+        receiver = [e for e in n.events() if e.get("event") == "association.accepted"][-1]["receiver"]
+        old = receiver_pids(n)[receiver]
+        os.kill(old, signal.SIGKILL)
+        status = assoc.send_c_store(files[5]) if assoc.is_established else None
+        assert status is None or "Status" not in status  # no Success from a dead receiver
+        assoc.abort()
+        wait_for(lambda: receiver_pids(n)[receiver] != old, 30, "a new receiver process")
+        assert any(e.get("event") == "receiver.died" and e.get("pid") == old for e in n.events())
+        for f in acknowledged:
+            assert (n.storage / "series" / uid / f"{pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm"
+                    ).is_file()
+        job = wait_for(lambda: next((j for j in n.jobs() if j.series_instance_uid == uid and j.state != "received"),
+                                    None), 30, "the cut series to complete")
+        assert job.details.get("aborted") is True and job.instances >= len(acknowledged)
+        storescu(n.port, files)  # the sender sends it again: a new job with the whole series
+        assert len(list((n.storage / "series" / uid).glob("*.dcm"))) == len(files)
+        test_echo(n)
+    finally:
+        n.kill(signal.SIGTERM)
+
+
+def test_receivers_leave_with_the_node(phantom, tmp_path):
+    """SIGTERM and kill -9 of the node: its receiver processes exit (the hand-over socket closed)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        n = NodeProc(tmp_path / f"storage{sig}").start()
+        pids = list(receiver_pids(n).values())
+        assert pids
+        n.kill(sig)
+        wait_for(lambda: not any(map(running, pids)), 20, "the receivers to exit")
 
 
 # -- crash, restart, destination down -----------------------------------------------------------------------

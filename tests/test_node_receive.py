@@ -244,12 +244,13 @@ def test_quiet_pynetdicom_binds_no_per_pdu_log_formatting(monkeypatch):
 def test_wake_pipes_do_not_leak(tmp_path):
     """pynetdicom ends a released association without close(): the wake-up pipe goes with the garbage."""
     import gc
+    import itertools
     import subprocess
 
     from pynetdicom.sop_class import Verification
 
     from conftest import dcmtk
-    from pacs_landmarks.node.scp import _NoDelayServer
+    from pacs_landmarks.node.scp import _Handler
 
     def pipes() -> int:
         return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:") for fd in os.listdir("/proc/self/fd")
@@ -257,8 +258,9 @@ def test_wake_pipes_do_not_leak(tmp_path):
 
     ae = AE(ae_title="LEAKTEST")
     ae.add_supported_context(Verification)
-    server = ae.make_server(("127.0.0.1", 0), server_class=_NoDelayServer)  # the node's server class
-    ae._servers.append(server)  # as StorageSCP.start does, so that shutdown() can deregister it
+    server = ae.make_server(("127.0.0.1", 0), request_handler=_Handler)  # the node's request handler
+    server.serials, server.over_limit = itertools.count(), {}  # what scp.HostedServer gives _Handler
+    ae._servers.append(server)  # so that shutdown() can deregister it
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         port = server.server_address[1]

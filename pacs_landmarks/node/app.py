@@ -1,4 +1,5 @@
-"""The standalone node: listener + series completion + job store + one warm worker + C-STORE delivery.
+"""The standalone node: listener + receiver processes + series completion + job store + one warm worker +
+C-STORE delivery. The associations run in receiver processes (receivers.py); everything else in this one.
 
 Storage layout (``storage`` setting)::
 
@@ -32,7 +33,9 @@ from pacs_landmarks.node.config import NodeConfig
 from pacs_landmarks.jobs.delivery import StoreSCU
 from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
-from pacs_landmarks.node.scp import Refused, SeriesTracker, StorageSCP, check_pixel_data, series_files
+from pacs_landmarks.node.intake import Intake, SeriesTracker
+from pacs_landmarks.node.receivers import ReceiverPool
+from pacs_landmarks.node.scp import Refused, check_pixel_data, series_files
 from pacs_landmarks.jobs.worker import Worker, freeze_long_lived
 
 
@@ -127,10 +130,9 @@ class Node:
             )
             on_queued = lambda job_id: self.worker.wake()  # noqa: E731
         self.tracker = SeriesTracker(self.store, cfg.idle_timeout, on_queued=on_queued)
-        for job in unfinished:
-            if job.state == "received":  # its series was arriving when the node stopped
-                set_aside_incomplete(job.source, root / "incomplete")
-                self.tracker.adopt(job.id, job.series_instance_uid, len(series_files(job.source)))
+        arriving = [job for job in unfinished if job.state == "received"]  # series arriving when the node stopped
+        for job in arriving:
+            set_aside_incomplete(job.source, root / "incomplete")
         job_defaults = {
             "model_name": getattr(self.model, "name", None),
             "model_version": getattr(self.model, "version", None),
@@ -145,15 +147,18 @@ class Node:
             image_defaults = {"model_name": getattr(self.image_model, "name", None),
                               "model_version": getattr(self.image_model, "version", None),
                               "destinations": job_defaults["destinations"]}
-        self.scp = StorageSCP(cfg, self.store, self.tracker, job_defaults, image_defaults)
-        # pynetdicom's server calls gc.collect() every 60 turns of its loop (an association or a 0.5 s tick):
-        # what is loaded by now is frozen out of it (jobs/worker.py freeze_long_lived; the worker freezes
-        # again after its warm-up).
+        self.intake = Intake(self.store, self.tracker, job_defaults, image_defaults)
+        # What is loaded by now lives as long as the node: out of the collector's scans (jobs/worker.py
+        # freeze_long_lived; the worker freezes again after its warm-up).
         freeze_long_lived()
         if self.worker is not None:
             self.worker.start()
         self.tracker.start()
-        self.address = self.scp.start()
+        self.receivers = ReceiverPool(cfg, image_jobs=image_defaults is not None,
+                                      verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
+        self.address = self.receivers.start(self.intake)
+        for job in arriving:  # their idle timeout counts from now, when the node can receive their rest
+            self.tracker.adopt(job.id, job.series_instance_uid, len(series_files(job.source)))
         if not cfg.allow:
             log_event("node.warning", logging.WARNING, reason="no allowed calling AE titles configured: any is accepted")
         if not cfg.destinations:
@@ -162,7 +167,7 @@ class Node:
             "node.started", ae_title=cfg.ae_title, address=f"{self.address[0]}:{self.address[1]}",
             model=job_defaults["model_name"], model_version=job_defaults["model_version"],
             ceph_model=f"{image_defaults['model_name']} {image_defaults['model_version']}" if image_defaults else None,
-            resumed=len(unfinished), tls=bool(cfg.tls_cert) or None,
+            resumed=len(unfinished), tls=bool(cfg.tls_cert) or None, receivers=self.receivers.processes,
         )
         return self.address
 
@@ -193,7 +198,7 @@ class Node:
         return unfinished, on_queued
 
     def stop(self) -> None:
-        self.scp.stop()
+        self.receivers.stop()
         self.tracker.stop()
         if self.worker is not None:
             self.worker.stop()

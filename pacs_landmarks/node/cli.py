@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calling AE title allowed to associate, optionally only from these addresses (repeatable)")
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
                    help="where results are C-STOREd (repeatable)")
+    p.add_argument("--receivers", type=int, metavar="N",
+                   help="processes that receive associations (default: one per CPU core, at most 4)")
     p.add_argument("--idle-timeout", type=float, metavar="S",
                    help="seconds without a new instance after the association closed before a series is complete")
     p.add_argument("--model", help="model file (default: the shipped demo model)")
@@ -71,7 +73,7 @@ def effective_config(args: argparse.Namespace):
     try:
         cfg = config_mod.load(getattr(args, "config", None))
         for key in ("ae_title", "bind", "port", "storage", "idle_timeout", "model", "ceph_model", "device", "log_format",
-                    "tls_cert", "tls_key", "tls_ca", "queue", "dsn"):
+                    "receivers", "tls_cert", "tls_key", "tls_ca", "queue", "dsn"):
             value = getattr(args, key, None)
             if value is not None:
                 setattr(cfg, key, value)
@@ -91,6 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pacs_landmarks.cli import CommandError
     from pacs_landmarks.jobs import logs
     from pacs_landmarks.node.app import ModelLoadError, Node
+    from pacs_landmarks.node.receivers import ReceiverStartError
 
     cfg = effective_config(args)
     if args.print_config:
@@ -100,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     node = Node(cfg)
     try:
         node.start()
-    except ModelLoadError as exc:
+    except (ModelLoadError, ReceiverStartError) as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:
         raise CommandError(f"cannot listen on {cfg.bind}:{cfg.port}: {exc.strerror or exc}") from None

@@ -91,6 +91,8 @@ class NodeConfig:
     device: str | None = None  # "cpu", "cuda", ...; None: the model's default
     log_format: str = "text"  # "text" or "json"
     max_associations: int = 10
+    # Processes that run the associations (node/receivers.py); None: one per CPU core, at most 4.
+    receivers: int | None = None
     max_instance_mb: float = 1024.0  # larger instances are refused (0xA700), nothing written
     backoff_base_s: float = 1.0  # delivery retry: base * 2**n seconds ...
     backoff_max_s: float = 60.0  # ... at most this
@@ -121,6 +123,8 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} out of range")
         if self.idle_timeout <= 0:
             raise ConfigError("idle_timeout must be > 0 seconds")
+        if self.receivers is not None and not (isinstance(self.receivers, int) and 1 <= self.receivers <= 64):
+            raise ConfigError(f"receivers {self.receivers!r}: use a number of processes from 1 to 64")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r}: use text or json")
         if bool(self.tls_cert) != bool(self.tls_key):

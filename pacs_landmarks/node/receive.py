@@ -332,7 +332,8 @@ class DurableWriter:
     def write(self, path: Path, data: bytes | memoryview | list) -> None:
         """``data``: the file's bytes, or a list of buffers written one after the other (one ``writev``)."""
         folder = self._folder(path.parent)
-        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        # unique per thread and process: several receiver processes may write a resent instance at once
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         # A copy already there was acknowledged: it must never be replaced by data that is not on disk yet.
         replacing = os.path.exists(path)
         try:

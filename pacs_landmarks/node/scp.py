@@ -1,38 +1,34 @@
-"""The node's DICOM listener: Verification + Storage SCP (PS3.4 Annex A and B) over pynetdicom.
+"""The node's DICOM service: Verification + Storage SCP (PS3.4 Annex A and B) over pynetdicom, as it runs in
+each receiver process (receivers.py).
 
 - Every storage SOP class is accepted (``AllStoragePresentationContexts``) with the transfer syntaxes in
-  ``TRANSFER_SYNTAXES``. CT Image Storage and Enhanced CT Image Storage series start a job when complete;
-  with a 2D model loaded (``image_defaults``), each single-frame X-ray image (DX For Presentation / For
-  Processing, CR, Secondary Capture that is not a screen capture of another modality:
-  ``jobs.steps.starts_image_job``) starts its own job as soon as it is stored (``images/<SeriesUID>/<SOP>.dcm``;
-  one image is the whole input, no completion wait). Any other object is
-  still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as ignored.
+  ``TRANSFER_SYNTAXES``. CT Image Storage and Enhanced CT Image Storage instances go to ``series/`` and join
+  their series' job (intake.py); with a 2D model loaded (``image_jobs``), each single-frame X-ray image (DX For
+  Presentation / For Processing, CR, Secondary Capture that is not a screen capture of another modality:
+  ``jobs.steps.starts_image_job``) goes to ``images/<SeriesUID>/<SOP>.dcm`` and starts its own job. Any other
+  object is still stored (under ``other/``, nothing a PACS sends is dropped) and logged once per series as
+  ignored.
 - An instance is written as received (the encoded dataset, PS3.10 file meta added) and is durable, data and
   name, before Success (0x0000) is answered (``receive.DurableWriter``: temporary file, rename, fdatasync
-  beside a group-committed folder fsync). Paths are built from UIDs that match the
-  PS3.5 9.1 character repertoire only (digits and dots): anything else is refused, so nothing is written
-  outside the storage directory.
-- Refusals (PS3.4 B.2.3): 0xA700 out of resources (too large, disk error), 0xA900 data set does not match the
-  SOP class (UIDs differ from the request, UIDs missing), 0xC000 cannot understand (undecodable, truncated,
-  bad UID).
-- A series is complete when every association that sent it has closed (released or aborted) and no instance
-  of it arrived for ``idle_timeout`` seconds; or at once when the expected count is known and reached
-  (Images in Acquisition (0020,1002); an Enhanced CT instance with Number of Frames > 1 is a whole volume).
-- TCP_NODELAY is set on every accepted socket (before TLS wraps it); each association waits on its socket
-  and queues instead of polling (``receive.install_wakeups``).
+  beside a group-committed folder fsync), and the node's intake has taken it (a job knows it). Paths are built
+  from UIDs that match the PS3.5 9.1 character repertoire only (digits and dots): anything else is refused, so
+  nothing is written outside the storage directory.
+- Refusals (PS3.4 B.2.3): 0xA700 out of resources (too large, disk error, job store unreachable), 0xA900 data
+  set does not match the SOP class (UIDs differ from the request, UIDs missing), 0xC000 cannot understand
+  (undecodable, truncated, bad UID).
+- Each association waits on its socket and queues instead of polling (``receive.install_wakeups``).
 """
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
 import socket
 import ssl
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -64,7 +60,6 @@ from pacs_landmarks.node.receive import (
 )
 from pacs_landmarks.jobs.priority import dataset_facts, is_stat
 from pacs_landmarks.jobs.steps import starts_image_job
-from pacs_landmarks.jobs.store import JobStore
 from pacs_landmarks.jobs.logs import log_event
 
 TRANSFER_SYNTAXES = [
@@ -163,123 +158,59 @@ def series_files(directory: str | Path) -> list[Path]:
 
 
 @dataclass
-class _OpenSeries:
-    job_id: int
+class Stored:
+    """What a receiver reports to the node's intake (intake.py) for each instance it stored."""
+
+    path: str
     series_uid: str
-    count: int = 0
-    last_arrival: float = field(default_factory=time.monotonic)
-    associations: set[int] = field(default_factory=set)  # open ones that sent instances of the series
-    seen: set[int] = field(default_factory=set)  # every one that did
-    expected: int | None = None
-    aborted: bool = False
-
-
-class SeriesTracker:
-    """Decides when a series is complete and queues its job (see the module docstring)."""
-
-    def __init__(self, store: JobStore, idle_timeout: float, on_queued: Callable[[int], None] = lambda j: None):
-        self.store = store
-        self.idle_timeout = idle_timeout
-        self.on_queued = on_queued
-        self._open: dict[str, _OpenSeries] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="series-completion", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def open_job(self, series_uid: str) -> int | None:
-        with self._lock:
-            s = self._open.get(series_uid)
-            return s.job_id if s else None
-
-    def adopt(self, job_id: int, series_uid: str, count: int) -> None:
-        """Track a job left ``received`` by an earlier run: complete after the idle timeout from now."""
-        with self._lock:
-            self._open[series_uid] = _OpenSeries(job_id, series_uid, count=count)
-
-    def arrived(self, job_id: int, series_uid: str, assoc: int, expected: int | None) -> None:
-        with self._lock:
-            s = self._open.get(series_uid)
-            if s is None or s.job_id != job_id:
-                s = self._open[series_uid] = _OpenSeries(job_id, series_uid)
-            s.count += 1
-            s.last_arrival = time.monotonic()
-            s.associations.add(assoc)
-            s.seen.add(assoc)
-            if expected:
-                s.expected = expected
-            done = s.expected is not None and s.count >= s.expected
-        if done:
-            self._complete(series_uid, "expected count reached")
-
-    def closed(self, assoc: int, aborted: bool) -> None:
-        """An association ended: its series complete after the idle timeout (or now, if idle already)."""
-        with self._lock:
-            for s in self._open.values():
-                if assoc in s.seen:  # EVT_ABORTED may come after the connection closed
-                    s.associations.discard(assoc)
-                    s.aborted = s.aborted or aborted
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.05):
-            now = time.monotonic()
-            with self._lock:
-                ready = [
-                    uid for uid, s in self._open.items()
-                    if not s.associations and now - s.last_arrival >= self.idle_timeout
-                ]
-            for uid in ready:
-                self._complete(uid, "idle timeout")
-
-    def _complete(self, series_uid: str, why: str) -> None:
-        with self._lock:
-            s = self._open.pop(series_uid, None)
-        if s is None:
-            return
-        wait = time.monotonic() - s.last_arrival
-        # Count what is on disk, not arrivals: a resent instance overwrites its file and must count once.
-        job = self.store.get(s.job_id)
-        s.count = len(series_files(job.source))
-        self.store.record_instances(s.job_id, s.count - job.instances,
-                                    details={"aborted": s.aborted} if s.aborted else None)
-        try:
-            self.store.transition(s.job_id, "queued", expect="received", timings={"completion_wait": wait})
-        except Exception:  # retried or failed by an operator meanwhile: nothing to queue
-            logging.getLogger(__name__).exception("could not queue job %s", s.job_id)
-            return
-        log_event("series.complete", job=s.job_id, series=series_uid, instances=s.count, why=why,
-                  aborted=s.aborted or None, wait_s=wait)
-        log_event("job.queued", job=s.job_id, series=series_uid)
-        self.on_queued(s.job_id)
+    study_uid: str
+    for_job: str | None  # "series" (a CT instance), "image" (an X-ray image job) or None (stored under other/)
+    sop_class: str
+    modality: str
+    expected: int | None = None  # instances the series will have, when the instance says so
+    stat: bool = False  # the distributed mode's STAT rule matched
 
 
 class _Handler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
         install_wakeups(assoc)  # wait on the socket and queues instead of pynetdicom's 1 ms polls (receive.py)
+        # The node's name for the association: unique over every receiver process and its lifetime (id() is
+        # reused once an association is gone).
+        assoc.node_key = (os.getpid(), next(self.server.serials))
+        assoc.node_over_limit = self.server.over_limit.pop(self.request.fileno(), False)
         return assoc
 
 
-class _NoDelayServer(ThreadedAssociationServer):
-    """Sets TCP_NODELAY on each accepted socket (before any TLS wrap): DIMSE is request/response, and
-    Nagle's algorithm would hold back the last small segment of every PDU."""
+class HostedServer(ThreadedAssociationServer):
+    """pynetdicom's server without a listening socket of its own: the node's listener accepts each connection
+    (``receivers.ReceiverPool``) and hands it to ``serve``; TLS is set up here, in the connection's thread."""
+
+    daemon_threads = True
 
     def __init__(self, *args, **kwargs):
+        self.serials = itertools.count(1)
+        self.over_limit: dict[int, bool] = {}
         kwargs.setdefault("request_handler", _Handler)
         super().__init__(*args, **kwargs)
 
-    def get_request(self):  # type: ignore[override]
-        client, address = self.socket.accept()
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def server_bind(self) -> None:  # the listening socket is the node's, in its main process
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def serve(self, sock: socket.socket, address: tuple, over_limit: bool = False) -> None:
+        """Run the association of one accepted connection in its own threads (as ``process_request`` does)."""
+        self.over_limit[sock.fileno()] = over_limit
+        self.process_request(sock, address)
+
+    def finish_request(self, request, client_address) -> None:
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(client, server_side=True)
-        return client, address
+            fd = request.fileno()
+            request = self.ssl_context.wrap_socket(request, server_side=True)
+            self.over_limit[request.fileno()] = self.over_limit.pop(fd, False)
+        super().finish_request(request, client_address)
 
 
 def server_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
@@ -296,32 +227,34 @@ def server_ssl_context(cfg: NodeConfig) -> ssl.SSLContext | None:
 
 
 class StorageSCP:
-    """The listener. ``job_defaults`` (model name/version, destinations) go into every new job."""
+    """The DICOM service of one receiver process (receivers.py): checks, writes and reports each instance.
 
-    def __init__(self, cfg: NodeConfig, store: JobStore, tracker: SeriesTracker, job_defaults: dict,
-                 image_defaults: dict | None = None):
+    ``report(message)`` sends a message to the node's intake and returns its answer (``receivers``): an
+    instance is reported after it is durable and before its Success, so that the intake has taken it (a job,
+    a queued image) when the sender hears Success. ``image_jobs``: X-ray images that start an image job are
+    stored under ``images/`` (False: they go to ``other/``, not analysed).
+    """
+
+    def __init__(self, cfg: NodeConfig, report: Callable[[tuple], tuple], image_jobs: bool = False,
+                 index: int = 0):
         self.cfg = cfg
-        self.image_defaults = image_defaults  # job defaults of X-ray image jobs; None: images are not analysed
-        self.store = store
-        self.tracker = tracker
-        self.job_defaults = job_defaults
+        self.index = index  # this receiver's number (receivers.py), in its log events
+        self.report = report
+        self.image_jobs = image_jobs
         self.root = cfg.storage_path.resolve()
         self.max_bytes = int(cfg.max_instance_mb * 1024 * 1024)
         self._allow = {a.ae_title: a.addresses for a in cfg.allow}
-        self._assoc_counts: dict[int, int] = {}
-        self._ignored_logged: set[tuple[int, str]] = set()
-        self._series_lock = threading.Lock()
+        self._assoc_counts: dict[tuple, int] = {}
         # The distributed mode's STAT rule (jobs/priority.py): a matching instance marks its series' job STAT.
         self.stat_rule = (cfg.cluster.get("stat_rule") or {}) if cfg.queue == "postgres" else {}
-        self._stat_jobs: set[int] = set()
         self.writer = DurableWriter()
         self.headers = FileHeaders()
-        self.server: ThreadedAssociationServer | None = None
+        self.server: HostedServer | None = None
 
         quiet_pynetdicom()  # no per-PDU log formatting for a logger kept at WARNING (receive.py)
         cache_uid_validation()  # A-ASSOCIATE-RQs repeat the same UIDs (receive.py)
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations
+        ae.maximum_associations = cfg.max_associations  # the node's listener enforces it over all receivers
         # Larger PDUs than pynetdicom's 16 KB default: ~30x fewer PDUs per CT slice through its Python DUL
         # (measured 106 -> 175 instances/s without fsync); still bounded, as a PDU is held in memory.
         ae.maximum_pdu_size = 4 * 1024 * 1024
@@ -331,7 +264,8 @@ class StorageSCP:
         self.ae = ae
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def start(self) -> tuple[str, int]:
+    def host(self, address: tuple[str, int]) -> HostedServer:
+        """The server that runs the associations handed over; ``address``: the node's listening address."""
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
@@ -341,29 +275,30 @@ class StorageSCP:
             (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
-        server = self.ae.make_server(
-            (self.cfg.bind, int(self.cfg.port)), ssl_context=server_ssl_context(self.cfg),
-            evt_handlers=handlers, server_class=_NoDelayServer,
-            contexts=copyable_contexts(self.ae.supported_contexts),  # copied per association: receive.py
+        self.server = HostedServer(
+            self.ae, address, self.cfg.ae_title,
+            copyable_contexts(self.ae.supported_contexts),  # copied per association: receive.py
+            ssl_context=server_ssl_context(self.cfg), evt_handlers=handlers,
         )
-        self.ae._servers.append(server)  # as AE.start_server does, so server.shutdown() can deregister it
-        thread = threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True)
-        thread.start()
-        self.server = server
-        host, port = server.server_address[:2]
-        return host, port
+        return self.server
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        """Abort the associations still open (the node is stopping: their senders retry what was not acknowledged)."""
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
 
     # -- association events --------------------------------------------------------------------------------
     def _on_requested(self, event) -> None:
         rq = event.assoc.requestor
         calling = str(rq.primitive.calling_ae_title).strip()
         address = rq.address
+        if event.assoc.node_over_limit:
+            log_event("association.rejected", logging.WARNING, calling_ae=calling, address=address,
+                      reason=f"max_associations ({self.cfg.max_associations}) open")
+            # PS3.8 9.3.4: rejected-transient, service-provider (presentation), local-limit-exceeded
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
+            return
         if self._allow:
             allowed = self._allow.get(calling)
             if allowed is None or (allowed and address not in allowed):
@@ -374,46 +309,41 @@ class StorageSCP:
                 event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ
 
     def _on_established(self, event) -> None:
-        self._assoc_counts[id(event.assoc)] = 0
+        self._assoc_counts[event.assoc.node_key] = 0
         rq = event.assoc.requestor
         log_event("association.accepted", calling_ae=rq.ae_title, address=f"{rq.address}:{rq.port}",
-                  tls=bool(self.cfg.tls_cert) or None)
+                  tls=bool(self.cfg.tls_cert) or None, receiver=self.index)
 
     def _on_end(self, event, how: str) -> None:
         rq = event.assoc.requestor
-        log_event(f"association.{how}", calling_ae=rq.ae_title, instances=self._assoc_counts.get(id(event.assoc), 0))
+        log_event(f"association.{how}", calling_ae=rq.ae_title,
+                  instances=self._assoc_counts.get(event.assoc.node_key, 0))
         if how == "aborted":
-            self.tracker.closed(id(event.assoc), aborted=True)
+            self.report(("aborted", event.assoc.node_key))
 
     def _on_conn_close(self, event) -> None:
-        key = id(event.assoc)
-        if self._assoc_counts.pop(key, None) is not None:
-            self.tracker.closed(key, aborted=bool(event.assoc.is_aborted))
+        key = event.assoc.node_key
+        self._assoc_counts.pop(key, None)
+        self.report(("end", key, bool(event.assoc.is_aborted)))
 
     # -- C-STORE -------------------------------------------------------------------------------------------
     def _on_store(self, event) -> int:
-        assoc = id(event.assoc)
+        key = event.assoc.node_key
         try:
-            path, ds, for_job = self._store(event)
+            item = self._store(event)
         except Refused as exc:
             log_event("instance.refused", logging.WARNING, calling_ae=event.assoc.requestor.ae_title,
                       status=f"0x{exc.status:04X}", reason=str(exc))
             return exc.status
-        self._assoc_counts[assoc] = self._assoc_counts.get(assoc, 0) + 1
-        series_uid = str(ds.SeriesInstanceUID)
-        if for_job == "image":
-            self._queue_image(ds, path, event.assoc.requestor.ae_title)
-            return SUCCESS
-        if not for_job:
-            if (assoc, series_uid) not in self._ignored_logged:
-                self._ignored_logged.add((assoc, series_uid))
-                log_event("series.ignored", series=series_uid, sop_class=str(ds.SOPClassUID),
-                          modality=str(ds.get("Modality", "")), reason="not CT / Enhanced CT Image Storage")
-            return SUCCESS
-        self._track(event, ds, path)
+        answer = self.report(("store", key, item))
+        if answer[0] != "ok":  # the file is durable, but no job knows it: the sender must send it again
+            log_event("instance.refused", logging.ERROR, calling_ae=event.assoc.requestor.ae_title,
+                      status=f"0x{OUT_OF_RESOURCES:04X}", reason=f"job store: {answer[1]}")
+            return OUT_OF_RESOURCES
+        self._assoc_counts[key] = self._assoc_counts.get(key, 0) + 1
         return SUCCESS
 
-    def _store(self, event) -> tuple[Path, Dataset, str | None]:
+    def _store(self, event) -> Stored:
         req = event.request
         size = req.DataSet.getbuffer().nbytes if req.DataSet is not None else 0
         if size > self.max_bytes:
@@ -434,9 +364,9 @@ class StorageSCP:
         if ds_sop_uid is None or str(ds_sop_uid) != sop_uid or str(ds_class) != sop_class:
             raise Refused(DOES_NOT_MATCH, "SOP Class/Instance UID in the data set differ from the request")
         series_uid = safe_uid(series_uid, "Series Instance UID")
-        safe_uid(study_uid, "Study Instance UID")
+        study_uid = safe_uid(study_uid, "Study Instance UID")
         for_job = "series" if sop_class in JOB_SOP_CLASSES else "image" if (
-            self.image_defaults is not None and starts_image_job(ds)) else None
+            self.image_jobs and starts_image_job(ds)) else None
         if for_job:
             try:
                 check_pixel_data(ds, transfer_syntax, len(raw))
@@ -452,45 +382,20 @@ class StorageSCP:
             self.writer.write(path, [self.headers.header(sop_class, sop_uid, transfer_syntax), raw])
         except OSError as exc:
             raise Refused(OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}") from None
-        return path, ds, for_job
+        stat = bool(self.stat_rule) and is_stat(self.stat_rule, {**dataset_facts(ds),
+                                                                 "calling_ae_title": event.assoc.requestor.ae_title})
+        return Stored(str(path), series_uid, study_uid, for_job, sop_class, str(ds.get("Modality", "")),
+                      expected_count(ds) if for_job == "series" else None, stat)
 
-    def _queue_image(self, ds: Dataset, path: Path, calling_ae: str | None = None) -> None:
-        """One X-ray image is one job, queued now: the image is durable already (``DurableWriter``). The
-        distributed mode's STAT rule applies as to a series."""
-        series_uid = str(ds.SeriesInstanceUID)
-        stat = bool(self.stat_rule) and is_stat(self.stat_rule, {**dataset_facts(ds), "calling_ae_title": calling_ae})
-        job, created = self.store.ensure_job(series_uid, str(ds.StudyInstanceUID), str(path), state="queued",
-                                             details={"kind": "image", **({"stat": True} if stat else {})},
-                                             **(self.image_defaults or {}))
-        if created:
-            self.store.record_instances(job.id, 1)
-            log_event("job.queued", job=job.id, series=series_uid, kind="image")
-            self.tracker.on_queued(job.id)
 
-    def _track(self, event, ds: Dataset, path: Path) -> None:
-        series_uid = str(ds.SeriesInstanceUID)
-        expected = None
-        if "ImagesInAcquisition" in ds and str(ds.SOPClassUID) == str(CTImageStorage):
-            try:
-                expected = int(ds.ImagesInAcquisition) or None
-            except (TypeError, ValueError):
-                expected = None
-        elif str(ds.SOPClassUID) == str(EnhancedCTImageStorage) and int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            expected = 1
-        with self._series_lock:  # one job per series even when several associations send it at once
-            job_id = self.tracker.open_job(series_uid)
-            if job_id is None:
-                job, created = self.store.ensure_job(
-                    series_uid, str(ds.StudyInstanceUID), str(path.parent), state="received", **self.job_defaults
-                )
-                if job.state != "received":  # complete and queued, not yet claimed: it will read this file
-                    return
-                job_id = job.id
-                if created:
-                    log_event("job.received", job=job_id, series=series_uid, study=str(ds.StudyInstanceUID))
-            self.tracker.arrived(job_id, series_uid, id(event.assoc), expected)
-            if self.stat_rule and job_id not in self._stat_jobs and is_stat(
-                    self.stat_rule, {**dataset_facts(ds), "calling_ae_title": event.assoc.requestor.ae_title}):
-                # In the job record at once, so a restart before completion keeps it; the node queues by it.
-                self.store.record_instances(job_id, 0, details={"stat": True})
-                self._stat_jobs.add(job_id)
+def expected_count(ds: Dataset) -> int | None:
+    """The number of instances of the series, when the instance says it: Images in Acquisition (0020,1002)
+    of a CT image; 1 for a multi-frame Enhanced CT instance (a whole volume)."""
+    if "ImagesInAcquisition" in ds and str(ds.SOPClassUID) == str(CTImageStorage):
+        try:
+            return int(ds.ImagesInAcquisition) or None
+        except (TypeError, ValueError):
+            return None
+    if str(ds.SOPClassUID) == str(EnhancedCTImageStorage) and int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return 1
+    return None
