@@ -104,6 +104,16 @@ class Node:
         self.worker: Worker | None = None
 
     def start(self) -> tuple[str, int]:
+        # The receiver processes import their libraries while this one loads the models.
+        self.receivers = ReceiverPool(self.cfg, verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
+        self.receivers.spawn()
+        try:
+            return self._start()
+        except BaseException:
+            self.receivers.stop()
+            raise
+
+    def _start(self) -> tuple[str, int]:
         cfg = self.cfg
         root = cfg.storage_path
         root.mkdir(parents=True, exist_ok=True)
@@ -154,9 +164,7 @@ class Node:
         if self.worker is not None:
             self.worker.start()
         self.tracker.start()
-        self.receivers = ReceiverPool(cfg, image_jobs=image_defaults is not None,
-                                      verbose=logging.getLogger().isEnabledFor(logging.DEBUG))
-        self.address = self.receivers.start(self.intake)
+        self.address = self.receivers.start(self.intake, image_jobs=image_defaults is not None)
         for job in arriving:  # their idle timeout counts from now, when the node can receive their rest
             self.tracker.adopt(job.id, job.series_instance_uid, len(series_files(job.source)))
         if not cfg.allow:

@@ -52,9 +52,9 @@ class ReceiverStartError(Exception):
 
 
 class _Receiver:
-    """The main process' handle on one receiver process."""
+    """The main process' handle on one receiver process (started at once; it waits for its settings)."""
 
-    def __init__(self, index: int, settings: tuple):
+    def __init__(self, index: int):
         self.index = index
         hand_over, theirs_fd = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         rpc, theirs_rpc = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -67,7 +67,6 @@ class _Receiver:
         theirs_rpc.close()
         self.hand_over = hand_over
         self.rpc = Connection(rpc.detach())
-        self.rpc.send(settings)
         self.ready = threading.Event()  # set when the receiver reports that it runs
         self.open = 0  # connections handed over and not yet closed
         self.handed = 0  # connections handed over in all
@@ -75,13 +74,17 @@ class _Receiver:
 
 
 class ReceiverPool:
-    """The listening socket and the receiver processes; ``intake`` (intake.Intake) takes their reports."""
+    """The listening socket and the receiver processes; ``intake`` (intake.Intake) takes their reports.
 
-    def __init__(self, cfg: NodeConfig, image_jobs: bool, processes: int | None = None, verbose: bool = False):
+    ``spawn()`` starts the processes (they import their libraries meanwhile: call it early), ``start()`` gives
+    them their settings, waits until they run and then listens.
+    """
+
+    def __init__(self, cfg: NodeConfig, processes: int | None = None, verbose: bool = False):
         self.cfg = cfg
         self.processes = processes or cfg.receivers or default_receivers()
-        self.image_jobs = image_jobs
         self.verbose = verbose
+        self.image_jobs = False
         self.intake = None
         self._receivers: list[_Receiver] = []
         self._lock = threading.Lock()
@@ -89,23 +92,30 @@ class ReceiverPool:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
         self.listener: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
 
-    def start(self, intake) -> tuple[str, int]:
-        """Listen, start the receivers and hand them connections; returns the address listened on."""
-        self.intake = intake
+    def spawn(self) -> None:
+        self._receivers = [_Receiver(index) for index in range(self.processes)]
+
+    def start(self, intake, image_jobs: bool) -> tuple[str, int]:
+        """Start taking connections; ``image_jobs``: X-ray images start image jobs (a 2D model is there).
+        Returns the address listened on."""
+        self.intake, self.image_jobs = intake, image_jobs
         family = socket.AF_INET6 if ":" in self.cfg.bind else socket.AF_INET
         self.listener = socket.create_server((self.cfg.bind, int(self.cfg.port)), family=family,
                                              backlog=max(16, 2 * self.cfg.max_associations))
         self.address = self.listener.getsockname()[:2]
-        for index in range(self.processes):
-            self._start_receiver(index)
+        if not self._receivers:
+            self.spawn()
+        for r in self._receivers:
+            self._run(r)
         deadline = time.monotonic() + STARTUP_S
         for r in list(self._receivers):
             while not r.ready.wait(0.1):
                 if r.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise ReceiverStartError(f"receiver process {r.index} did not start (exit code {r.proc.poll()}; "
-                                       "its error is in the log above)")
+                                             "its error is in the log above)")
         accept = threading.Thread(target=self._accept_loop, name="dicom-listener", daemon=True)
         accept.start()
         self._threads.append(accept)
@@ -135,17 +145,16 @@ class ReceiverPool:
             return [r.proc.pid for r in self._receivers]
 
     # -- main process side ---------------------------------------------------------------------------------
-    def _start_receiver(self, index: int) -> None:
-        r = _Receiver(index, (self.cfg, self.image_jobs, self.address, self.verbose, index))
-        with self._lock:
-            if index < len(self._receivers):
-                self._receivers[index] = r
-            else:
-                self._receivers.append(r)
-        t = threading.Thread(target=self._answer_loop, args=(r,), name=f"receiver-{index}", daemon=True)
+    def _run(self, r: _Receiver) -> None:
+        """Send a receiver its settings and answer its reports from now on."""
+        try:
+            r.rpc.send((self.cfg, self.image_jobs, self.address, self.verbose, r.index))
+        except OSError:  # it died already: its answer loop sees that and says so
+            pass
+        t = threading.Thread(target=self._answer_loop, args=(r,), name=f"receiver-{r.index}", daemon=True)
         t.start()
         self._threads.append(t)
-        log_event("receiver.started", receiver=index, pid=r.proc.pid)
+        log_event("receiver.started", receiver=r.index, pid=r.proc.pid)
 
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
@@ -227,14 +236,17 @@ class ReceiverPool:
                   open_associations=r.open)
         r.hand_over.close()
         if not self._stopping.wait(RESTART_DELAY_S):
-            self._start_receiver(r.index)
+            new = _Receiver(r.index)
+            with self._lock:
+                self._receivers[r.index] = new
+            self._run(new)
 
 
 # -- receiver process side ---------------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
     """A receiver process: ``argv`` = the hand-over socket's and the report pipe's descriptors."""
     from pacs_landmarks.jobs import logs
-    from pacs_landmarks.node.scp import StorageSCP
+    from pacs_landmarks.node.scp import StorageSCP  # imported while the node loads its models
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the node stops us
     hand_over = socket.socket(fileno=int(argv[0]))
