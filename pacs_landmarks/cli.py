@@ -19,7 +19,7 @@ COMMAND_MODULES = (
     "pacs_landmarks.inference.phantom",  # phantom
     "pacs_landmarks.inference.ceph_phantom",  # phantom --ceph (after phantom: it extends that command)
     "pacs_landmarks.inference.importers",  # import
-    "pacs_landmarks.sr_templates.cli",  # infer, read-sr
+    "pacs_landmarks.pipeline_cli",  # infer, read-sr
     "pacs_landmarks.review",  # review
     "pacs_landmarks.inference.real_heads",  # real-case
     "pacs_landmarks.inference.warp",  # warp-heads

@@ -237,7 +237,7 @@ def review_images(args: argparse.Namespace, images: list[Path]) -> int:
 def cmd_review(args: argparse.Namespace) -> int:
     from pacs_landmarks.dicom.series import SeriesError, load_series
 
-    from pacs_landmarks.sr_templates.cli import xray_inputs
+    from pacs_landmarks.pipeline_cli import xray_inputs
 
     if not args.series_dir.exists():
         raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")

@@ -1,4 +1,7 @@
-"""Subcommands of this part of the package (see pacs_landmarks.cli): ``infer``, ``read-sr``."""
+"""Subcommands of the pipeline (see pacs_landmarks.cli): ``infer``, ``read-sr``.
+
+A front end beside ``cli``: ``infer`` runs ``pipeline``, a layer above ``sr_templates`` (tests/test_layers.py).
+"""
 from __future__ import annotations
 
 import argparse
