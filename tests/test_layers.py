@@ -28,10 +28,8 @@ from pathlib import Path
 
 import pytest
 
-import pacs_landmarks
-
 PACKAGE = "pacs_landmarks"
-PACKAGE_DIR = Path(pacs_landmarks.__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / PACKAGE  # the source tree, whatever is installed
 
 FRONT_END = 5
 LEVELS = {
@@ -48,8 +46,8 @@ LEVELS = {
 APART = {frozenset(("node", "plugin"))}
 
 
-def module_name(path: Path, package_dir: Path = PACKAGE_DIR) -> str:
-    parts = path.relative_to(package_dir.parent).with_suffix("").parts
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -83,7 +81,8 @@ def imported_modules(source: str, module: str, is_package: bool, rooms: set[str]
             if node.level:
                 base = _resolve_relative(base, node.level, module, is_package)
             if base == PACKAGE:
-                # ``from pacs_landmarks import review`` imports a room; ``import __version__`` the package.
+                # ``from pacs_landmarks import review`` imports a room, ``from pacs_landmarks import __version__``
+                # the package (every room on disk is in LEVELS: test_every_room_has_a_level).
                 for alias in node.names:
                     yield node.lineno, f"{PACKAGE}.{alias.name}" if alias.name in rooms else PACKAGE
             else:
@@ -104,27 +103,26 @@ def imported_modules(source: str, module: str, is_package: bool, rooms: set[str]
             yield node.lineno, name
 
 
-def upward_imports(source: str, path: str, module: str, *, is_package: bool = False,
-                   levels: dict[str, int] = LEVELS) -> list[str]:
+def upward_imports(source: str, path: str, module: str, *, is_package: bool = False) -> list[str]:
     """One message per import in ``source`` (the module ``module``) that reaches a room above its own."""
     own = room_of(module)
-    if own not in levels:
+    if own not in LEVELS:
         return [f"{path}: {module} is in no room"]
     problems = []
-    for line, target in imported_modules(source, module, is_package, set(levels)):
+    for line, target in imported_modules(source, module, is_package, set(LEVELS)):
         if target is None:
-            if levels[own] < FRONT_END:
+            if LEVELS[own] < FRONT_END:
                 problems.append(f"{path}:{line}: {module} imports a module whose name it computes: "
                                 "cannot check the layers (use an import statement)")
             continue
         if target != PACKAGE and not target.startswith(PACKAGE + "."):
             continue
         theirs = room_of(target)
-        if theirs not in levels:
+        if theirs not in LEVELS:
             problems.append(f"{path}:{line}: {module} imports {target}, which is in no room")
-        elif levels[theirs] > levels[own]:
-            problems.append(f"{path}:{line}: {module} (room {own or PACKAGE}, level {levels[own]}) imports {target} "
-                            f"(room {theirs}, level {levels[theirs]}): upward")
+        elif LEVELS[theirs] > LEVELS[own]:
+            problems.append(f"{path}:{line}: {module} (room {own or PACKAGE}, level {LEVELS[own]}) imports {target} "
+                            f"(room {theirs}, level {LEVELS[theirs]}): upward")
         elif frozenset((own, theirs)) in APART:
             problems.append(f"{path}:{line}: {module} imports {target}: {own} and {theirs} never import each other")
     return problems
