@@ -11,6 +11,7 @@ import logging
 import sys
 
 from pacs_landmarks import __version__
+from pacs_landmarks.errors import CommandError  # re-exported: it was defined here
 
 COMMAND_MODULES = (
     "pacs_landmarks.dicom.cli",  # inspect
@@ -18,17 +19,13 @@ COMMAND_MODULES = (
     "pacs_landmarks.inference.phantom",  # phantom
     "pacs_landmarks.inference.ceph_phantom",  # phantom --ceph (after phantom: it extends that command)
     "pacs_landmarks.inference.importers",  # import
-    "pacs_landmarks.sr_templates.cli",  # infer, read-sr
+    "pacs_landmarks.pipeline_cli",  # infer, read-sr
     "pacs_landmarks.review",  # review
     "pacs_landmarks.inference.real_heads",  # real-case
     "pacs_landmarks.inference.warp",  # warp-heads
     "pacs_landmarks.node.cli",  # serve, jobs
     "pacs_landmarks.cluster_cli",  # worker
 )
-
-
-class CommandError(Exception):
-    """A user-facing failure: printed as one line, exit status 2, no traceback."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the package module so that CommandError raised by commands is this module's class.
-    from pacs_landmarks.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from pacs_landmarks.errors import CommandError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -41,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.jobs import logs
     from pacs_landmarks.node.cli import effective_config
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pacs_landmarks.errors import CommandError
+
 log = logging.getLogger(__name__)
 
 BONE_WINDOW = (500.0, 2000.0)  # centre, width (HU)
@@ -190,7 +192,6 @@ def _set_of_names(names: list[str]) -> str:
 
 def review_images(args: argparse.Namespace, images: list[Path]) -> int:
     """``review`` on X-ray images: a PNG each (see the module docstring)."""
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.dicom.xray import XRayError, load_xray
     from pacs_landmarks.sr_templates.measurements_2d import measure_2d
 
@@ -234,10 +235,9 @@ def review_images(args: argparse.Namespace, images: list[Path]) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.dicom.series import SeriesError, load_series
 
-    from pacs_landmarks.sr_templates.cli import xray_inputs
+    from pacs_landmarks.pipeline_cli import xray_inputs
 
     if not args.series_dir.exists():
         raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pacs_landmarks.errors import CommandError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this part's subcommands; its heavy imports happen inside the handlers."""
@@ -137,8 +139,6 @@ def _print_xray(im: dict) -> None:
 
 
 def inspect_command(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
-
     if not args.directory.is_dir():
         raise CommandError(f"{args.directory} is not a folder")
     if args.pixel_spacing is not None and not args.pixel_spacing > 0:

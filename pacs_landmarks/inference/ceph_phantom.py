@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from pacs_landmarks.errors import CommandError
 from pacs_landmarks.inference.phantom import MATERIAL_IDS, PhantomCase, Shape, _rot, make_case
 
 LANDMARK_SET = "ceph19"
@@ -500,8 +501,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_ceph(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
-
     if args.count < 1:
         raise CommandError("--count must be at least 1")
     ct_only = [name for name, given in (("--slice-thickness", args.slice_thickness is not None),

@@ -9,10 +9,10 @@ import json
 import sys
 from pathlib import Path
 
+from pacs_landmarks.errors import CommandError
+
 
 def _error(msg: str):
-    from pacs_landmarks.cli import CommandError
-
     return CommandError(msg)
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pacs_landmarks.errors import CommandError
+
 IMAGE_SUFFIXES = (".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".pgm", ".ppm", ".webp", ".jp2")
 _UID_ROOT = "pacs-landmarks-import"
 
@@ -350,7 +352,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.landmark_sets import set_dimension
 
     fmt = args.format

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pacs_landmarks.errors import CommandError
+
 LANDMARK_SET = "craniofacial16"
 NAMES = (
     "Sella", "Nasion", "Orbitale R", "Orbitale L", "Porion R", "Porion L", "ANS", "PNS", "A point",
@@ -1175,8 +1177,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
-
     if args.count < 1:
         raise CommandError("--count must be at least 1")
     if not 0.0 <= args.variety <= 1.0:

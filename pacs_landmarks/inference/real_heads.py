@@ -41,6 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pacs_landmarks.errors import CommandError
+
 FORMAT = "pacs-landmarks reference points"
 STATUSES = ("found", "outside_field_of_view")
 REFERENCE_DIR = Path(__file__).parent / "real"
@@ -265,8 +267,6 @@ def write_inv3_series(path: str | Path, out_dir: str | Path) -> Path:
 
 
 def _cmd_real_case(args) -> int:
-    from pacs_landmarks.cli import CommandError
-
     try:
         ref = load_reference(args.reference)
         series = args.series

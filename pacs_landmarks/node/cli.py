@@ -5,6 +5,8 @@ import argparse
 import json
 import time
 
+from pacs_landmarks.errors import CommandError
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML", help="node settings file (see the example node.toml)")
@@ -67,7 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def effective_config(args: argparse.Namespace):
     """node.toml (if any) overridden by the command line, checked."""
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.node import config as config_mod
 
     try:
@@ -90,7 +91,6 @@ def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.jobs import logs
     from pacs_landmarks.node.app import ModelLoadError, Node
     from pacs_landmarks.node.receivers import ReceiverStartError
@@ -119,7 +119,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.jobs.store import JobStateError, JobStore
 
     if getattr(args, "dsn", None):

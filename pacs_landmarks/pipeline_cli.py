@@ -1,10 +1,14 @@
-"""Subcommands of this part of the package (see pacs_landmarks.cli): ``infer``, ``read-sr``."""
+"""Subcommands of the pipeline (see pacs_landmarks.cli): ``infer``, ``read-sr``.
+
+A front end beside ``cli``: ``infer`` runs ``pipeline``, a layer above ``sr_templates`` (tests/test_layers.py).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
+from pacs_landmarks.errors import CommandError
 from pacs_landmarks.inference.landmark import landmark_json
 
 OUTPUT_FILES = {
@@ -94,8 +98,6 @@ def format_tables(landmarks, measurements, omitted=()) -> str:
 
 def parse_pixel_spacing(text: str | None) -> float | tuple[float, float] | None:
     """``--pixel-spacing``: "0.1" or "0.1,0.12" (row, column) in mm."""
-    from pacs_landmarks.cli import CommandError
-
     if text is None:
         return None
     try:
@@ -151,7 +153,6 @@ def format_image_tables(results) -> str:
 
 def infer_images(args: argparse.Namespace, images: list[Path]) -> int:
     """``infer`` on X-ray images: one ``process_image`` each (see the command's description)."""
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.dicom.xray import XRayError
     from pacs_landmarks.inference.model import LandmarkModel, ModelError
     from pacs_landmarks.pipeline import NotACephalogram, image_landmarks_json, process_image
@@ -198,8 +199,6 @@ def infer_images(args: argparse.Namespace, images: list[Path]) -> int:
 
 
 def infer(args: argparse.Namespace) -> int:
-    from pacs_landmarks.cli import CommandError
-
     if not args.series_dir.exists():
         raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
     images = xray_inputs(args.series_dir)
@@ -247,7 +246,6 @@ def infer(args: argparse.Namespace) -> int:
 def read_sr(args: argparse.Namespace) -> int:
     import pydicom
 
-    from pacs_landmarks.cli import CommandError
     from pacs_landmarks.sr_templates.readback import read_landmark_sr
 
     try:
