@@ -21,7 +21,7 @@ from pacs_landmarks.jobs.store import JobStore
 from conftest import dcmtk, require_tool
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-# The console script (``python -m pacs_landmarks.cli`` would define a second CommandError class in __main__).
+# The console script, as users run it.
 CLI = str(Path(sys.executable).with_name("pacs-landmarks"))
 NODE_AET = "LANDMARKS"
 SENDER = "MODALITY"
