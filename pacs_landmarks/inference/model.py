@@ -70,6 +70,14 @@ MIN_FOUND_SHARE = 0.5
 TTA_MODES = (None, "mirror")
 
 
+def check_tta(tta, dim: int) -> None:
+    """``ValueError`` unless ``tta`` is a test-time augmentation (``TTA_MODES``) that a ``dim``-D model can use."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r} (known: mirror, or none)")
+    if tta is not None and dim != 3:
+        raise ValueError(f"test-time augmentation {tta!r} is for CT (3D) models only")
+
+
 def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE):
     """(status (L,), reason (L,), confidence (L,)) for one ``CascadeOutput`` (see the module docstring)."""
     n = out.positions.shape[1]
@@ -185,10 +193,7 @@ class LandmarkModel:
     def with_tta(self, tta: str | None) -> "LandmarkModel":
         """The same loaded cascade with another test-time augmentation (``TTA_MODES``), e.g. to evaluate a
         model with and without it; the calibrated threshold stays the file's."""
-        if tta not in TTA_MODES:
-            raise ValueError(f"unknown test-time augmentation {tta!r} (known: mirror, or none)")
-        if tta is not None and self.dim != 3:
-            raise ValueError(f"test-time augmentation {tta!r} is for CT (3D) models only")
+        check_tta(tta, self.dim)
         return LandmarkModel(self.cascade, dict(self.metadata, tta=tta), self.device, self.path)
 
     @classmethod
@@ -242,11 +247,10 @@ class LandmarkModel:
             if sm.n_landmarks != len(meta["landmark_names"]):
                 raise ModelError(f"{path}: shape model has {sm.n_landmarks} landmarks, the set has "
                                  f"{len(meta['landmark_names'])}")
-        tta = meta.get("tta")
-        if tta not in TTA_MODES:
-            raise ModelError(f"{path}: unknown test-time augmentation {tta!r} (known: mirror, or none)")
-        if tta is not None and dim != 3:
-            raise ModelError(f"{path}: test-time augmentation {tta!r} is for CT (3D) models only")
+        try:
+            check_tta(meta.get("tta"), dim)
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
