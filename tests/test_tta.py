@@ -90,7 +90,6 @@ def test_symmetric_head_gives_the_same_points_with_and_without_mirror_tta(symmet
     # confidence: the passes' geometric mean, cut by the disagreement
     base = np.sqrt(tta.pass_confidence[0] * tta.pass_confidence[1])
     assert np.all(tta.confidence <= base + 1e-12) and np.all(tta.confidence > 0.8 * base)
-    assert sum(tta.timings.values()) > sum(plain.timings.values())  # both passes are timed
 
 
 def test_mirror_confidence_falls_with_disagreement():
