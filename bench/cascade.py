@@ -4,7 +4,7 @@ cephalogram (~1700 x 2100 px) (CPU, 2 threads unless told).
 Prints a table: DICOM read (pydicom, all slices), volume build (load_series), stage 1/2/3, cascade total; then
 the 2D rows: image read (load_xray), stage 1/2/3, predict_image total (the issue's target: <= 0.5 s).
 Usage: .venv/bin/python bench/cascade.py [--repeats 5] [--threads 2] [--model MODEL.pt] [--ceph-model M.pt]
-       [--only ct|ceph]
+       [--only ct|ceph] [--tta mirror|none]
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=200)
     ap.add_argument("--ceph-model", default=None, help="2D model (default: the shipped ceph19 demo model)")
     ap.add_argument("--only", choices=("ct", "ceph"), default=None)
+    ap.add_argument("--tta", choices=("mirror", "none"), default=None,
+                    help="CT: test-time augmentation instead of the model file's (mirror: two passes)")
     args = ap.parse_args()
 
     import os
@@ -34,7 +36,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.only != "ceph":
-        bench_ct(args, LandmarkModel.load(args.model, device="cpu"))
+        model = LandmarkModel.load(args.model, device="cpu")
+        if args.tta is not None:
+            model = model.with_tta(None if args.tta == "none" else args.tta)
+        bench_ct(args, model)
     if args.only != "ct":
         bench_ceph(args, LandmarkModel.load(args.ceph_model, device="cpu", landmark_set="ceph19"))
 
@@ -106,7 +111,8 @@ def bench_ct(args, model) -> None:
                 rows.setdefault(k, []).append(v)
             rows.setdefault("cascade total", []).append(t3 - t2)
     print(f"cascade benchmark: volume {shape[2]}x{shape[1]}x{shape[0]} (cols x rows x slices), "
-          f"model {model.name} {model.version}, torch {torch.__version__}, {args.threads} threads, "
+          f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}, "
+          f"torch {torch.__version__}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, median of {args.repeats}")
     print(f"| step | median (s) | min (s) |\n|---|---|---|")
     for k, v in rows.items():

@@ -53,6 +53,21 @@ def landmark_names(name: str = "craniofacial16") -> list[str]:
     return [lm["name"] for lm in load_landmark_set(name)["landmarks"]]
 
 
+def mirror_names(names: list[str]) -> list[int]:
+    """Index permutation that swaps "... R" and "... L" names (identity for midline landmarks): what a
+    landmark is called once the head is mirrored left-right."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for n in names:
+        if n.endswith(" R"):
+            out.append(index.get(n[:-2] + " L", index[n]))
+        elif n.endswith(" L"):
+            out.append(index.get(n[:-2] + " R", index[n]))
+        else:
+            out.append(index[n])
+    return out
+
+
 def landmark_definition(landmark: str, set_name: str = "craniofacial16") -> dict:
     """The definition of one landmark, found by its name or abbreviation; ``KeyError`` if unknown."""
     for lm in load_landmark_set(set_name)["landmarks"]:

@@ -72,9 +72,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.evaluate import box_plots, evaluate_cases, format_report, write_json
 
     model = _load_model(args.model, _data_set(args))
+    if args.tta is not None:
+        try:
+            model = model.with_tta(None if args.tta == "none" else args.tta)
+        except ValueError as exc:
+            raise _error(str(exc)) from None
     cases = _cases(args, model)
     result = evaluate_cases(model, cases, progress=not args.quiet)
-    print(f"model {model.name} {model.version}: {len(cases)} cases from {args.data}")
+    print(f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}: {len(cases)} cases "
+          f"from {args.data}")
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
@@ -82,8 +88,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pacs_landmarks.inference.evaluate import calibrate_model
 
         cal = calibrate_model(model, result, args.calibrate)
-        print(f"calibrated threshold {cal['low_confidence']:.2f}: {cal.get('share')} of {cal['n']} points at or "
-              f"above it within 2 mm; {model.name} {model.version} ({model.path}) written to {args.calibrate}")
+        print(f"calibrated threshold {cal['low_confidence']:.2f} (test-time augmentation {cal['tta'] or 'none'}): "
+              f"{cal.get('share')} of {cal['n']} points at or above it within 2 mm; {model.name} {model.version} "
+              f"({model.path}) written to {args.calibrate}")
     if args.plots:
         paths = box_plots(result, args.plots)
         print(f"{len(paths)} box plots in {args.plots}")
@@ -239,7 +246,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "distance")
     p.add_argument("--calibrate", default=None, metavar="OUT.pt",
                    help="write the evaluated model (--model; without it the shipped one) with the lowest confidence threshold at which >= 95 %% of the points "
-                   "at or above it are within 2 mm on these cases (use held-out cases)")
+                   "at or above it are within 2 mm on these cases (use held-out cases), and the test-time "
+                   "augmentation it was calibrated with (--tta) as the model's")
+    p.add_argument("--tta", choices=("mirror", "none"), default=None,
+                   help="test-time augmentation for this evaluation instead of the model file's (CT only): "
+                   "mirror = also run on the head mirrored left-right and report the mean; none = run once")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 

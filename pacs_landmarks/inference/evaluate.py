@@ -70,7 +70,8 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
                          "cascade_s": float(sum(out.timings.values()))})
     diff = np.stack(diffs)  # (cases, stages, L, 3)
     err = np.linalg.norm(diff, axis=-1)
-    result = {"model": {"name": model.name, "version": model.version, "path": str(model.path)},
+    result = {"model": {"name": model.name, "version": model.version, "path": str(model.path),
+                        "tta": model.tta},
               "cases": len(cases), "stages": stages, "landmarks": names, "per_case": per_case,
               "overall": {}, "per_landmark": {}}
     dim = diff.shape[-1]
@@ -237,13 +238,15 @@ def choose_threshold(confidence: np.ndarray, error: np.ndarray, target: float = 
 
 def calibrate_model(model, result: dict, out: str | Path) -> dict:
     """Write ``out``: the model with ``metadata.calibration`` (the threshold from ``choose_threshold`` on
-    ``result``'s in-scan landmarks, final stage)."""
+    ``result``'s in-scan landmarks, final stage, and the test-time augmentation ``model`` ran with, which
+    becomes the file's ``tta``: the threshold holds for that confidence only)."""
     from pacs_landmarks.inference.model import save_model_file
 
     conf = np.asarray(result["confidences"], float)
     err = np.asarray(result["errors"], float)[:, -1]
     cal = choose_threshold(conf.ravel(), err.ravel())
     cal["cases"] = result["cases"]
-    meta = dict(model.metadata, calibration=cal)
+    cal["tta"] = model.tta
+    meta = dict(model.metadata, calibration=cal, tta=model.tta)
     save_model_file(out, model.cascade, meta)
     return cal

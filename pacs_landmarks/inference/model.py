@@ -15,7 +15,10 @@ width), ``intensity`` (``unit`` "HU" for CT, "xray" for 0..1 X-ray grey values, 
 normalised; absent unit = HU),
 ``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``fuse_stages``
 (inference option, see ``cascade.run_cascade``), ``created``; from model 2.0 also ``shape_model`` (the
-Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional).
+Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional);
+``tta`` (optional, CT only): ``"mirror"`` runs the cascade also on the head mirrored left-right and reports
+the mean (``cascade.run_cascade``), absent or ``null`` runs it once; ``evaluate --calibrate`` records it with
+the threshold (``calibration.tta``), since the confidence differs with it.
 
 Status of each landmark (``Landmark.status``, see ``landmark_statuses``):
 ``outside_field_of_view`` when the model's presence output says the landmark is not in the scanned volume
@@ -63,6 +66,16 @@ PRESENCE_THRESHOLD = 0.5
 MIN_INSIDE_FRACTION = 0.5
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5
+# Test-time augmentations a model file may ask for (metadata ``tta``); None: the cascade runs once.
+TTA_MODES = (None, "mirror")
+
+
+def check_tta(tta, dim: int) -> None:
+    """``ValueError`` unless ``tta`` is a test-time augmentation (``TTA_MODES``) that a ``dim``-D model can use."""
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown test-time augmentation {tta!r} (known: mirror, or none)")
+    if tta is not None and dim != 3:
+        raise ValueError(f"test-time augmentation {tta!r} is for CT (3D) models only")
 
 
 def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE):
@@ -175,6 +188,13 @@ class LandmarkModel:
     stages = property(lambda self: self.cascade.stages)
     trained = property(lambda self: bool(self.metadata.get("training")))
     dim = property(lambda self: int(self.metadata.get("dim", 3)))
+    tta = property(lambda self: self.metadata.get("tta"))
+
+    def with_tta(self, tta: str | None) -> "LandmarkModel":
+        """The same loaded cascade with another test-time augmentation (``TTA_MODES``), e.g. to evaluate a
+        model with and without it; the calibrated threshold stays the file's."""
+        check_tta(tta, self.dim)
+        return LandmarkModel(self.cascade, dict(self.metadata, tta=tta), self.device, self.path)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None,
@@ -227,6 +247,10 @@ class LandmarkModel:
             if sm.n_landmarks != len(meta["landmark_names"]):
                 raise ModelError(f"{path}: shape model has {sm.n_landmarks} landmarks, the set has "
                                  f"{len(meta['landmark_names'])}")
+        try:
+            check_tta(meta.get("tta"), dim)
+        except ValueError as exc:
+            raise ModelError(f"{path}: {exc}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -253,11 +277,14 @@ class LandmarkModel:
 
     def _run(self, array, affine):
         from pacs_landmarks.inference.cascade import run_cascade
+        from pacs_landmarks.landmark_sets import mirror_names
 
+        mirror = mirror_names(self.landmark_names) if self.tta == "mirror" else None
         with self._lock:
             sampler = self.cascade.sampler(array, affine, self.device)
             return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
-                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model)
+                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
+                               mirror=mirror)
 
     def run_image(self, image) -> tuple[Any, tuple[float, float], str]:
         """The raw cascade output for one ``XRayImage`` (points in mm on the canonical, face-right image:

@@ -133,7 +133,27 @@ class VolumeSampler:
         self.affine = affine
         self.outside = float(outside)
         self.spacing = np.linalg.norm(self.affine[:-1, :-1], axis=0)
-        self._pooled: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        # block-averaged copies by block size, shared with mirrored views (``mirrored``); each view keeps its own
+        # inverse affines
+        self._pooled: dict[tuple[int, ...], torch.Tensor] = {}
+        self._inverse: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def mirrored(self, x_mm: float) -> "VolumeSampler":
+        """The same image seen in a mirror: the plane x = ``x_mm`` (3D: LPS x, a sagittal plane, so the
+        patient's right and left swap; 2D: image x, a vertical line), a view that reads ``self`` at ``(2 x_mm
+        - x, y[, z])``.
+
+        Only the affine changes (a reflection before it); array and block-averaged copies are shared, so a
+        view costs no copy.  A box read through the view is the box read from ``self`` at the mirrored points,
+        which is what the networks would see if the patient had been scanned mirrored.
+        """
+        reflect = np.eye(self.dim + 1)
+        reflect[0, 0], reflect[0, self.dim] = -1.0, 2.0 * float(x_mm)
+        view = object.__new__(VolumeSampler)
+        view.__dict__.update(self.__dict__)
+        view.affine = reflect @ self.affine
+        view._inverse = {}
+        return view
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -144,18 +164,20 @@ class VolumeSampler:
         k = tuple(max(1, int(target_spacing / s + 1e-3)) for s in self.spacing)
         k = tuple(min(kk, n) for kk, n in zip(k, self.shape))
         if k not in self._pooled:
-            if k == (1,) * d:
-                vol, aff = self.volume, self.affine
-            else:
-                vol = _avg_pool(self.volume, k)
-                # pooled index n covers source indices k*n .. k*n+k-1: its centre is k*n + (k-1)/2
-                t = np.eye(d + 1)
-                t[:d, :d] = np.diag(k)
-                t[:d, d] = [(kk - 1) / 2.0 for kk in k]
-                aff = self.affine @ t
-            inv = torch.as_tensor(np.linalg.inv(aff), dtype=torch.float32, device=self.device)
-            self._pooled[k] = (vol, inv)
-        return self._pooled[k]
+            self._pooled[k] = self.volume if k == (1,) * d else _avg_pool(self.volume, k)
+        if k not in self._inverse:
+            self._inverse[k] = torch.as_tensor(np.linalg.inv(self._level_affine(k)), dtype=torch.float32,
+                                               device=self.device)
+        return self._pooled[k], self._inverse[k]
+
+    def _level_affine(self, k: tuple[int, ...]) -> np.ndarray:
+        """The affine of the copy averaged over blocks of ``k`` voxels."""
+        d = self.dim
+        # pooled index n covers source indices k*n .. k*n+k-1: its centre is k*n + (k-1)/2
+        t = np.eye(d + 1)
+        t[:d, :d] = np.diag(k)
+        t[:d, d] = [(kk - 1) / 2.0 for kk in k]
+        return self.affine @ t
 
     def sample(self, points: torch.Tensor, target_spacing: float) -> torch.Tensor:
         """Intensities at ``points`` (N, ..., D) -> (N, ...); ``outside`` beyond the array.

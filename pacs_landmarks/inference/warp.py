@@ -34,25 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pacs_landmarks.landmark_sets import mirror_names
+
 log = logging.getLogger(__name__)
 
 COARSE_MM = 4.0
 MIN_LANDMARK_DISTANCE_MM = 12.0
 THICKNESSES = (1.0, 1.0, 1.25, 2.0, 3.0)
-
-
-def mirror_names(names: list[str]) -> list[int]:
-    """Index permutation that swaps "... R" and "... L" names (identity for midline landmarks)."""
-    index = {n: i for i, n in enumerate(names)}
-    out = []
-    for n in names:
-        if n.endswith(" R"):
-            out.append(index.get(n[:-2] + " L", index[n]))
-        elif n.endswith(" L"):
-            out.append(index.get(n[:-2] + " R", index[n]))
-        else:
-            out.append(index[n])
-    return out
 
 
 def draw_configuration(truth: np.ndarray, shape_model, rng: np.random.Generator, amplitude: float = 1.0,
