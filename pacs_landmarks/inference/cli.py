@@ -12,17 +12,13 @@ from pathlib import Path
 from pacs_landmarks.errors import CommandError
 
 
-def _error(msg: str):
-    return CommandError(msg)
-
-
 def _load_model(path, landmark_set=None):
     from pacs_landmarks.inference.model import LandmarkModel, ModelError
 
     try:
         return LandmarkModel.load(path, landmark_set=landmark_set if path is None else None)
     except ModelError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 def _data_set(args) -> str | None:
@@ -32,7 +28,7 @@ def _data_set(args) -> str | None:
     try:
         found = detect_landmark_set(args.data)
     except DataError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     return None if found == "craniofacial16" else found
 
 
@@ -44,7 +40,7 @@ def _cases(args, model):
                           progress=not args.quiet, label_map=read_label_map(args.label_map),
                           truth=getattr(args, "truth", None))
     except DataError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train(args.data, args.out, config, cache_dir=args.cache, resume=args.resume, init=args.init,
                         progress=not args.quiet, label_map=read_label_map(args.label_map))
     except DataError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     print(f"model written to {summary['model']} (checkpoint {summary['checkpoint']})")
     return 0
 
@@ -76,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             model = model.with_tta(None if args.tta == "none" else args.tta)
         except ValueError as exc:
-            raise _error(str(exc)) from None
+            raise CommandError(str(exc)) from None
     cases = _cases(args, model)
     result = evaluate_cases(model, cases, progress=not args.quiet)
     print(f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}: {len(cases)} cases "
@@ -118,10 +114,10 @@ def _predict_image(args, path: Path, model) -> int:
     try:
         image = load_xray(path, pixel_spacing=args.pixel_spacing, require_ceph=False)
     except XRayError as exc:
-        raise _error(str(exc)) from None
+        raise CommandError(str(exc)) from None
     model = model or _load_model(None, "ceph19")
     if model.dim != 2:
-        raise _error(f"model {model.name} is for CT series, {path} is an X-ray image")
+        raise CommandError(f"model {model.name} is for CT series, {path} is an X-ray image")
     lms = model.predict_image(image)
     row_mm, col_mm = lms.pixel_spacing_mm
     mm = None if lms.spacing_nominal else (col_mm, row_mm)
@@ -163,20 +159,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = _load_model(args.model) if args.model is not None else None
     series = Path(args.series)
     if not series.exists():
-        raise _error(f"not found: {series}")
+        raise CommandError(f"not found: {series}")
     files = dicom_files(series) if series.is_dir() else [series]
     if not files:
-        raise _error(f"no DICOM files in {series}")
+        raise CommandError(f"no DICOM files in {series}")
     xray = _xray_file(files)
     if xray is not None:
         return _predict_image(args, xray, model)
     model = model or _load_model(None)
     if model.dim != 3:
-        raise _error(f"model {model.name} is for cephalograms (2D), {series} is not an X-ray image")
+        raise CommandError(f"model {model.name} is for cephalograms (2D), {series} is not an X-ray image")
     try:
         volume = load_series(files)
     except SeriesError as exc:
-        raise _error(f"cannot build a volume from {series}: {exc}") from None
+        raise CommandError(f"cannot build a volume from {series}: {exc}") from None
     landmarks = model.predict(volume)
     if args.json:
         json.dump({"series_instance_uid": volume.series_instance_uid, "model": model.name,
