@@ -205,6 +205,11 @@ def test_evaluate_cli_tables_json_and_plots(tiny_cases, tmp_path):
     final = result["overall"]["fine"]
     assert final["n"] == 32 and set(final["sdr"]) == {"2", "2.5", "3", "4"}
     assert math.isfinite(final["mre"])
+    # presence misses split by direction, adding up to the share that is wrong
+    st = result["status"]
+    misses = st["presence_misses_beyond_5mm"]
+    wrong = round((1 - st["presence_correct_beyond_5mm"]) * st["presence_n_beyond_5mm"])
+    assert misses["in_scan_called_outside"] + misses["outside_called_in_scan"] == wrong
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert len(pngs) == 17 and "Gonion_R.png" in pngs
 

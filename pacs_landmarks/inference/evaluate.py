@@ -93,6 +93,9 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
         "found_of_in_scan": float(found[in_scan].mean()) if in_scan.any() else None,
         "presence_correct_beyond_5mm": float((present_pred == in_scan)[far].mean()) if far.any() else None,
         "presence_n_beyond_5mm": int(far.sum()),
+        # which way presence is wrong: anatomy in the scan called outside, or anatomy outside called inside
+        "presence_misses_beyond_5mm": {"in_scan_called_outside": int((~present_pred & in_scan & far).sum()),
+                                       "outside_called_in_scan": int((present_pred & ~in_scan & far).sum())},
         "found_not_in_scan": int((found & ~in_scan).sum()),
         "found_error": error_stats(final[found & in_scan], diff[:, -1][found & in_scan]),
         "counts": {s: int((status == s).sum()) for s in ("found", "not_found", "outside_field_of_view")},
