@@ -177,12 +177,13 @@ def tiny_cases(tmp_path_factory):
 def test_train_cli_one_epoch_smoke_then_resume(tiny_cases, tmp_path):
     model_path = tmp_path / "m.pt"
     args = ["train", "--data", str(tiny_cases), "--out", str(model_path), "--epochs", "1", "--batch-cases", "2",
-            "--val-cases", "0", "--cache", str(tmp_path / "cache"), "-q"]
+            "--val-cases", "0", "--cache", str(tmp_path / "cache"), "-q", "--coverage-weights", "cbct-small=0.5"]
     proc = _run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert any((tmp_path / "cache").rglob("volume-*.npz"))  # decoded once, cached
     model = LandmarkModel.load(model_path)
     assert model.trained and model.metadata["training"]["cases"] == 2
+    assert model.metadata["training"]["config"]["coverage_weights"] == {"cbct-small": 0.5}  # the recipe is recorded
     assert model.metadata["training"]["epochs_done"] == 1
     # resuming to 2 epochs continues from the checkpoint (epoch 2 only)
     proc = _run_cli(*[a if a != "1" else "2" for a in args], "--resume")
@@ -193,6 +194,10 @@ def test_train_cli_one_epoch_smoke_then_resume(tiny_cases, tmp_path):
 def test_train_cli_reports_bad_data(tmp_path):
     proc = _run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"))
     assert proc.returncode == 2 and "no cases" in proc.stderr
+    for bad, says in (("cbct-huge=0.2", "unknown scan range 'cbct-huge'"), ("mandible=-1", "must be >= 0"),
+                      ("mandible", "must be >= 0")):
+        proc = _run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--coverage-weights", bad)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
 
 
 def test_evaluate_cli_tables_json_and_plots(tiny_cases, tmp_path):

@@ -283,3 +283,22 @@ def test_augment_cbct_gain_offset_cupping_keep_padding():
     flat = torch.zeros((1, 24, 24, 24))
     cup = augment_hu(flat, _gen(3), _only(cbct_p=1.0, cbct_gain=(1.0, 1.0), cbct_offset_hu=0.0, cupping_hu=250.0))
     assert float(cup[0, 12, 12, 12]) < float(cup[0, 12, 0, 0]) - 5  # darker in the centre
+
+
+def test_training_scan_range_weights_can_be_changed():
+    """``train --coverage-weights``: the cuts are drawn with the changed weights; unknown or negative ones fail."""
+    import numpy as np
+
+    from pacs_landmarks.inference.coverage import TRAIN_WEIGHTS, draw_training_kind, training_weights
+
+    assert training_weights() == TRAIN_WEIGHTS
+    w = training_weights({k: 0.0 for k in TRAIN_WEIGHTS} | {"cbct-small": 1.0})
+    rng = np.random.default_rng(0)
+    assert {draw_training_kind(rng, w) for _ in range(50)} == {"cbct-small"}
+    more = training_weights({"mandible": 0.5})
+    draws = [draw_training_kind(rng, more) for _ in range(2000)]
+    share = draws.count("mandible") / len(draws)
+    assert abs(share - 0.5 / sum(more.values())) < 0.04 and share > 2 * TRAIN_WEIGHTS["mandible"]
+    for bad in ({"cbct-huge": 1.0}, {"mandible": -0.1}, {k: 0.0 for k in TRAIN_WEIGHTS}):
+        with pytest.raises(ValueError):
+            training_weights(bad)

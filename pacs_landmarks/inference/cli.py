@@ -43,6 +43,24 @@ def _cases(args, model):
         raise CommandError(str(exc)) from None
 
 
+def _coverage_weights(text: str | None) -> dict[str, float]:
+    """``--coverage-weights KIND=W,...`` -> {KIND: W}, checked against the known scan ranges."""
+    from pacs_landmarks.inference.coverage import training_weights
+
+    changes = {}
+    for item in filter(None, (text or "").split(",")):
+        kind, sep, value = item.partition("=")
+        try:
+            changes[kind.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            changes[kind.strip()] = float("nan")
+    try:
+        training_weights(changes)
+    except ValueError as exc:
+        raise CommandError(f"--coverage-weights: {exc}") from None
+    return changes
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.data import DataError, read_label_map
     from pacs_landmarks.inference.train import TrainConfig, train
@@ -50,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_cases=args.batch_cases, lr=args.lr, seed=args.seed,
                          val_cases=args.val_cases, max_minutes=args.max_minutes, threads=args.threads,
                          only=args.only or "", landmark_set=args.landmark_set or "", truth=args.truth or "",
-                         local_landmarks=args.local_landmarks)
+                         local_landmarks=args.local_landmarks, coverage_weights=_coverage_weights(args.coverage_weights))
     if args.model_version:
         config.extra["version"] = args.model_version
     if args.model_name:
@@ -211,6 +229,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or abbreviation")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--init", default=None, help="start from this model file's weights")
+    p.add_argument("--coverage-weights", metavar="KIND=W,...",
+                   help="how often each scan range is drawn for the training cuts, relative (default full=0.36, "
+                        "routine=0.16, sinus=0.08, facial=0.08, mandible=0.08, cbct-small=0.05, cbct-medium=0.07, "
+                        "random=0.12); give only the ones to change, e.g. cbct-small=0.2,mandible=0.18")
     p.add_argument("--only", choices=("presence",), default=None,
                    help="train only the presence output (the rest frozen; use with --init)")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")

@@ -90,7 +90,22 @@ def draw_region(kind: str, landmarks: dict[str, np.ndarray], rng: np.random.Gene
     raise ValueError(f"unknown coverage {kind!r}; one of {', '.join(KINDS)}")
 
 
-def draw_training_kind(rng: np.random.Generator) -> str:
-    kinds = list(TRAIN_WEIGHTS)
-    w = np.array([TRAIN_WEIGHTS[k] for k in kinds])
+def training_weights(changes: dict[str, float] | None = None) -> dict[str, float]:
+    """``TRAIN_WEIGHTS`` with ``changes`` (scan range -> weight; weights are relative, 0 leaves a range out)."""
+    weights = dict(TRAIN_WEIGHTS)
+    for kind, w in (changes or {}).items():
+        if kind not in weights:
+            raise ValueError(f"unknown scan range {kind!r}; one of {', '.join(TRAIN_WEIGHTS)}")
+        if not w >= 0:
+            raise ValueError(f"scan range {kind}: weight {w!r} must be >= 0")
+        weights[kind] = float(w)
+    if sum(weights.values()) <= 0:
+        raise ValueError("the scan-range weights add up to 0")
+    return weights
+
+
+def draw_training_kind(rng: np.random.Generator, weights: dict[str, float] | None = None) -> str:
+    weights = weights or TRAIN_WEIGHTS
+    kinds = list(weights)
+    w = np.array([weights[k] for k in kinds])
     return kinds[int(rng.choice(len(kinds), p=w / w.sum()))]

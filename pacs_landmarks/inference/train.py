@@ -56,6 +56,7 @@ class TrainConfig:
     outside_weight: float = 0.1  # stage-1 location loss weight of landmarks outside the scan range
     only: str = ""  # "presence": train the presence output alone (everything else frozen), e.g. after --init
     coverage: bool = True  # cut inputs to clinical scan ranges (coverage.TRAIN_WEIGHTS) and learn presence
+    coverage_weights: dict = field(default_factory=dict)  # changes to coverage.TRAIN_WEIGHTS (scan range -> weight)
     domain: dict = field(default_factory=lambda: dict(DOMAIN))  # domain randomisation (see DOMAIN)
     extra: dict = field(default_factory=dict)
     landmark_set: str = ""  # "" = from the data (the first case's landmarks.json)
@@ -273,9 +274,10 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     if not train_cases:
         raise DataError("no training cases")
 
-    from pacs_landmarks.inference.coverage import draw_region, draw_training_kind
+    from pacs_landmarks.inference.coverage import draw_region, draw_training_kind, training_weights
     from pacs_landmarks.inference.shape import ShapeModel
 
+    cut_weights = training_weights(config.coverage_weights)
     stages = default_stages(dim)
     cascade = Cascade(stages, n_lm, dim, meta0["intensity"]["unit"])
     rotate_deg = config.rotate_deg if dim == 3 else config.rotate_deg_2d
@@ -443,7 +445,7 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
                     present.append(inside)
                     case_centres.append(centres[i])
                     continue
-                kind = draw_training_kind(cov_rng) if config.coverage else "full"
+                kind = draw_training_kind(cov_rng, cut_weights) if config.coverage else "full"
                 region = draw_region(kind, dict(zip(names, tnp)), cov_rng)
                 inside = region.contains(tnp) & np.isfinite(tnp).all(1)
                 if not inside.any():
