@@ -25,7 +25,8 @@ class DeliveryError(ConnectionError):
 
 
 class _NoDelayAE(AE):
-    """Sets TCP_NODELAY on the outgoing socket (DIMSE request/response traffic; see scp._NoDelayServer)."""
+    """Sets TCP_NODELAY on the outgoing socket (DIMSE request/response traffic), as the node's listener does on
+    incoming ones (node/receivers.py)."""
 
     def _create_socket(self, assoc, address, tls_args) -> AssociationSocket:  # type: ignore[override]
         sock = super()._create_socket(assoc, address, tls_args)
