@@ -111,7 +111,10 @@ def parse_pixel_spacing(text: str | None) -> float | tuple[float, float] | None:
 
 def xray_inputs(path: Path) -> list[Path] | None:
     """The X-ray image files of ``path`` (a file or a folder) when every DICOM file there is one (an image job
-    each, ``jobs.steps.input_kind``); None when it is something else (a CT series)."""
+    each, ``jobs.steps.input_kind``); None when it is something else (a CT series). A missing ``path`` is the
+    command's error."""
+    if not path.exists():
+        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {path}")
     import pydicom
 
     from pacs_landmarks.pipeline import input_kind
@@ -199,8 +202,6 @@ def infer_images(args: argparse.Namespace, images: list[Path]) -> int:
 
 
 def infer(args: argparse.Namespace) -> int:
-    if not args.series_dir.exists():
-        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
     images = xray_inputs(args.series_dir)
     if images:
         return infer_images(args, images)

@@ -239,8 +239,6 @@ def cmd_review(args: argparse.Namespace) -> int:
 
     from pacs_landmarks.pipeline_cli import xray_inputs
 
-    if not args.series_dir.exists():
-        raise CommandError(f"not a folder of a CT series, nor an X-ray image: {args.series_dir}")
     images = xray_inputs(args.series_dir)
     if images:
         return review_images(args, images)
