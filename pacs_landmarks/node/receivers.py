@@ -12,8 +12,9 @@ second core, while Orthanc's C++ threads did (docs/benchmarks.md, "Node"). So:
   (``scp.StorageSCP``): checks, writes durably, and reports each instance to the main process over a pipe
   (``multiprocessing.connection``), *waiting for the answer before its Success*; the main process' intake
   (intake.py) owns the job store and the series' completion, as one process for every receiver;
-- ``max_associations`` counts the open connections of all receivers: one more is handed over marked, and its
-  receiver rejects it (A-ASSOCIATE-RJ, rejected-transient, local-limit-exceeded: PS3.8 9.3.4);
+- ``max_associations`` counts the associations of all receivers: a receiver asks the main process to admit each
+  association request, and rejects one over the limit (A-ASSOCIATE-RJ, rejected-transient,
+  local-limit-exceeded: PS3.8 9.3.4). A connection that never sends a request (a port probe) takes no slot;
 - a receiver that dies (killed, out of memory) is started again; its associations count as aborted (their
   series complete after the idle timeout) and their senders retry what was not acknowledged. When the node
   stops or dies, its receivers see the hand-over socket close, abort what is open and exit.
@@ -71,6 +72,7 @@ class _Receiver:
         self.open = 0  # connections handed over and not yet closed
         self.handed = 0  # connections handed over in all
         self.keys: set[tuple] = set()  # associations that reported an instance and have not ended
+        self.admitted: set[tuple] = set()  # associations admitted under max_associations, not yet ended
 
 
 class ReceiverPool:
@@ -172,10 +174,9 @@ class ReceiverPool:
 
     def _hand_over(self, conn: socket.socket, address: tuple) -> None:
         with self._lock:
-            over_limit = sum(r.open for r in self._receivers) >= self.cfg.max_associations
             candidates = sorted(self._receivers, key=lambda r: (r.open, r.handed))
         for r in candidates:
-            message = json.dumps([address[0], address[1], over_limit]).encode()
+            message = json.dumps([address[0], address[1]]).encode()
             try:
                 socket.send_fds(r.hand_over, [message], [conn.fileno()])
             except OSError:  # that receiver is gone (being restarted): the next one takes it
@@ -210,10 +211,17 @@ class ReceiverPool:
             _, key, item = message
             r.keys.add(key)
             self.intake.stored(key, item)
+        elif kind == "admit":  # an association request: within max_associations over every receiver?
+            with self._lock:
+                if sum(len(x.admitted) for x in self._receivers) >= self.cfg.max_associations:
+                    return ("ok", False)
+                r.admitted.add(message[1])
+            return ("ok", True)
         elif kind == "end":  # a connection closed (every connection handed over ends with one)
             _, key, aborted = message
             with self._lock:
                 r.open -= 1
+                r.admitted.discard(key)
             r.keys.discard(key)
             self.intake.closed(key, aborted)
         elif kind == "aborted":
@@ -228,6 +236,8 @@ class ReceiverPool:
     def _ended(self, r: _Receiver) -> None:
         r.rpc.close()
         code = r.proc.wait()
+        with self._lock:
+            r.admitted.clear()
         for key in list(r.keys):  # their series complete after the idle timeout, as for any abort
             self.intake.closed(key, True)
         if self._stopping.is_set() or not r.ready.is_set():  # one that cannot start is not started again
@@ -280,8 +290,8 @@ def main(argv: list[str]) -> int:
             break
         if not fds:  # the node closed the hand-over socket: it is stopping (or gone)
             break
-        host, port, over_limit = json.loads(message)
-        server.serve(socket.socket(fileno=fds[0]), (host, port), over_limit)
+        host, port = json.loads(message)
+        server.serve(socket.socket(fileno=fds[0]), (host, port))
     scp.stop()
     return 0
 

@@ -178,7 +178,6 @@ class _Handler(RequestHandler):
         # The node's name for the association: unique over every receiver process and its lifetime (id() is
         # reused once an association is gone).
         assoc.node_key = (os.getpid(), next(self.server.serials))
-        assoc.node_over_limit = self.server.over_limit.pop(self.request.fileno(), False)
         return assoc
 
 
@@ -190,7 +189,6 @@ class HostedServer(ThreadedAssociationServer):
 
     def __init__(self, *args, **kwargs):
         self.serials = itertools.count(1)
-        self.over_limit: dict[int, bool] = {}
         kwargs.setdefault("request_handler", _Handler)
         super().__init__(*args, **kwargs)
 
@@ -200,16 +198,13 @@ class HostedServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass
 
-    def serve(self, sock: socket.socket, address: tuple, over_limit: bool = False) -> None:
+    def serve(self, sock: socket.socket, address: tuple) -> None:
         """Run the association of one accepted connection in its own threads (as ``process_request`` does)."""
-        self.over_limit[sock.fileno()] = over_limit
         self.process_request(sock, address)
 
     def finish_request(self, request, client_address) -> None:
         if self.ssl_context:
-            fd = request.fileno()
             request = self.ssl_context.wrap_socket(request, server_side=True)
-            self.over_limit[request.fileno()] = self.over_limit.pop(fd, False)
         super().finish_request(request, client_address)
 
 
@@ -254,7 +249,9 @@ class StorageSCP:
         quiet_pynetdicom()  # no per-PDU log formatting for a logger kept at WARNING (receive.py)
         cache_uid_validation()  # A-ASSOCIATE-RQs repeat the same UIDs (receive.py)
         ae = AE(ae_title=cfg.ae_title)
-        ae.maximum_associations = cfg.max_associations  # the node's listener enforces it over all receivers
+        # The node's limit is its admission over every receiver (receivers.py); pynetdicom's own count in this
+        # process also holds connections that never sent a request (until its ACSE timeout): only a backstop.
+        ae.maximum_associations = cfg.max_associations + 100
         # Larger PDUs than pynetdicom's 16 KB default: ~30x fewer PDUs per CT slice through its Python DUL
         # (measured 106 -> 175 instances/s without fsync); still bounded, as a PDU is held in memory.
         ae.maximum_pdu_size = 4 * 1024 * 1024
@@ -292,13 +289,6 @@ class StorageSCP:
         rq = event.assoc.requestor
         calling = str(rq.primitive.calling_ae_title).strip()
         address = rq.address
-        if event.assoc.node_over_limit:
-            log_event("association.rejected", logging.WARNING, calling_ae=calling, address=address,
-                      reason=f"max_associations ({self.cfg.max_associations}) open")
-            # PS3.8 9.3.4: rejected-transient, service-provider (presentation), local-limit-exceeded
-            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
-            event.assoc.kill()
-            return
         if self._allow:
             allowed = self._allow.get(calling)
             if allowed is None or (allowed and address not in allowed):
@@ -307,6 +297,14 @@ class StorageSCP:
                 # PS3.8 9.3.4: rejected-permanent, service-user, calling-AE-title-not-recognized
                 event.assoc.acse.send_reject(0x01, 0x01, 0x03)
                 event.assoc.kill()  # as pynetdicom's own rejections do: lets the DUL send the A-ASSOCIATE-RJ
+                return
+        # max_associations counts the node's associations in every receiver: the node admits this one or not
+        if self.report(("admit", event.assoc.node_key)) != ("ok", True):
+            log_event("association.rejected", logging.WARNING, calling_ae=calling, address=address,
+                      reason=f"max_associations ({self.cfg.max_associations}) open")
+            # PS3.8 9.3.4: rejected-transient, service-provider (presentation), local-limit-exceeded
+            event.assoc.acse.send_reject(0x02, 0x03, 0x02)
+            event.assoc.kill()
 
     def _on_established(self, event) -> None:
         self._assoc_counts[event.assoc.node_key] = 0
