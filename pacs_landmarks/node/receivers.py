@@ -141,11 +141,6 @@ class ReceiverPool:
         if self.listener is not None:
             self.listener.close()
 
-    @property
-    def pids(self) -> list[int]:
-        with self._lock:
-            return [r.proc.pid for r in self._receivers]
-
     # -- main process side ---------------------------------------------------------------------------------
     def _run(self, r: _Receiver) -> None:
         """Send a receiver its settings and answer its reports from now on."""
