@@ -212,7 +212,7 @@ class ReceiverPool:
                     return ("ok", False)
                 r.admitted.add(message[1])
             return ("ok", True)
-        elif kind == "end":  # a connection closed (every connection handed over ends with one)
+        elif kind == "end":  # a connection closed (each one handed over ends so; a probe at the ACSE timeout)
             _, key, aborted = message
             with self._lock:
                 r.open -= 1
