@@ -230,9 +230,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     p.add_argument("--init", default=None, help="start from this model file's weights")
     p.add_argument("--coverage-weights", metavar="KIND=W,...",
-                   help="how often each scan range is drawn for the training cuts, relative (default full=0.36, "
-                        "routine=0.16, sinus=0.08, facial=0.08, mandible=0.08, cbct-small=0.05, cbct-medium=0.07, "
-                        "random=0.12); give only the ones to change, e.g. cbct-small=0.2,mandible=0.18")
+                   help="how often each scan range is drawn for the training cuts, relative; give only the ones to "
+                        "change, e.g. cbct-small=0.2,mandible=0.18 (defaults: docs/training.md, 'Scan ranges')")
     p.add_argument("--only", choices=("presence",), default=None,
                    help="train only the presence output (the rest frozen; use with --init)")
     p.add_argument("--model-version", default=None, help="version string stored in the model file")

@@ -71,7 +71,6 @@ class _Receiver:
         self.ready = threading.Event()  # set when the receiver reports that it runs
         self.open = 0  # connections handed over and not yet closed
         self.handed = 0  # connections handed over in all
-        self.keys: set[tuple] = set()  # associations that reported an instance and have not ended
         self.admitted: set[tuple] = set()  # associations admitted under max_associations, not yet ended
 
 
@@ -204,7 +203,6 @@ class ReceiverPool:
         kind = message[0]
         if kind == "store":
             _, key, item = message
-            r.keys.add(key)
             self.intake.stored(key, item)
         elif kind == "admit":  # an association request: within max_associations over every receiver?
             with self._lock:
@@ -217,7 +215,6 @@ class ReceiverPool:
             with self._lock:
                 r.open -= 1
                 r.admitted.discard(key)
-            r.keys.discard(key)
             self.intake.closed(key, aborted)
         elif kind == "aborted":
             self.intake.closed(message[1], True)
@@ -231,9 +228,9 @@ class ReceiverPool:
     def _ended(self, r: _Receiver) -> None:
         r.rpc.close()
         code = r.proc.wait()
-        with self._lock:
-            r.admitted.clear()
-        for key in list(r.keys):  # their series complete after the idle timeout, as for any abort
+        with self._lock:  # its open associations count as aborted: their series complete after the idle timeout
+            ended, r.admitted = r.admitted, set()
+        for key in ended:
             self.intake.closed(key, True)
         if self._stopping.is_set() or not r.ready.is_set():  # one that cannot start is not started again
             return
