@@ -47,6 +47,51 @@ def test_sampling_reads_the_right_place_in_mm(spacing, flip):
     assert s.sample(far, 0.1).item() == AIR_HU
 
 
+def _round_scan(shape, spacing, centre_px, radius_mm, pad=-1000.0, seed=0):
+    """Noisy air and a block of bone inside a circle, one padding value outside it, on every slice."""
+    rng = np.random.default_rng(seed)
+    arr = rng.normal(-1000.0, 15.0, shape).round().clip(-1024, None).astype(np.float32)
+    arr[:, shape[1] // 2 - 5:shape[1] // 2 + 5, shape[2] // 2 - 5:shape[2] // 2 + 5] = 900.0
+    jj, ii = np.indices(shape[1:])
+    outside = np.hypot((jj - centre_px[0]) * spacing[1], (ii - centre_px[1]) * spacing[2]) > radius_mm
+    arr[:, outside] = pad
+    return arr
+
+
+@pytest.mark.parametrize("centre,radius,pad", [((40, 44), 28.0, -1000.0),  # a dental CBCT's small cylinder
+                                               ((60, 44), 30.0, -1000.0),  # clipped by the last row
+                                               ((40, 44), 40.0, -3024.0)])  # a CT's reconstruction circle
+def test_reconstruction_circle_is_read_from_the_padding(centre, radius, pad):
+    from pacs_landmarks.dicom.volume import reconstruction_circle
+
+    spacing = (1.25, 0.8, 0.8)
+    arr = _round_scan((12, 90, 96), spacing, centre, radius, pad)
+    circle = reconstruction_circle(arr, spacing[1:])
+    assert circle is not None
+    assert (circle.row, circle.column) == pytest.approx(centre, abs=0.5)
+    assert circle.radius_mm == pytest.approx(radius, abs=0.3)
+    # the sampler's depth: the circle's edge, the box's, and outside both
+    s = VolumeSampler(arr, _affine(spacing, (0.0, 0.0, 0.0)), circle=circle)
+    lps = lambda k, j, i: np.array([i * spacing[2], j * spacing[1], k * spacing[0]])  # noqa: E731
+    assert s.depth_mm(lps(6, *centre)) == pytest.approx(min(radius, 5.5 * spacing[0]), abs=0.1)  # the last slice
+    inner = lps(6, centre[0], centre[1] + (radius - 3.0) / spacing[2])
+    assert s.depth_mm(inner) == pytest.approx(3.0, abs=0.3)
+    assert s.depth_mm(lps(6, centre[0], centre[1] + (radius + 5.0) / spacing[2])) < 0
+
+
+def test_no_reconstruction_circle_without_padding_or_in_a_head_outline():
+    from pacs_landmarks.dicom.volume import reconstruction_circle
+
+    spacing = (1.25, 0.8, 0.8)
+    noisy = _round_scan((12, 90, 96), spacing, (40, 44), 200.0)  # the circle holds the whole array
+    assert reconstruction_circle(noisy, spacing[1:]) is None
+    # an oval "head" in air stored as one exact value everywhere (air clipped, no noise): not a disk
+    head = np.full((12, 90, 96), -1024.0, np.float32)
+    jj, ii = np.indices((90, 96))
+    head[:, ((jj - 45) / 40.0) ** 2 + ((ii - 48) / 30.0) ** 2 <= 1] = 40.0
+    assert reconstruction_circle(head, spacing[1:]) is None
+
+
 def test_boxes_are_in_mm_and_rotations_are_rotations():
     centre = torch.tensor([[10.0, -5.0, 40.0]])
     pts = box_points(centre, 5, 2.0)

@@ -63,10 +63,11 @@ def test_missing_jaw_is_predicted_from_the_rest(model, shapes):
     assert err[obs].max() < 4 and err[jaw].max() < 15
 
 
-def _output(positions, confidence, presence=None, inside=None):
+def _output(positions, confidence, presence=None, inside=None, edge=None):
     n = positions.shape[0]
     return CascadeOutput(np.stack([positions] * 3), np.ones((3, n)), np.asarray(confidence, float), 500.0, {},
-                         presence, inside if inside is not None else np.ones(n), np.zeros(n, bool))
+                         presence, inside if inside is not None else np.ones(n), edge_mm=edge,
+                         reseeded=np.zeros(n, bool))
 
 
 def test_statuses_presence_inside_confidence_and_plausibility(model, shapes):
@@ -84,6 +85,19 @@ def test_statuses_presence_inside_confidence_and_plausibility(model, shapes):
     assert status[IDX["Porion L"]] == NOT_FOUND and reason[IDX["Porion L"]] == "implausible position"
     assert new_conf[IDX["Porion L"]] == pytest.approx(0.4)
     assert (status == FOUND).sum() == 12
+
+
+def test_a_point_at_the_edge_of_the_scan_is_not_found(model, shapes):
+    edge = np.full(16, 30.0)
+    edge[IDX["Gonion L"]] = 3.3  # where a cylinder's edge cuts the mandible
+    edge[IDX["Menton"]] = -2.0  # past the last slice, its crop mostly inside
+    out = _output(shapes[3], np.full(16, 0.8), np.ones(16), np.ones(16), edge)
+    status, reason, _ = landmark_statuses(out, model, min_edge_mm=4.0)
+    for name in ("Gonion L", "Menton"):
+        assert status[IDX[name]] == NOT_FOUND and reason[IDX[name]] == "at the edge of the scanned volume"
+    assert (status == FOUND).sum() == 14
+    # off (a cephalogram's statuses): the same points are found
+    assert (landmark_statuses(out, model)[0] == FOUND).sum() == 16
 
 
 def test_statuses_without_presence_or_shape_model_fall_back_to_the_crop_rule(shapes):

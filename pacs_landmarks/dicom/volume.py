@@ -63,3 +63,83 @@ class Volume:
         lps = np.asarray(lps, dtype=np.float64)
         inv = np.linalg.inv(self.affine)
         return lps @ inv[:3, :3].T + inv[:3, 3]
+
+
+@dataclass(frozen=True)
+class ReconstructionCircle:
+    """The round field of view of a CT or cone-beam CT reconstruction, in the axial plane of the array:
+    centre in pixels (row ``j``, column ``i``) and radius in mm.  Every slice shares it (the cylinder's axis
+    runs along the slices)."""
+
+    row: float
+    column: float
+    radius_mm: float
+
+
+# Pixels outside the reconstructed field hold one padding value on (almost) every slice; measured air is noisy
+# and never holds one exact value everywhere.
+_PADDED_SHARE_OF_SLICES = 0.95
+_MIN_PADDED_SHARE = 0.02  # of the slice area: less is no circle worth knowing
+_MIN_DISK_IOU = 0.95  # the reconstructed region must be a disk (clipped by the array), not a head's outline
+
+
+def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
+                          max_slices: int = 32) -> ReconstructionCircle | None:
+    """The circle outside which nothing was reconstructed, or None when the whole array holds data.
+
+    A CT reconstruction is a disk (the scan field of view); a dental cone-beam CT's volume is a cylinder
+    (its field of view is given as diameter x height) that most scanners store in a box.  Outside the disk
+    the stored value is one padding value -- at or below air, declared or not as Pixel Padding Value
+    (PS3.3 C.7.5.1.1.2) -- on every slice.  A landmark near that edge, or an anatomical structure that
+    seems to end there, is the scan's edge and not the anatomy's, exactly as at the first and last slice.
+
+    Found when: at least half of the slices' corners hold one value, below the array's median; the pixels
+    holding it
+    on >= 95 % of the slices cover >= 2 % of the slice; and the other pixels form a disk (clipped by the
+    array's sides: IoU >= 0.95).  A head's outline in air with a clipped air value fails the last test.
+    ``array`` (slices, rows, columns); ``pixel_spacing`` (row, column) mm.
+    """
+    a = np.asarray(array)
+    if a.ndim != 3 or min(a.shape) < 1 or a.shape[1] < 8 or a.shape[2] < 8:
+        return None
+    picks = a[np.unique(np.linspace(0, a.shape[0] - 1, min(max_slices, a.shape[0])).round().astype(int))]
+    corners = picks[:, [0, 0, -1, -1], [0, -1, 0, -1]].ravel()
+    values, counts = np.unique(corners, return_counts=True)
+    pad = values[np.argmax(counts)]
+    if counts.max() < 0.5 * corners.size or pad > np.median(picks):
+        return None
+    padded = (picks == pad).mean(0) >= _PADDED_SHARE_OF_SLICES
+    if padded.mean() < _MIN_PADDED_SHARE:
+        return None
+    data = ~padded
+    if not data.any():
+        return None
+    sr, sc = float(pixel_spacing[0]), float(pixel_spacing[1])
+    # the circle through the edge between data and padding (the array's sides may clip it): algebraic
+    # least-squares fit x^2 + y^2 + D x + E y + F = 0 (Kasa 1976) in mm
+    edge = data & ~_eroded(data)
+    rows, cols = np.nonzero(edge)
+    if len(rows) < 8:
+        return None
+    y, x = rows * sr, cols * sc
+    design = np.column_stack([x, y, np.ones_like(x)])
+    (d, e, f), *_ = np.linalg.lstsq(design, -(x * x + y * y), rcond=None)
+    cx, cy = -d / 2.0, -e / 2.0
+    if cx * cx + cy * cy - f <= 0:
+        return None
+    # the edge pixels' centres lie about half a pixel inside the circle that bounds them
+    radius = float(np.sqrt(cx * cx + cy * cy - f)) + 0.25 * (sr + sc)
+    jj, ii = np.indices(data.shape)
+    disk = np.hypot(ii * sc - cx, jj * sr - cy) <= radius
+    iou = (disk & data).sum() / max(int((disk | data).sum()), 1)
+    if iou < _MIN_DISK_IOU:
+        return None
+    cj, ci = cy / sr, cx / sc
+    return ReconstructionCircle(float(cj), float(ci), radius)
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` minus its pixels with a 4-neighbour outside it; the array's sides count as inside, so that
+    the edge is only where the data meet the padding."""
+    m = np.pad(mask, 1, mode="edge")
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pacs_landmarks.dicom.volume import reconstruction_circle
 from pacs_landmarks.inference.networks import build_network
 from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_points, intensity, normalise_hu,
                                               soft_argmax)
@@ -101,7 +102,11 @@ class Cascade(nn.Module):
 
     def sampler(self, array, affine, device="cpu") -> VolumeSampler:
         """A sampler of one image / volume that reads this cascade's "outside" value beyond the array."""
-        sampler = VolumeSampler(array, affine, device, outside=self.outside)
+        circle = None
+        if self.dim == 3 and self.unit == "HU":
+            spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+            circle = reconstruction_circle(np.asarray(array), (spacing[1], spacing[2]))
+        sampler = VolumeSampler(array, affine, device, outside=self.outside, circle=circle)
         if sampler.dim != self.dim:
             raise ValueError(f"this cascade reads {self.dim}D images, not {sampler.dim}D")
         return sampler
@@ -180,6 +185,7 @@ class CascadeOutput:
     timings: dict[str, float]
     presence: np.ndarray | None = None  # (L,) 0..1 "inside the scanned volume / image" (None: no such output)
     inside_fraction: np.ndarray | None = None  # (L,) share of the last stage's crop inside the volume / image
+    edge_mm: np.ndarray | None = None  # (L,) mm from the final point to the scanned region's edge (< 0 outside)
     reseeded: np.ndarray | None = None  # (L,) bool: local stages started from the shape model's estimate
     centre: np.ndarray | None = None  # (D,) mm, centre of the stage-1 box
     # mirror test-time augmentation (``run_cascade(mirror=...)``): distance (L,) mm between the estimate on the
@@ -189,16 +195,13 @@ class CascadeOutput:
 
 
 def inside_fraction(sampler: VolumeSampler, points: np.ndarray, extent_mm: float, n: int = 5) -> np.ndarray:
-    """Share of a box of ``extent_mm`` around each point (L, D) that lies inside the scanned volume / image."""
+    """Share of a box of ``extent_mm`` around each point (L, D) that lies inside the scanned volume / image
+    (``VolumeSampler.depth_mm``: a CT's reconstruction circle included)."""
     d = sampler.dim
     offs = (np.arange(n) - (n - 1) / 2) * (extent_mm / n)
     grid = np.stack(np.meshgrid(*([offs] * d), indexing="ij"), -1).reshape(-1, d)
     pts = np.asarray(points, float)[:, None, :] + grid[None]
-    inv = np.linalg.inv(sampler.affine)
-    idx = pts @ inv[:d, :d].T + inv[:d, d]
-    size = np.asarray(sampler.shape, float)
-    ok = ((idx >= -0.5) & (idx <= size - 0.5)).all(-1)
-    return ok.mean(1)
+    return (sampler.depth_mm(pts) >= 0).mean(1)
 
 
 def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spreads: np.ndarray,
@@ -253,7 +256,8 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     return CascadeOutput(positions, 0.5 * (first.spreads + second.spreads[:, perm]),
                          mirror_confidence(pass_conf, disagreement), first.bone_ml, timings, presence,
                          inside_fraction(sampler, positions[-1], cascade.stages[-1].extent_mm),
-                         first.reseeded | second.reseeded[perm], first.centre, disagreement, pass_conf)
+                         sampler.depth_mm(positions[-1]), first.reseeded | second.reseeded[perm], first.centre,
+                         disagreement, pass_conf)
 
 
 def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> np.ndarray:
@@ -348,8 +352,8 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     spreads_np = torch.stack(spreads).cpu().double().numpy()
     conf = confidence_from(stages, positions_np, spreads_np, bone_ml)
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
-    return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside, reseeded,
-                         np.asarray(centre, np.float64))
+    return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
+                         sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64))
 
 
 def parameter_count(module: nn.Module) -> int:

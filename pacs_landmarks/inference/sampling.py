@@ -119,7 +119,7 @@ class VolumeSampler:
     """
 
     def __init__(self, array: np.ndarray | torch.Tensor, affine: np.ndarray, device: torch.device | str = "cpu",
-                 outside: float = AIR_HU):
+                 outside: float = AIR_HU, circle=None):
         vol = torch.as_tensor(array)
         if vol.dtype != torch.float32:
             vol = vol.float()
@@ -133,6 +133,9 @@ class VolumeSampler:
         self.affine = affine
         self.outside = float(outside)
         self.spacing = np.linalg.norm(self.affine[:-1, :-1], axis=0)
+        # 3D: the reconstruction circle (``dicom.volume.ReconstructionCircle``) when the volume is round, in
+        # array indices, so mirrored views share it
+        self.circle = circle
         # block-averaged copies by block size, shared with mirrored views (``mirrored``); each view keeps its own
         # inverse affines
         self._pooled: dict[tuple[int, ...], torch.Tensor] = {}
@@ -158,6 +161,20 @@ class VolumeSampler:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.volume.shape[2:])
+
+    def depth_mm(self, points: np.ndarray) -> np.ndarray:
+        """How deep (mm) each point (..., D) lies inside the scanned region: the array's box, cut to the
+        reconstruction circle when there is one; negative outside."""
+        d = self.dim
+        inv = np.linalg.inv(self.affine)
+        idx = np.asarray(points, np.float64) @ inv[:d, :d].T + inv[:d, d]
+        size = np.asarray(self.shape, np.float64)
+        depth = np.minimum((idx + 0.5) * self.spacing, (size - 0.5 - idx) * self.spacing).min(-1)
+        if self.circle is not None:
+            c = self.circle
+            off = np.hypot((idx[..., 1] - c.row) * self.spacing[1], (idx[..., 2] - c.column) * self.spacing[2])
+            depth = np.minimum(depth, c.radius_mm - off)
+        return depth
 
     def _level(self, target_spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dim
