@@ -90,6 +90,21 @@ def test_no_reconstruction_circle_without_padding_or_in_a_head_outline():
     jj, ii = np.indices((90, 96))
     head[:, ((jj - 45) / 40.0) ** 2 + ((ii - 48) / 30.0) ** 2 <= 1] = 40.0
     assert reconstruction_circle(head, spacing[1:]) is None
+    # the empty bands above and below a gantry-tilted series that the reader resampled: straight, not round
+    bands = _round_scan((12, 90, 96), spacing, (40, 44), 200.0)
+    bands[:, :6] = bands[:, -6:] = -1024.0
+    assert reconstruction_circle(bands, spacing[1:]) is None
+
+
+def test_padding_lines_inside_the_circle_do_not_hide_it():
+    """Some scanners leave arcs of padding inside the reconstructed field (the Visible Human Male's CT)."""
+    from pacs_landmarks.dicom.volume import reconstruction_circle
+
+    spacing = (1.25, 0.8, 0.8)
+    arr = _round_scan((12, 90, 96), spacing, (45, 48), 30.0)
+    arr[:, 20:60, 30] = -1000.0  # a line of padding inside, not reaching the array's sides
+    circle = reconstruction_circle(arr, spacing[1:])
+    assert circle is not None and circle.radius_mm == pytest.approx(30.0, abs=0.3)
 
 
 def test_boxes_are_in_mm_and_rotations_are_rotations():

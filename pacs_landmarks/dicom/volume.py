@@ -94,11 +94,13 @@ def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
     seems to end there, is the scan's edge and not the anatomy's, exactly as at the first and last slice.
 
     Found when: at least half of the slices' corners hold one value, below the array's median; the pixels
-    holding it
-    on >= 95 % of the slices cover >= 2 % of the slice; and the other pixels form a disk (clipped by the
-    array's sides: IoU >= 0.95).  A head's outline in air with a clipped air value fails the last test.
+    holding it on >= 95 % of the slices cover >= 2 % of the slice; >= 80 % of the edge between them and the
+    data lies within 2 pixels of one circle; and the data form a disk (clipped by the array's sides: IoU >=
+    0.95).  A head's outline in air stored with one clipped air value fails the last two tests.
     ``array`` (slices, rows, columns); ``pixel_spacing`` (row, column) mm.
     """
+    from scipy import ndimage  # only here: every reader of a Volume would pay for its import
+
     a = np.asarray(array)
     if a.ndim != 3 or min(a.shape) < 1 or a.shape[1] < 8 or a.shape[2] < 8:
         return None
@@ -109,26 +111,35 @@ def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
     if counts.max() < 0.5 * corners.size or pad > np.median(picks):
         return None
     padded = (picks == pad).mean(0) >= _PADDED_SHARE_OF_SLICES
+    # only padding that reaches the array's sides is outside the field (some scanners leave lines inside it)
+    labels, _ = ndimage.label(padded)
+    sides = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    padded = np.isin(labels, sides[sides > 0])
     if padded.mean() < _MIN_PADDED_SHARE:
         return None
     data = ~padded
     if not data.any():
         return None
     sr, sc = float(pixel_spacing[0]), float(pixel_spacing[1])
-    # the circle through the edge between data and padding (the array's sides may clip it): algebraic
-    # least-squares fit x^2 + y^2 + D x + E y + F = 0 (Kasa 1976) in mm
+    # the circle through the edge between data and padding (the array's sides may clip it), fitted twice, the
+    # second time to the edge pixels within 2 pixels of the first circle
     edge = data & ~_eroded(data)
     rows, cols = np.nonzero(edge)
     if len(rows) < 8:
         return None
     y, x = rows * sr, cols * sc
-    design = np.column_stack([x, y, np.ones_like(x)])
-    (d, e, f), *_ = np.linalg.lstsq(design, -(x * x + y * y), rcond=None)
-    cx, cy = -d / 2.0, -e / 2.0
-    if cx * cx + cy * cy - f <= 0:
+    fit = _circle_fit(x, y)
+    if fit is None:
         return None
-    # the edge pixels' centres lie about half a pixel inside the circle that bounds them
-    radius = float(np.sqrt(cx * cx + cy * cy - f)) + 0.25 * (sr + sc)
+    near = np.abs(np.hypot(x - fit[0], y - fit[1]) - fit[2]) <= (sr + sc)
+    # a round edge, not straight ones (the empty bands that a gantry tilt's resampling leaves)
+    if near.mean() < 0.8:
+        return None
+    fit = _circle_fit(x[near], y[near])
+    if fit is None:
+        return None
+    cx, cy, radius = fit
+    radius += 0.25 * (sr + sc)  # the edge pixels' centres lie about half a pixel inside the circle
     jj, ii = np.indices(data.shape)
     disk = np.hypot(ii * sc - cx, jj * sr - cy) <= radius
     iou = (disk & data).sum() / max(int((disk | data).sum()), 1)
@@ -136,6 +147,17 @@ def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
         return None
     cj, ci = cy / sr, cx / sc
     return ReconstructionCircle(float(cj), float(ci), radius)
+
+
+def _circle_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """Centre and radius of the circle through points (x, y): algebraic least squares, x^2 + y^2 + D x + E y +
+    F = 0 (Kasa 1976)."""
+    design = np.column_stack([x, y, np.ones_like(x)])
+    (d, e, f), *_ = np.linalg.lstsq(design, -(x * x + y * y), rcond=None)
+    cx, cy = -d / 2.0, -e / 2.0
+    if cx * cx + cy * cy - f <= 0:
+        return None
+    return float(cx), float(cy), float(np.sqrt(cx * cx + cy * cy - f))
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:

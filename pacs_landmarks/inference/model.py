@@ -69,8 +69,9 @@ MIN_INSIDE_FRACTION = 0.5
 # CT: a point closer than this to the edge of the scanned volume is not found.  Where a scan range cuts through
 # bone, the cut looks like anatomy -- a bone that ends, an angle, a lowest point -- and the model may put a
 # landmark that lies outside the scan there (on held-out phantoms: Gonion 18-19 mm outside a dental CBCT's
-# cylinder found 3.3 mm inside it; Menton 3.4 mm below the last slice found on it, 6.6 mm off).  4 mm costs
-# 13 of 1,337 found points in scan and catches all 4 found outside it (docs/accuracy.md).
+# cylinder found 3.3 mm inside it; Menton 3.4 mm below the last slice found on it, 6.6 mm off).  Over 18
+# held-out phantom sets 4 mm removes all 4 points found outside the scan and 13 of 1,208 found inside it
+# (docs/accuracy.md, "Scan edges").
 MIN_EDGE_MM = 4.0
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5
