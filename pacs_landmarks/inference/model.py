@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -296,10 +297,15 @@ class LandmarkModel:
 
         mirror = mirror_names(self.landmark_names) if self.tta == "mirror" else None
         with self._lock:
+            t0 = time.perf_counter()
             sampler = self.cascade.sampler(array, affine, self.device)
-            return run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
-                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
-                               mirror=mirror)
+            t_sampler = time.perf_counter() - t0
+            out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
+                              fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
+                              mirror=mirror)
+        # the copy to the device and, for CT, finding the reconstruction circle
+        out.timings = {"sampler": t_sampler, **out.timings}
+        return out
 
     def run_image(self, image) -> tuple[Any, tuple[float, float], str]:
         """The raw cascade output for one ``XRayImage`` (points in mm on the canonical, face-right image:
