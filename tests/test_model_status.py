@@ -129,6 +129,51 @@ def test_the_edge_of_a_cbct_cylinder_is_not_anatomy(tmp_path, model, seed):
             assert in_scan[lm.name], f"{lm.name} found but not in the scan"
 
 
+def test_a_series_without_its_rescale_intercept_is_read_as_hounsfield_units(tmp_path, model, caplog):
+    """Stored values with the Rescale Intercept missing (air at 0, soft tissue at ~1060): read as they are, the
+    model found nothing; mapped from where air and soft tissue lie, it finds what it finds on the HU series."""
+    from pacs_landmarks.dicom.series import load_series
+
+    case, folder, _ = _series(tmp_path, 7210)
+    files = sorted(folder.glob("*.dcm"))
+    hu = model.predict(load_series(files))
+    raw = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        assert ds.RescaleIntercept == -1024
+        ds.RescaleIntercept = 0
+        raw.append(ds)
+    with caplog.at_level("WARNING"):
+        got = model.predict(load_series(raw))
+    assert "not Hounsfield units" in caplog.text
+    found = {lm.name: lm for lm in got if lm.status == FOUND}
+    assert len(found) >= 12
+    for lm in hu:
+        if lm.status == FOUND and lm.name in found:
+            assert np.linalg.norm(np.subtract(found[lm.name].position_lps_mm, lm.position_lps_mm)) < 1.0, lm.name
+
+
+def test_values_the_model_was_trained_on_are_left_as_they_are():
+    from pacs_landmarks.dicom.volume import air_and_soft_tissue
+    from pacs_landmarks.inference.cascade import as_hounsfield
+
+    rng = np.random.default_rng(0)
+    head = np.full((20, 64, 64), -1000.0, np.float32)
+    head[:, 12:52, 12:52] = 40.0
+    head[:, 20:30, 20:30] = 1200.0
+    head += rng.normal(0, 15, head.shape).astype(np.float32)
+    air, tissue, share = air_and_soft_tissue(head)
+    assert air == pytest.approx(-1000, abs=40) and tissue == pytest.approx(40, abs=40) and share > 0.3
+    for gain, offset in ((1.0, 0.0), (0.6, 200.0), (1.4, -300.0)):  # HU, and cone-beam CT as trained
+        x = head * gain + offset
+        assert as_hounsfield(x) is x
+    raw = as_hounsfield(head + 1024.0)
+    assert np.median(np.abs(raw - head)) < 15.0
+    # no air in the field (a scan inside the head): nothing to anchor a mapping on, read as it is
+    inside = head[:, 14:50, 14:50] + 1024.0
+    assert as_hounsfield(inside) is inside
+
+
 def test_an_mr_series_is_refused_before_the_model():
     """An MR series never reaches the model: the loader takes CT image storage only (clear reason)."""
     from sr_helpers import make_series

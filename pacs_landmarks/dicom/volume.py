@@ -149,6 +149,39 @@ def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
     return ReconstructionCircle(float(cj), float(ci), radius)
 
 
+def air_and_soft_tissue(array: np.ndarray, max_samples: int = 1_000_000) -> tuple[float, float, float] | None:
+    """Where air and soft tissue lie among a head scan's values: (air, soft tissue, share of the values near
+    air), or None when the values cannot tell (fewer than 1,000 samples, one value).
+
+    A CT stores Hounsfield units (PS3.3 C.11.1.1.2: stored value x Rescale Slope + Rescale Intercept), with
+    air at -1000 and soft tissue at 20-60; a series whose intercept is missing or wrong, or a cone-beam CT
+    without calibration, has them elsewhere, and only the values can say where.  Air is the largest peak of
+    the lowest quarter of the value range (0.5th-99.5th percentile), soft tissue the largest between a
+    quarter and three quarters of the way from air to the top.  One exact value that holds more than 1 % of
+    the samples at the bottom (padding, or air clipped by the scanner) is left out: it is no measurement.
+    """
+    a = np.asarray(array)
+    step = max(1, int(np.ceil((a.size / max_samples) ** (1 / 3)))) if a.ndim == 3 else 1
+    v = (a[::step, ::step, ::step] if a.ndim == 3 else a).ravel().astype(np.float64)
+    if v.size and (v == v.min()).mean() > 0.01:
+        v = v[v != v.min()]
+    if v.size < 1000:
+        return None
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    if hi <= lo:
+        return None
+    hist, edges = np.histogram(v, bins=256, range=(lo, hi))
+    hist = np.convolve(hist, np.ones(5) / 5, mode="same")
+    centres = (edges[:-1] + edges[1:]) / 2
+    lower = centres <= lo + 0.25 * (hi - lo)
+    air = float(centres[lower][np.argmax(hist[lower])])
+    middle = (centres >= air + 0.25 * (hi - air)) & (centres <= air + 0.75 * (hi - air))
+    if not middle.any():
+        return None
+    tissue = float(centres[middle][np.argmax(hist[middle])])
+    return air, tissue, float((np.abs(v - air) <= 0.04 * (hi - lo)).mean())
+
+
 def _circle_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
     """Centre and radius of the circle through points (x, y): algebraic least squares, x^2 + y^2 + D x + E y +
     F = 0 (Kasa 1976)."""

@@ -20,22 +20,32 @@ are averaged; their disagreement enters the confidence (``run_cascade``, ``mirro
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from pacs_landmarks.dicom.volume import reconstruction_circle
+from pacs_landmarks.dicom.volume import air_and_soft_tissue, reconstruction_circle
 from pacs_landmarks.inference.networks import build_network
 from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_points, intensity, normalise_hu,
                                               soft_argmax)
+
+log = logging.getLogger(__name__)
 
 BONE_HU = 250.0
 # A whole skull holds several hundred ml of bone, the part of a head in a small dental CBCT cylinder (teeth,
 # alveolar bone, a piece of the mandible) 40-100 ml; an empty volume or soft tissue none. Below this there is
 # no head to find landmarks on. (150 ml, until 2.1.0, left every small-field CBCT with nothing found.)
 MIN_HEAD_BONE_ML = 40.0
+# Air in the values a CT model was trained on: training reads uncalibrated cone-beam CT as HU x gain + offset,
+# gain 0.6-1.4, offset +-300 HU (train.DOMAIN), so air from -1700 to -300.  Above that (a series stored
+# without its Rescale Intercept: air at 0) the values are mapped to HU from where air and soft tissue are.
+MAX_TRAINED_AIR_HU = -300.0
+# A mapping needs a clear air peak and an air-to-soft-tissue step of a plausible size (gain 0.5-2).
+MIN_AIR_SHARE = 0.05
+AIR_TO_SOFT_TISSUE_HU = 1040.0  # -1000 -> 40
 # Mirror test-time augmentation: mm of disagreement between the two passes per factor e of confidence
 # (``mirror_confidence``).
 MIRROR_DISAGREEMENT_MM = 6.0
@@ -100,12 +110,18 @@ class Cascade(nn.Module):
         self.normalise, self.outside = intensity(unit)
         self.nets = nn.ModuleList(build_network(s.kind, n_landmarks, s.width, s.presence, dim) for s in stages)
 
-    def sampler(self, array, affine, device="cpu") -> VolumeSampler:
-        """A sampler of one image / volume that reads this cascade's "outside" value beyond the array."""
+    def sampler(self, array, affine, device="cpu", as_scanned: bool = True) -> VolumeSampler:
+        """A sampler of one image / volume that reads this cascade's "outside" value beyond the array.
+
+        ``as_scanned`` (CT): the series is what a scanner sent, so look for its round field of view
+        (``dicom.volume.reconstruction_circle``) and map its values to HU when they are not
+        (``as_hounsfield``); training data made here are HU in a box and skip both.
+        """
         circle = None
-        if self.dim == 3 and self.unit == "HU":
+        if as_scanned and self.dim == 3 and self.unit == "HU":
             spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
             circle = reconstruction_circle(np.asarray(array), (spacing[1], spacing[2]))
+            array = as_hounsfield(np.asarray(array))
         sampler = VolumeSampler(array, affine, device, outside=self.outside, circle=circle)
         if sampler.dim != self.dim:
             raise ValueError(f"this cascade reads {self.dim}D images, not {sampler.dim}D")
@@ -116,6 +132,27 @@ class Cascade(nn.Module):
 
     def local_input(self, values: torch.Tensor) -> torch.Tensor:
         return local_input(values, self.normalise)
+
+
+def as_hounsfield(array: np.ndarray) -> np.ndarray:
+    """``array`` as the CT model reads it: unchanged when its air lies where training put air (HU, or a
+    cone-beam CT's values within the trained gain and offset); else mapped linearly so that its air is -1000
+    HU and its soft tissue 40 HU (``dicom.volume.air_and_soft_tissue``), with a warning."""
+    peaks = air_and_soft_tissue(array)
+    if peaks is None:
+        return array
+    air, tissue, share = peaks
+    if air <= MAX_TRAINED_AIR_HU or share < MIN_AIR_SHARE:
+        return array
+    step = tissue - air
+    if not 0.5 * AIR_TO_SOFT_TISSUE_HU <= step <= 2.0 * AIR_TO_SOFT_TISSUE_HU:
+        log.warning("the series' values do not look like Hounsfield units (air at %.0f) and cannot be mapped "
+                    "to them (soft tissue at %.0f): read as they are", air, tissue)
+        return array
+    gain = AIR_TO_SOFT_TISSUE_HU / step
+    log.warning("the series' values are not Hounsfield units (air at %.0f, soft tissue at %.0f; a missing "
+                "Rescale Intercept?): read as HU = %.3f x value %+.0f", air, tissue, gain, -1000.0 - gain * air)
+    return (array * np.float32(gain) + np.float32(-1000.0 - gain * air)).astype(np.float32)
 
 
 def coordinate_channels(size: int, device=None, dim: int = 3) -> torch.Tensor:

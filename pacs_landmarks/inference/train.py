@@ -351,10 +351,10 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
     coarse = []
     bone_pts, soft_pts, voxel_mls, extents = [], [], [], []
     for c in train_cases:
-        s = cascade.sampler(c.array, c.affine)
+        s = cascade.sampler(c.array, c.affine, as_scanned=False)
         vol, inv = s._level(stages[0].spacing_mm)
         aff = np.linalg.inv(inv.double().numpy())
-        coarse.append(cascade.sampler(vol[0, 0].clone(), aff))
+        coarse.append(cascade.sampler(vol[0, 0].clone(), aff, as_scanned=False))
         if dim == 2:
             centres.append(image_centre(s))
             extents.append((s.shape[1] * s.spacing[1], s.shape[0] * s.spacing[0]))  # (width, height) mm
@@ -494,7 +494,8 @@ def train(data_dir: str | Path, out: str | Path, config: TrainConfig, cache_dir:
             # local stages: crops around truth + offsets as large as the previous stage's error
             # (a random subset of landmarks per case: the local stages cost most, and every landmark still
             # comes round often)
-            samplers = {int(i): cascade.sampler(train_cases[i].array, train_cases[i].affine) for i in idx}
+            samplers = {int(i): cascade.sampler(train_cases[i].array, train_cases[i].affine, as_scanned=False)
+                        for i in idx}
             m = min(n_lm, config.local_landmarks)
             lm_idx = torch.stack([torch.randperm(n_lm, generator=gen)[:m] for _ in range(b)])  # (B, m)
             t_flat = torch.gather(truth, 1, lm_idx[..., None].expand(b, m, dim)).reshape(-1, dim)
