@@ -117,7 +117,7 @@ def warm_up(model) -> float:
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         datasets.append(ds)
-    # A blank series makes the model warn "probably not a head CT": true, and not worth a log line here.
+    # A blank series makes the model warn "not a head CT?": true, and not worth a log line here.
     # Only these two loggers: the node's other loggers (associations, jobs) keep logging meanwhile.
     quiet = [logging.getLogger(n) for n in ("pacs_landmarks.inference.model", __name__)]
     levels = [q.level for q in quiet]

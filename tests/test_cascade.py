@@ -142,8 +142,10 @@ def _volume(array, spacing=(2.0, 1.0, 1.0)):
     return Volume(array.astype(np.float32), _affine(spacing, origin), "1.2.3", "1.2.4", "1.2.5", [])
 
 
-def test_empty_volume_gives_no_confident_landmark(demo_model):
-    lms = demo_model.predict(_volume(np.full((60, 128, 128), -1000.0)))
+def test_empty_volume_gives_no_confident_landmark(demo_model, caplog):
+    with caplog.at_level("WARNING"):
+        lms = demo_model.predict(_volume(np.full((60, 128, 128), -1000.0)))
+    assert "no landmark found: 0 ml of bone" in caplog.text and "not a head CT?" in caplog.text
     assert len(lms) == 16
     assert max(lm.confidence for lm in lms) < LOW_CONFIDENCE
     assert not any(lm.found for lm in lms) and all(lm.position_lps_mm is None for lm in lms)
@@ -162,7 +164,7 @@ def test_abdomen_sized_soft_tissue_gives_no_confident_landmark(demo_model):
     assert not any(lm.found for lm in lms)
 
 
-def test_chest_like_volume_with_much_bone_gives_no_landmark(demo_model):
+def test_chest_like_volume_with_much_bone_gives_no_landmark(demo_model, caplog):
     # Body ellipse with lungs, a spine and rib rings: over a litre of bone, so the "too little bone" rule does
     # not apply and the model itself must not see a head in it.
     rng = np.random.default_rng(0)
@@ -174,8 +176,11 @@ def test_chest_like_volume_with_much_bone_gives_no_landmark(demo_model):
     rib = np.abs(np.sqrt(((x - 180) / 150) ** 2 + ((y - 130) / 105) ** 2) - 1.0) < 0.04
     arr = np.where(rib & ((z.astype(int) % 25) < 8), 900.0, arr)
     arr += rng.normal(0, 15, arr.shape)
-    lms = demo_model.predict(_volume(arr))
+    with caplog.at_level("WARNING"):
+        lms = demo_model.predict(_volume(arr))
     assert not any(lm.found for lm in lms), [(lm.name, round(lm.confidence, 2)) for lm in lms if lm.found]
+    # the log says what the model saw: bone enough for a head, nothing it is sure of
+    assert "ml of bone, but no landmark confident enough" in caplog.text and "pacs-landmarks review" in caplog.text
 
 
 def test_predict_returns_every_stage(demo_model):

@@ -118,6 +118,19 @@ def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE, m
     return status, reason, conf
 
 
+def _why_none_found(out, status, low_confidence: float) -> str:
+    """What a user can do about a CT series in which no landmark is found, from what the cascade saw."""
+    from pacs_landmarks.inference.cascade import MIN_HEAD_BONE_ML
+
+    if out.bone_ml is not None and out.bone_ml < MIN_HEAD_BONE_ML:
+        return f"{out.bone_ml:.0f} ml of bone in the scan, less than a head's part ({MIN_HEAD_BONE_ML:.0f} ml): not a head CT?"
+    if (status == OUTSIDE_FIELD_OF_VIEW).all():
+        return f"{out.bone_ml:.0f} ml of bone, and none of the landmarks is in the scanned part of the head"
+    return (f"{out.bone_ml:.0f} ml of bone, but no landmark confident enough (highest confidence "
+            f"{float(np.max(out.confidence)):.2f}, threshold {low_confidence:.2f}); thick slices, a soft-tissue "
+            "kernel or an unusual anatomy lower it: look at the estimates with `pacs-landmarks review`")
+
+
 class ModelError(Exception):
     """The model file cannot be used (missing, corrupt, wrong format or landmark set)."""
 
@@ -357,8 +370,8 @@ class LandmarkModel:
         status, reason, conf = self.statuses(out)
         n_found = int((status == FOUND).sum())
         if n_found == 0:
-            log.warning("series %s: no landmark found (bone in scan %.0f ml): probably not a head CT or not "
-                        "the part of the head this model knows", volume.series_instance_uid, out.bone_ml)
+            log.warning("series %s: no landmark found: %s", volume.series_instance_uid,
+                        _why_none_found(out, status, self.low_confidence))
         else:
             log.info("series %s: %d of %d landmarks found, %d outside the field of view, %d not found",
                      volume.series_instance_uid, n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()),
