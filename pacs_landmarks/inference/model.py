@@ -26,8 +26,9 @@ Status of each landmark (``Landmark.status``, see ``landmark_statuses``):
 the point lies within ``MIN_EDGE_MM`` of the scanned volume's edge ("at the edge of the scanned volume":
 the first or last slice, the array's sides, a cone-beam CT's or reconstruction's circle); else
 ``not_found`` when the confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the point does not fit
-the other landmarks under the shape model ("implausible position", confidence halved); else ``found``.  A model file without a
-presence output or shape model (1.x) uses the crop rule alone and skips the plausibility check.
+the other landmarks under the shape model ("implausible position", confidence halved); else ``found``.  A
+model file without a presence output or shape model (1.x) uses the crop rule alone and skips the
+plausibility check.
 On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
 cephalogram holds every landmark unless collimation cut it off.  There is no bone volume to tell a head
 from something else, so the image as a whole confirms it: when fewer than ``MIN_FOUND_SHARE`` of the
@@ -123,7 +124,8 @@ def _why_none_found(out, status, low_confidence: float) -> str:
     from pacs_landmarks.inference.cascade import MIN_HEAD_BONE_ML
 
     if out.bone_ml is not None and out.bone_ml < MIN_HEAD_BONE_ML:
-        return f"{out.bone_ml:.0f} ml of bone in the scan, less than a head's part ({MIN_HEAD_BONE_ML:.0f} ml): not a head CT?"
+        return (f"{out.bone_ml:.0f} ml of bone in the scan, less than a head's part ({MIN_HEAD_BONE_ML:.0f} ml): "
+                "not a head CT?")
     if (status == OUTSIDE_FIELD_OF_VIEW).all():
         return f"{out.bone_ml:.0f} ml of bone, and none of the landmarks is in the scanned part of the head"
     return (f"{out.bone_ml:.0f} ml of bone, but no landmark confident enough (highest confidence "
@@ -316,7 +318,7 @@ class LandmarkModel:
             out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
                               mirror=mirror)
-        # the copy to the device and, for CT, finding the reconstruction circle
+        # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
         out.timings = {"sampler": t_sampler, **out.timings}
         return out
 
