@@ -77,6 +77,9 @@ def test_reconstruction_circle_is_read_from_the_padding(centre, radius, pad):
     inner = lps(6, centre[0], centre[1] + (radius - 3.0) / spacing[2])
     assert s.depth_mm(inner) == pytest.approx(3.0, abs=0.3)
     assert s.depth_mm(lps(6, centre[0], centre[1] + (radius + 5.0) / spacing[2])) < 0
+    # a mirrored view (test-time augmentation) sees the same circle, mirrored
+    view = s.mirrored(10.0)
+    assert view.depth_mm(inner * [-1, 1, 1] + [20.0, 0, 0]) == pytest.approx(s.depth_mm(inner))
 
 
 def test_no_reconstruction_circle_without_padding_or_in_a_head_outline():
