@@ -162,7 +162,7 @@ def test_values_the_model_was_trained_on_are_left_as_they_are():
     head[:, 12:52, 12:52] = 40.0
     head[:, 20:30, 20:30] = 1200.0
     head += rng.normal(0, 15, head.shape).astype(np.float32)
-    air, tissue, share = air_and_soft_tissue(head)
+    air, tissue, share, _ = air_and_soft_tissue(head)
     assert air == pytest.approx(-1000, abs=40) and tissue == pytest.approx(40, abs=40) and share > 0.3
     for gain, offset in ((1.0, 0.0), (0.6, 200.0), (1.4, -300.0)):  # HU, and cone-beam CT as trained
         x = head * gain + offset
@@ -172,6 +172,11 @@ def test_values_the_model_was_trained_on_are_left_as_they_are():
     # no air in the field (a scan inside the head): nothing to anchor a mapping on, read as it is
     inside = head[:, 14:50, 14:50] + 1024.0
     assert as_hounsfield(inside) is inside
+    # calibrated, no air, fat below soft tissue: soft tissue is the lowest peak, but it is not air
+    face = head[:, 12:52, 12:52].copy()
+    face[:, 20:32, 20:34] = 700.0 + rng.normal(0, 15, face[:, 20:32, 20:34].shape)  # bone a step above
+    face[:, :8] = -100.0 + rng.normal(0, 15, face[:, :8].shape)
+    assert as_hounsfield(face) is face
 
 
 def test_an_mr_series_is_refused_before_the_model():

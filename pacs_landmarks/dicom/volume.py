@@ -149,9 +149,11 @@ def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],
     return ReconstructionCircle(float(cj), float(ci), radius)
 
 
-def air_and_soft_tissue(array: np.ndarray, max_samples: int = 1_000_000) -> tuple[float, float, float] | None:
+def air_and_soft_tissue(array: np.ndarray,
+                        max_samples: int = 1_000_000) -> tuple[float, float, float, float] | None:
     """Where air and soft tissue lie among a head scan's values: (air, soft tissue, share of the values near
-    air), or None when the values cannot tell (fewer than 1,000 samples, one value).
+    air, the lowest values: 0.5th percentile), or None when the values cannot tell (fewer than 1,000
+    samples, one value).
 
     A CT stores Hounsfield units (PS3.3 C.11.1.1.2: stored value x Rescale Slope + Rescale Intercept), with
     air at -1000 and soft tissue at 20-60; a series whose intercept is missing or wrong, or a cone-beam CT
@@ -179,7 +181,7 @@ def air_and_soft_tissue(array: np.ndarray, max_samples: int = 1_000_000) -> tupl
     if not middle.any():
         return None
     tissue = float(centres[middle][np.argmax(hist[middle])])
-    return air, tissue, float((np.abs(v - air) <= 0.04 * (hi - lo)).mean())
+    return air, tissue, float((np.abs(v - air) <= 0.04 * (hi - lo)).mean()), float(lo)
 
 
 def _circle_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:

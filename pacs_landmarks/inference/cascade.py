@@ -43,8 +43,11 @@ MIN_HEAD_BONE_ML = 40.0
 # gain 0.6-1.4, offset +-300 HU (train.DOMAIN), so air from -1700 to -300.  Above that (a series stored
 # without its Rescale Intercept: air at 0) the values are mapped to HU from where air and soft tissue are.
 MAX_TRAINED_AIR_HU = -300.0
-# A mapping needs a clear air peak and an air-to-soft-tissue step of a plausible size (gain 0.5-2).
-MIN_AIR_SHARE = 0.05
+# A mapping needs a clear air peak at the bottom of the values and an air-to-soft-tissue step of a plausible size
+# (gain 0.5-2).  A calibrated scan without air (a small field inside the face) has soft tissue as its lowest
+# peak and bone as the next: fat and noise below that peak tell it from air, below which there is nothing.
+MIN_AIR_SHARE = 0.1
+MAX_BELOW_AIR = 0.1  # of the air-to-soft-tissue step: how far the lowest values (0.5th percentile) may lie below air
 AIR_TO_SOFT_TISSUE_HU = 1040.0  # -1000 -> 40
 # Mirror test-time augmentation: mm of disagreement between the two passes per factor e of confidence
 # (``mirror_confidence``).
@@ -141,11 +144,12 @@ def as_hounsfield(array: np.ndarray) -> np.ndarray:
     peaks = air_and_soft_tissue(array)
     if peaks is None:
         return array
-    air, tissue, share = peaks
-    if air <= MAX_TRAINED_AIR_HU or share < MIN_AIR_SHARE:
+    air, tissue, share, lowest = peaks
+    if air <= MAX_TRAINED_AIR_HU:
         return array
     step = tissue - air
-    if not 0.5 * AIR_TO_SOFT_TISSUE_HU <= step <= 2.0 * AIR_TO_SOFT_TISSUE_HU:
+    if (share < MIN_AIR_SHARE or air - lowest > MAX_BELOW_AIR * step
+            or not 0.5 * AIR_TO_SOFT_TISSUE_HU <= step <= 2.0 * AIR_TO_SOFT_TISSUE_HU):
         log.warning("the series' values do not look like Hounsfield units (air at %.0f) and cannot be mapped "
                     "to them (soft tissue at %.0f): read as they are", air, tissue)
         return array
