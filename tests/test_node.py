@@ -389,9 +389,19 @@ def receiver_pids(node) -> dict[int, int]:
     return {e["receiver"]: e["pid"] for e in node.events() if e.get("event") == "receiver.started"}
 
 
+def started_receivers(node, count: int = 2) -> dict[int, int]:
+    """``receiver_pids`` once all ``count`` receivers have logged their start: the node listens (its socket is
+    bound first, connections wait in the backlog) a moment before the receivers' start reaches its log."""
+    def all_started():
+        pids = receiver_pids(node)
+        return pids if len(pids) >= count else None
+
+    return wait_for(all_started, 30, "the receivers to start")
+
+
 def test_concurrent_senders_are_spread_over_the_receiver_processes(node, phantom, tmp_path):
     """The node's associations run in receiver processes (node/receivers.py): two senders at once get two."""
-    pids = receiver_pids(node)
+    pids = started_receivers(node)
     assert len(pids) == 2 and all(map(running, pids.values())), pids
     before = len([e for e in node.events() if e.get("event") == "association.accepted"])
     series = [clone_series(phantom, tmp_path / f"r{n}") for n in range(2)]
@@ -479,7 +489,7 @@ def test_receivers_leave_with_the_node(phantom, tmp_path):
     """SIGTERM and kill -9 of the node: its receiver processes exit (the hand-over socket closed)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         n = NodeProc(tmp_path / f"storage{sig}").start()
-        pids = list(receiver_pids(n).values())
+        pids = list(started_receivers(n).values())
         assert pids
         n.kill(sig)
         wait_for(lambda: not any(map(running, pids)), 20, "the receivers to exit")
