@@ -73,8 +73,9 @@ def main():
     w("## Commands\n")
     w("    # held-out sets (256 × 256 at 1.0 mm; each line adds the options in the table below)")
     w("    pacs-landmarks phantom build/demo-data/eval-NAME --size 256 --pixel-spacing 1.0 OPTIONS")
-    w("    # calibration of the confidence threshold (on the two calibration sets), then each set")
-    w("    pacs-landmarks evaluate --data build/demo-data/calib --calibrate pacs_landmarks/inference/models/craniofacial16-demo.pt")
+    w("    # calibration (scripts/train-real, step 6): the shape prior, then the confidence threshold; then each set")
+    w("    pacs-landmarks evaluate --data build/real-data/calib-prior --model M.pt --calibrate M.pt --fit-shape-prior")
+    w("    pacs-landmarks evaluate --data build/real-data/calib --model M.pt --calibrate M.pt")
     w("    pacs-landmarks evaluate --data build/demo-data/eval-NAME --json build/eval/NAME.json\n")
     w("| NAME | OPTIONS |\n|---|---|")
     for name, label, opts in SETS:

@@ -287,6 +287,29 @@ def test_evaluate_cli_tables_json_and_plots(tiny_cases, tmp_path):
     assert len(pngs) == 17 and "Gonion_R.png" in pngs
 
 
+def test_evaluate_cli_fits_the_shape_prior_then_the_threshold(tiny_cases, tmp_path):
+    proc = _run_cli("evaluate", "--data", str(tiny_cases), "--fit-shape-prior", "-q")
+    assert proc.returncode == 2 and "--fit-shape-prior needs --calibrate" in proc.stderr
+    out = tmp_path / "cal.pt"
+    proc = _run_cli("evaluate", "--data", str(tiny_cases), "--calibrate", str(out), "--fit-shape-prior",
+                    "--cache", str(tmp_path / "cache"), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "shape prior on" in proc.stdout and "calibrated threshold" in proc.stdout
+    model = LandmarkModel.load(out, device="cpu")
+    cal = model.metadata["calibration"]
+    # two cases are too few to measure a landmark's variances (ShapePrior.MIN_CASES): the image alone, said so
+    assert cal["shape_prior"]["cases"] == 2 and model.shape_prior is not None
+    assert not model.shape_prior.image_scale.any() and 0.3 <= cal["low_confidence"] <= 0.95
+    # a later threshold-only calibration keeps the prior; --shape-prior off leaves it out
+    proc = _run_cli("evaluate", "--data", str(tiny_cases), "--model", str(out), "--calibrate", str(out),
+                    "--cache", str(tmp_path / "cache"), "-q")
+    assert proc.returncode == 0 and LandmarkModel.load(out, device="cpu").shape_prior is not None
+    proc = _run_cli("evaluate", "--data", str(tiny_cases), "--model", str(out), "--shape-prior", "off",
+                    "--calibrate", str(tmp_path / "plain.pt"), "--cache", str(tmp_path / "cache"), "-q")
+    assert proc.returncode == 0 and "shape prior off" in proc.stdout
+    assert LandmarkModel.load(tmp_path / "plain.pt", device="cpu").shape_prior is None
+
+
 def test_predict_cli_table_and_json(tiny_cases):
     case = sorted(p for p in tiny_cases.iterdir() if p.is_dir())[0]
     proc = _run_cli("predict", str(case))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-# (name, status, confidence, stage positions LPS mm) from the shipped model (2.1.0) as recorded when it was
-# shipped; the refactor that made the dimension a parameter was proven the same way on 2.0.0 (commit history).
-# A change of the cascade code that moves any stage's point fails here; a new model file re-records them.
+# (name, status, confidence, stage positions LPS mm) from the shipped model's weights (2.1.0, the same in 2.1.1)
+# as recorded when they were shipped, without the shape prior; the refactor that made the dimension a parameter
+# was proven the same way on 2.0.0 (commit history). A change of the cascade code that moves any stage's point
+# fails here; new weights re-record them.
 RECORDED_POINTS = [
     ('Sella', 'found', 0.688098, [(4.17768, -2.72929, 20.54549), (3.36105, -2.17383, 20.65822), (3.07918, -2.22654, 20.85624)]),
     ('Nasion', 'found', 0.634711, [(-8.20844, -67.1086, 37.84263), (-9.55273, -67.51067, 37.34027), (-9.76506, -67.67716, 37.30936)]),
@@ -29,15 +30,43 @@ RECORDED_POINTS = [
 ]
 
 
+# The last stage's points of the shipped model 2.1.1 on the same head, with its shape prior (as recorded when
+# it was shipped): a change of the prior's code or of its calibration in the model file fails here.
+RECORDED_WITH_PRIOR = [
+    ('Sella', (2.89798, -2.28975, 20.80884)),
+    ('Nasion', (-9.86721, -67.82551, 37.32639)),
+    ('Orbitale R', (-36.03980, -62.04587, 5.04768)),
+    ('Orbitale L', (26.64505, -71.07483, 17.70769)),
+    ('Porion R', (-46.07823, 14.09058, -9.47137)),
+    ('Porion L', (62.06211, -1.32263, 12.41070)),
+    ('ANS', (-2.08140, -81.12718, -11.39706)),
+    ('PNS', (6.77478, -29.80248, -18.40719)),
+    ('A point', (0.12882, -75.76466, -19.12463)),
+    ('B point', (9.12947, -74.16028, -60.29347)),
+    ('Pogonion', (10.17534, -78.38316, -69.96797)),
+    ('Menton', (13.96109, -71.03053, -85.21958)),
+    ('Gnathion', (12.95296, -75.06640, -82.67706)),
+    ('Gonion R', (-26.37926, -12.46293, -74.90309)),
+    ('Gonion L', (61.72667, -25.19078, -56.65988)),
+    ('Basion', (13.42020, 14.77263, -20.37868)),
+]
+
+
 def test_3d_model_gives_the_recorded_points(tmp_path):
-    """Positions of every stage within 1e-4 mm (+ rounding of the record) of those recorded for the shipped model."""
+    """Positions of every stage within 1e-4 mm (+ rounding of the record) of those recorded for the shipped
+    weights; with the shape prior, the same statuses and confidences and the recorded last points."""
+    import json
+
     from pacs_landmarks.dicom.series import load_series
     from pacs_landmarks.inference.model import LandmarkModel
     from pacs_landmarks.inference.phantom import make_case, write_case
 
     torch.set_num_threads(1)
     out = write_case(make_case(7301), tmp_path / "c", pixel_spacing=1.5, slice_thickness=2.0, size=160)
-    lms = LandmarkModel.load(device="cpu").predict(load_series(sorted(out.glob("*.dcm"))))
+    volume = load_series(sorted(out.glob("*.dcm")))
+    model = LandmarkModel.load(device="cpu")
+    assert model.shape_prior is not None
+    lms = model.with_shape_prior(None).predict(volume)
     assert [lm.name for lm in lms] == [r[0] for r in RECORDED_POINTS]
     for lm, (name, status, conf, stages) in zip(lms, RECORDED_POINTS):
         assert lm.status == status, name
@@ -45,6 +74,15 @@ def test_3d_model_gives_the_recorded_points(tmp_path):
         got = np.asarray(lm.stage_positions)
         assert got.shape == (3, 3)
         assert np.abs(got - np.asarray(stages)).max() < 1e-4 + 1e-5, name
+    fused = model.predict(volume)
+    for lm, plain, (name, last) in zip(fused, lms, RECORDED_WITH_PRIOR):
+        assert (lm.name, lm.status, lm.confidence) == (plain.name, plain.status, plain.confidence)
+        assert np.allclose(lm.stage_positions[:-1], plain.stage_positions[:-1]), name  # the prior moves the last only
+        assert np.abs(np.asarray(lm.position_lps_mm) - last).max() < 1e-4 + 1e-5, name
+    # and on this head it moves them towards the truth
+    truth = {lm["name"]: lm["position_lps_mm"] for lm in json.loads((out / "landmarks.json").read_text())["landmarks"]}
+    err = [[np.linalg.norm(np.subtract(p.position_lps_mm, truth[p.name])) for p in pts] for pts in (lms, fused)]
+    assert np.mean(err[1]) < np.mean(err[0])
 
 
 # --- 2D: the same sampler, networks and cascade on a projection image ---

@@ -108,7 +108,7 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
-    assert model.trained and model.version == "2.1.0"
+    assert model.trained and model.version == "2.1.1"
     # 2.0: a presence output, a shape model of the training truth, a calibrated threshold
     assert model.stages[0].presence and model.shape_model is not None
     assert model.shape_model.n_landmarks == 16 and 0.3 <= model.low_confidence < 0.9
@@ -129,6 +129,26 @@ def test_damaged_shape_model_fails_at_load(tmp_path):
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match="shape model"):
         LandmarkModel.load(tmp_path / "bad.pt")
+
+
+def test_damaged_shape_prior_fails_at_load(tmp_path):
+    import json
+
+    import torch
+
+    payload = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
+    meta = json.loads(payload["metadata"])
+    assert meta["calibration"]["shape_prior"]["cases"] >= 16  # the shipped model has one
+    for damage, says in ((lambda p: p.update(kind="other"), "shape prior is damaged"),
+                         (lambda p: p.update(shape_sd=p["shape_sd"][:15]), "shape prior is damaged"),
+                         (lambda p: p.update(shape_sd=[row[:2] for row in p["shape_sd"]],
+                                             image_scale=p["image_scale"]), "in 2D")):
+        bad = json.loads(json.dumps(meta))
+        damage(bad["calibration"]["shape_prior"])
+        payload["metadata"] = json.dumps(bad)
+        torch.save(payload, tmp_path / "bad.pt")
+        with pytest.raises(ModelError, match=says):
+            LandmarkModel.load(tmp_path / "bad.pt")
 
 
 def test_model_1x_without_presence_or_shape_model_still_loads_and_runs(tmp_path):

@@ -113,3 +113,90 @@ def test_landmark_refuses_found_without_position():
     with pytest.raises(ValueError):
         Landmark("Nasion", (0, 0, 0), status="lost")
     assert not Landmark("Menton", None, 0.0, status=OUTSIDE_FIELD_OF_VIEW).found
+
+
+# ---------------------------------------------------------------------------------------------- shape prior
+def _noisy(truth, sd, rng):
+    """Image points: truth + noise of ``sd`` (L, 3) mm per axis; their maps' variances say so up to a factor
+    of 4 (a map's width is not its error)."""
+    return truth + rng.normal(size=truth.shape) * sd, (2.0 * sd) ** 2
+
+
+def _prior_data(model, truths, sd, rng):
+    pts, var, est, frames = [], [], [], []
+    for t in truths:
+        p, v = _noisy(t, sd, rng)
+        pts.append(p)
+        var.append(v)
+        est.append(model.leave_one_out(p, np.ones(16, bool)))
+        frames.append(model.frame(p, np.ones(16, bool)))
+    return [np.stack(a) for a in (pts, var, est, frames)]
+
+
+def test_shape_prior_corrects_the_axis_the_image_cannot_tell(model, shapes):
+    """Pogonion's map is wide from side to side (a flat chin): the prior takes x from the other landmarks and
+    leaves y and z, and Sella, whose image is sharp, to the image."""
+    from pacs_landmarks.inference.shape import ShapePrior
+
+    rng = np.random.default_rng(0)
+    sd = np.full((16, 3), 0.3)
+    sd[IDX["Pogonion"], 0] = 2.5
+    truths = np.concatenate([shapes[:20]] * 3)  # the calibration heads (the shape model's own are enough here)
+    pts, var, est, frames = _prior_data(model, truths, sd, rng)
+    prior = ShapePrior.fit(pts, var, est, truths, frames)
+    assert prior.cases == 60 and np.all(prior.image_scale > 0) and np.isfinite(prior.shape_sd).all()
+    assert prior.image_scale[IDX["Pogonion"]] == pytest.approx(0.25, rel=0.35)
+
+    held = np.concatenate([shapes[20:]] * 10)
+    pts, var, est, frames = _prior_data(model, held, sd, np.random.default_rng(1))
+    fused = np.stack([prior.fuse(p, v, e, f) for p, v, e, f in zip(pts, var, est, frames)])
+    pog, sel = IDX["Pogonion"], IDX["Sella"]
+    before, after = np.abs(pts - held), np.abs(fused - held)
+    assert after[:, pog, 0].mean() < 0.6 * before[:, pog, 0].mean()  # x: the configuration wins
+    assert after[:, pog, 1:].mean() < 1.2 * before[:, pog, 1:].mean()  # y, z: about what the image said
+    assert after[:, sel].mean() < 1.2 * before[:, sel].mean()
+    # no estimate (NaN): the image's point, untouched
+    nan = np.full_like(est[0], np.nan)
+    assert np.array_equal(prior.fuse(pts[0], var[0], nan, frames[0]), pts[0])
+    again = ShapePrior.from_json(prior.to_json())
+    assert np.allclose(again.image_scale, prior.image_scale, atol=1e-4)
+    assert np.allclose(again.shape_sd, prior.shape_sd, atol=1e-4)
+
+
+def test_shape_prior_turns_with_the_head(model, shapes):
+    """The estimate's uncertainty is along the head's axes: a head turned 30 degrees gets the same answer,
+    turned (the image's variance here is the same along every axis)."""
+    from pacs_landmarks.inference.shape import ShapePrior
+
+    prior = ShapePrior(np.ones(16), np.tile([0.5, 3.0, 1.0], (16, 1)))
+    rng = np.random.default_rng(2)
+    truth = shapes[21]
+    p = truth + rng.normal(size=truth.shape)
+    est = model.leave_one_out(p, np.ones(16, bool))
+    upright = prior.fuse(p, np.ones((16, 3)), est, model.frame(p, np.ones(16, bool)))
+    r = _rot(30)
+    pr = p @ r.T + [40.0, -20.0, 100.0]
+    est_r = model.leave_one_out(pr, np.ones(16, bool))
+    turned = prior.fuse(pr, np.ones((16, 3)), est_r, model.frame(pr, np.ones(16, bool)))
+    assert np.allclose(turned, upright @ r.T + [40.0, -20.0, 100.0], atol=1e-3)
+
+
+def test_damaged_shape_prior_is_refused():
+    from pacs_landmarks.inference.shape import ShapePrior
+
+    good = ShapePrior(np.ones(16), np.ones((16, 3))).to_json()
+    for bad in ({**good, "kind": "other"}, {**good, "image_scale": [-1.0] * 16},
+                {**good, "shape_sd": [[0.0, 1.0, 1.0]] * 16}, {**good, "shape_sd": [[1.0, 1.0, 1.0]] * 15}):
+        with pytest.raises(ValueError):
+            ShapePrior.from_json(bad)
+
+
+def test_plausibility_is_judged_on_the_image_point_not_the_fused_one(model, shapes):
+    """The prior pulls a point towards the others; a wild image point must still be flagged, not hidden."""
+    x = shapes[23].copy()
+    wild = x.copy()
+    wild[IDX["Porion L"]] += [0.0, -20.0, 22.0]
+    out = _output(x, np.full(16, 0.8), np.ones(16))
+    out.image_positions = wild  # what the image said; positions[-1] is after the prior
+    status, reason, _ = landmark_statuses(out, model)
+    assert status[IDX["Porion L"]] == NOT_FOUND and reason[IDX["Porion L"]] == "implausible position"

@@ -31,6 +31,7 @@ from pacs_landmarks.dicom.volume import air_and_soft_tissue, reconstruction_circ
 from pacs_landmarks.inference.networks import build_network
 from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_points, intensity, normalise_hu,
                                               soft_argmax)
+from pacs_landmarks.inference.shape import ShapePrior
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,13 @@ class CascadeOutput:
     # image and the one on its mirror image mapped back; each pass's confidence (2, L)
     disagreement: np.ndarray | None = None
     pass_confidence: np.ndarray | None = None
+    # with a shape model: the last stage's own point and its map's variance per axis (mm^2), before the
+    # shape prior (``run_cascade(prior=...)``) moved it, and the shape model's leave-one-out estimate (NaN where
+    # none: not a candidate, or implausible)
+    image_positions: np.ndarray | None = None  # (L, D)
+    image_variance: np.ndarray | None = None  # (L, D)
+    shape_estimate: np.ndarray | None = None  # (L, D)
+    shape_frame: np.ndarray | None = None  # (D, D) rotation from the shape model's axes to the patient's
 
 
 def inside_fraction(sampler: VolumeSampler, points: np.ndarray, extent_mm: float, n: int = 5) -> np.ndarray:
@@ -264,9 +272,9 @@ def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spre
 
 @torch.no_grad()
 def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
-                shape=None, mirror: list[int] | None = None) -> CascadeOutput:
+                shape=None, mirror: list[int] | None = None, prior=None) -> CascadeOutput:
     """All stages on one image or volume (``cascade.sampler``); positions of every stage come back for
-    reporting and evaluation (``_one_pass`` for ``fuse`` and ``shape``).
+    reporting and evaluation (``_one_pass`` for ``fuse``, ``shape`` and ``prior``).
 
     ``mirror`` (CT only; the landmark permutation of ``landmark_sets.mirror_names``): mirror test-time
     augmentation.  The same cascade runs a second time on the head mirrored left-right about the sagittal
@@ -275,7 +283,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     estimates.  How far apart the two final estimates are (``CascadeOutput.disagreement``) enters the
     confidence (``mirror_confidence``).
     """
-    first = _one_pass(cascade, sampler, autocast, fuse, shape)
+    first = _one_pass(cascade, sampler, autocast, fuse, shape, prior=prior)
     if mirror is None:
         return first
     if cascade.dim != 3:
@@ -285,11 +293,24 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     if sorted(perm.tolist()) != list(range(cascade.n_landmarks)):
         raise ValueError(f"mirror must be a permutation of the {cascade.n_landmarks} landmarks, got {mirror}")
     x0 = float(first.centre[0])
-    second = _one_pass(cascade, sampler.mirrored(x0), autocast, fuse, shape, start=(first.centre, first.bone_ml))
-    back = second.positions.copy()
-    back[..., 0] = 2.0 * x0 - back[..., 0]
-    back = back[:, perm]
+    second = _one_pass(cascade, sampler.mirrored(x0), autocast, fuse, shape, start=(first.centre, first.bone_ml),
+                       prior=prior)
+
+    def mirrored_back(points):
+        if points is None:
+            return None
+        back = points.copy()
+        back[..., 0] = 2.0 * x0 - back[..., 0]
+        return back[..., perm, :]
+
+    back = mirrored_back(second.positions)
     positions = 0.5 * (first.positions + back)
+    image = {}
+    if first.image_positions is not None:
+        image = {"image_positions": 0.5 * (first.image_positions + mirrored_back(second.image_positions)),
+                 "image_variance": 0.5 * (first.image_variance + second.image_variance[perm]),
+                 "shape_estimate": 0.5 * (first.shape_estimate + mirrored_back(second.shape_estimate)),
+                 "shape_frame": first.shape_frame}
     disagreement = np.linalg.norm(first.positions[-1] - back[-1], axis=-1)
     pass_conf = np.stack([first.confidence, second.confidence[perm]])
     presence = None if first.presence is None else 0.5 * (first.presence + second.presence[perm])
@@ -298,7 +319,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
                          mirror_confidence(pass_conf, disagreement), first.bone_ml, timings, presence,
                          inside_fraction(sampler, positions[-1], cascade.stages[-1].extent_mm),
                          sampler.depth_mm(positions[-1]), first.reseeded | second.reseeded[perm], first.centre,
-                         disagreement, pass_conf)
+                         disagreement, pass_conf, **image)
 
 
 def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> np.ndarray:
@@ -320,7 +341,7 @@ def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> 
 
 @torch.no_grad()
 def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
-              shape=None, start: tuple[np.ndarray, float | None] | None = None) -> CascadeOutput:
+              shape=None, start: tuple[np.ndarray, float | None] | None = None, prior=None) -> CascadeOutput:
     """``run_cascade`` on one view of the image; ``start``: (centre of the stage-1 box, bone ml) when known.
 
     ``fuse``: a local stage's point is the inverse-variance mean, per axis, of its own soft-argmax and the
@@ -329,7 +350,11 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     coarser stage keeps more weight there.
 
     ``shape`` (a ``shape.ShapeModel``): a global estimate that does not fit the other landmarks is replaced by
-    where the others put it before the local stages start (``CascadeOutput.reseeded``).
+    where the others put it before the local stages start (``CascadeOutput.reseeded``).  After the last stage,
+    when at least ``ShapePrior.MIN_SHARE`` of the landmarks are plausible candidates, the shape model's
+    leave-one-out estimate of each is recorded (``CascadeOutput.shape_estimate``), and with ``prior`` (a
+    ``shape.ShapePrior``) the final point is the inverse-covariance mean of the image's point and that estimate
+    (``ShapePrior.fuse``; the image's own point stays in ``CascadeOutput.image_positions``).
     """
     import time
 
@@ -391,10 +416,27 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
 
     positions_np = torch.stack(positions).cpu().double().numpy()
     spreads_np = torch.stack(spreads).cpu().double().numpy()
+    # confidence from the maps and the stages' agreement, before the shape prior moves the last point
     conf = confidence_from(stages, positions_np, spreads_np, bone_ml)
+    image = {}
+    if shape is not None:
+        t0 = time.perf_counter()
+        own = positions_np[-1].copy()
+        cand = presence >= 0.5 if presence is not None else np.ones(n_lm, bool)
+        bad, _ = shape.check(own, cand)
+        others = cand & ~bad
+        frame = shape.frame(own, others)
+        estimate = np.full_like(own, np.nan)
+        if others.sum() >= ShapePrior.MIN_SHARE * n_lm:
+            estimate = shape.leave_one_out(own, others)
+        image = {"image_positions": own, "image_variance": var.cpu().double().numpy(), "shape_estimate": estimate,
+                 "shape_frame": frame}
+        if prior is not None:
+            positions_np[-1] = prior.fuse(own, image["image_variance"], estimate, frame)
+        timings["shape_prior"] = time.perf_counter() - t0
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
-                         sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64))
+                         sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64), **image)
 
 
 def parameter_count(module: nn.Module) -> int:

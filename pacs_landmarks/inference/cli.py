@@ -92,9 +92,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CommandError(str(exc)) from None
     cases = _cases(args, model)
+    if args.fit_shape_prior:
+        if not args.calibrate:
+            raise CommandError("--fit-shape-prior needs --calibrate OUT.pt (the file to write it to)")
+        if model.shape_model is None:
+            raise CommandError(f"model {model.name} {model.version} has no shape model to fit a prior for")
+        from pacs_landmarks.inference.evaluate import fit_shape_prior
+
+        # the prior first (it moves the points), then the threshold for the points it gives
+        model = model.with_shape_prior(fit_shape_prior(model, cases, progress=not args.quiet))
+    elif args.shape_prior == "off":
+        model = model.with_shape_prior(None)
     result = evaluate_cases(model, cases, progress=not args.quiet)
-    print(f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}: {len(cases)} cases "
-          f"from {args.data}")
+    print(f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}, shape prior "
+          f"{'on' if model.shape_prior is not None else 'off'}: {len(cases)} cases from {args.data}")
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
@@ -263,8 +274,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "distance")
     p.add_argument("--calibrate", default=None, metavar="OUT.pt",
                    help="write the evaluated model (--model; without it the shipped one) with the lowest confidence threshold at which >= 95 %% of the points "
-                   "at or above it are within 2 mm on these cases (use held-out cases), and the test-time "
-                   "augmentation it was calibrated with (--tta) as the model's")
+                   "at or above it are within 2 mm on these cases (use held-out cases), the test-time "
+                   "augmentation (--tta) and shape prior it was calibrated with as the model's")
+    p.add_argument("--fit-shape-prior", action="store_true",
+                   help="with --calibrate: first measure on these cases how far to trust the image and the other "
+                   "landmarks, per landmark and axis (the shape prior, docs/training.md), then the threshold")
+    p.add_argument("--shape-prior", choices=("on", "off"), default="on",
+                   help="off: the image's points alone, without the model file's shape prior (to compare; with "
+                   "--calibrate the file is written without one)")
     p.add_argument("--tta", choices=("mirror", "none"), default=None,
                    help="test-time augmentation for this evaluation instead of the model file's (CT only): "
                    "mirror = also run on the head mirrored left-right and report the mean; none = run once")

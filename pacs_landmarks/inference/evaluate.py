@@ -239,10 +239,30 @@ def choose_threshold(confidence: np.ndarray, error: np.ndarray, target: float = 
             "share": None, "kept": float((c >= 0.95).mean())}
 
 
+def fit_shape_prior(model, cases, progress: bool = True):
+    """The ``shape.ShapePrior`` of ``model`` on held-out ``cases``: its last stage's points, their maps'
+    variances and the shape model's leave-one-out estimates, run without a prior, against the truth."""
+    from tqdm import tqdm
+
+    from pacs_landmarks.inference.shape import ShapePrior
+
+    plain = model.with_shape_prior(None)
+    pts, var, est, truth, frames = [], [], [], [], []
+    for c in tqdm(cases, desc="shape prior", unit="case", disable=not progress):
+        out = plain.run_array(c.array.astype(np.float32), c.affine)
+        in_scan = c.in_scan if c.in_scan is not None else np.ones(len(model.landmark_names), bool)
+        pts.append(out.image_positions)
+        var.append(out.image_variance)
+        est.append(out.shape_estimate)
+        frames.append(out.shape_frame)
+        truth.append(np.where(in_scan[:, None], c.landmarks, np.nan))
+    return ShapePrior.fit(np.stack(pts), np.stack(var), np.stack(est), np.stack(truth), np.stack(frames))
+
+
 def calibrate_model(model, result: dict, out: str | Path) -> dict:
     """Write ``out``: the model with ``metadata.calibration`` (the threshold from ``choose_threshold`` on
-    ``result``'s in-scan landmarks, final stage, and the test-time augmentation ``model`` ran with, which
-    becomes the file's ``tta``: the threshold holds for that confidence only)."""
+    ``result``'s in-scan landmarks, final stage, and the test-time augmentation and shape prior ``model`` ran
+    with, which become the file's: the threshold holds for those only)."""
     from pacs_landmarks.inference.model import save_model_file
 
     conf = np.asarray(result["confidences"], float)
@@ -250,6 +270,8 @@ def calibrate_model(model, result: dict, out: str | Path) -> dict:
     cal = choose_threshold(conf.ravel(), err.ravel())
     cal["cases"] = result["cases"]
     cal["tta"] = model.tta
+    if model.shape_prior is not None:
+        cal["shape_prior"] = model.shape_prior.to_json()
     meta = dict(model.metadata, calibration=cal, tta=model.tta)
     save_model_file(out, model.cascade, meta)
     return cal

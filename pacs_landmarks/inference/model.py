@@ -15,7 +15,9 @@ width), ``intensity`` (``unit`` "HU" for CT, "xray" for 0..1 X-ray grey values, 
 normalised; absent unit = HU),
 ``training`` (data summary, epochs, seeds, final metrics; ``null`` for an untrained file), ``fuse_stages``
 (inference option, see ``cascade.run_cascade``), ``created``; from model 2.0 also ``shape_model`` (the
-Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional);
+Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional:
+the confidence threshold and, from 2.1.1, ``shape_prior``, ``shape.ShapePrior.to_json``, which moves each last
+point towards where the other landmarks put it along the axes its map cannot tell);
 ``tta`` (optional, CT only): ``"mirror"`` runs the cascade also on the head mirrored left-right and reports
 the mean (``cascade.run_cascade``), absent or ``null`` runs it once; ``evaluate --calibrate`` records it with
 the threshold (``calibration.tta``), since the confidence differs with it.
@@ -25,8 +27,9 @@ Status of each landmark (``Landmark.status``, see ``landmark_statuses``):
 (< 0.5) or less than half of the last stage's crop lies inside the volume; else, for CT, ``not_found`` when
 the point lies within ``MIN_EDGE_MM`` of the scanned volume's edge ("at the edge of the scanned volume":
 the first or last slice, the array's sides, a cone-beam CT's or reconstruction's circle); else
-``not_found`` when the confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the point does not fit
-the other landmarks under the shape model ("implausible position", confidence halved); else ``found``.  A
+``not_found`` when the confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the image's point (before
+the shape prior) does not fit the other landmarks under the shape model ("implausible position", confidence
+halved); else ``found``.  A
 model file without a presence output or shape model (1.x) uses the crop rule alone and skips the
 plausibility check.
 On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
@@ -112,7 +115,9 @@ def landmark_statuses(out, shape=None, low_confidence: float = LOW_CONFIDENCE, m
     reason[low] = "low confidence"
     cand = status == FOUND
     if shape is not None and cand.any():
-        bad, _ = shape.check(out.positions[-1], cand)
+        # what the image says, not where the shape prior pulled it: a point moved towards the others fits them
+        own = out.image_positions if out.image_positions is not None else out.positions[-1]
+        bad, _ = shape.check(own, cand)
         status[bad] = NOT_FOUND
         reason[bad] = "implausible position"
         conf[bad] *= 0.5
@@ -202,7 +207,7 @@ class LandmarkModel:
     """A loaded cascade. Load once, reuse for every series; ``predict`` is thread-safe."""
 
     def __init__(self, cascade, metadata: dict[str, Any], device, path: Path | None = None):
-        from pacs_landmarks.inference.shape import ShapeModel
+        from pacs_landmarks.inference.shape import ShapeModel, ShapePrior
 
         self.cascade = cascade
         self.metadata = metadata
@@ -211,6 +216,8 @@ class LandmarkModel:
         self._lock = threading.Lock()
         doc = metadata.get("shape_model")
         self.shape_model = ShapeModel.from_json(doc) if doc else None
+        doc = (metadata.get("calibration") or {}).get("shape_prior")
+        self.shape_prior = ShapePrior.from_json(doc) if doc and self.shape_model is not None else None
 
     name = property(lambda self: self.metadata["name"])
     version = property(lambda self: self.metadata["version"])
@@ -226,6 +233,15 @@ class LandmarkModel:
         model with and without it; the calibrated threshold stays the file's."""
         check_tta(tta, self.dim)
         return LandmarkModel(self.cascade, dict(self.metadata, tta=tta), self.device, self.path)
+
+    def with_shape_prior(self, prior) -> "LandmarkModel":
+        """The same loaded cascade with another ``shape.ShapePrior`` (None: the image's points alone), e.g. to
+        calibrate one (``evaluate --calibrate``) or to compare with and without it."""
+        cal = dict(self.metadata.get("calibration") or {})
+        cal.pop("shape_prior", None)
+        if prior is not None:
+            cal["shape_prior"] = prior.to_json()
+        return LandmarkModel(self.cascade, dict(self.metadata, calibration=cal or None), self.device, self.path)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None,
@@ -278,6 +294,17 @@ class LandmarkModel:
             if sm.n_landmarks != len(meta["landmark_names"]):
                 raise ModelError(f"{path}: shape model has {sm.n_landmarks} landmarks, the set has "
                                  f"{len(meta['landmark_names'])}")
+            doc = (meta.get("calibration") or {}).get("shape_prior")
+            if doc is not None:
+                from pacs_landmarks.inference.shape import ShapePrior
+
+                try:
+                    sp = ShapePrior.from_json(doc)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ModelError(f"{path}: shape prior is damaged ({exc})") from exc
+                if sp.shape_sd.shape != sm.mean.shape:
+                    raise ModelError(f"{path}: shape prior is for {sp.shape_sd.shape[0]} landmarks in "
+                                     f"{sp.shape_sd.shape[1]}D, the shape model {sm.mean.shape[0]} in {sm.mean.shape[1]}D")
         try:
             check_tta(meta.get("tta"), dim)
         except ValueError as exc:
@@ -317,7 +344,7 @@ class LandmarkModel:
             t_sampler = time.perf_counter() - t0
             out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
-                              mirror=mirror)
+                              mirror=mirror, prior=self.shape_prior)
         # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
         out.timings = {"sampler": t_sampler, **out.timings}
         return out

@@ -7,7 +7,10 @@ shape model puts them.  The cascade uses this twice:
 - after the global stage, a landmark whose estimate does not fit the others is re-seeded from them, so the
   local stages start near the right place (``ShapeModel.check`` then ``predict``);
 - after the last stage, a landmark that does not fit the others (leave-one-out residual beyond its
-  threshold) is flagged ``implausible`` (``not_found``, "implausible position").
+  threshold) is flagged ``implausible`` (``not_found``, "implausible position");
+- after the last stage, each plausible point is combined, axis by axis, with where the others put it
+  (``ShapePrior``): along an axis in which the image says little (a flat chin from side to side, the floor
+  of the orbit, 5 mm slices along z) the configuration carries more weight.
 
 Bilateral pairs and midline landmarks need no rule of their own: a Porion 30 mm away from its partner does
 not fit any shape the model has seen.  Nothing here depends on the dimension: points are (L, D) with D = 3
@@ -39,6 +42,82 @@ def _similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> tuple[float,
     var = float(w @ (a * a).sum(1))
     s = float((sv * d).sum() / var) if var > 0 else 1.0
     return s, r, md - s * r @ ms
+
+
+@dataclass
+class ShapePrior:
+    """How far to trust the image and the shape model for each landmark, measured on held-out cases
+    (``evaluate --calibrate``; model metadata ``calibration.shape_prior``).
+
+    The last stage's point has, per axis, the variance of its probability map; its error variance is
+    ``image_scale`` times that (a map's width is not its error: a sharp map can be 0.3 mm off, a flat one 2 mm).
+    The shape model's leave-one-out estimate from the other landmarks has error SD ``shape_sd`` per axis.
+    ``fuse`` takes the inverse-variance mean of the two, per axis -- the same rule by which a local stage
+    already combines its point with the previous stage's (``cascade.run_cascade``, ``fuse``).
+    """
+
+    image_scale: np.ndarray  # (L,) image error variance per mm^2 of map variance; 0: the image alone
+    shape_sd: np.ndarray  # (L, D) mm, error SD of the leave-one-out estimate along the shape model's axes
+    cases: int = 0
+
+    # A point this far from the truth is a gross error, which the plausibility check is for: it does not
+    # enter the variances (one such point would make a landmark's image look twice as unreliable as it is).
+    GROSS_MM = 10.0
+    MIN_CASES = 5
+    # The estimate from the others is only as good as the others: with a quarter of the set missing (a scan
+    # range that cuts the head, a small cone-beam field) its error grows beyond what complete heads show.
+    MIN_SHARE = 0.75
+
+    @classmethod
+    def fit(cls, points: np.ndarray, variance: np.ndarray, estimate: np.ndarray, truth: np.ndarray,
+            frames: np.ndarray, cases: int | None = None) -> "ShapePrior":
+        """From held-out cases: ``points`` (N, L, D) the last stage's points, ``variance`` (N, L, D) their
+        maps' variances (mm^2), ``estimate`` (N, L, D) the shape model's leave-one-out estimates, ``truth``
+        (N, L, D), NaN where a landmark is not in the scan or has no estimate; ``frames`` (N, D, D) each
+        head's rotation from the shape model's axes to the patient's (``ShapeModel.frame``)."""
+        pts, var, est, tru, rot = (np.asarray(a, float) for a in (points, variance, estimate, truth, frames))
+        n, n_lm, dim = pts.shape
+        image_scale = np.zeros(n_lm)
+        shape_sd = np.full((n_lm, dim), np.inf)
+        for i in range(n_lm):
+            # the estimate's error along the head's own axes, so that a tilted head is read as an upright one
+            e_img, e_est = pts[:, i] - tru[:, i], np.einsum("nd,nde->ne", est[:, i] - tru[:, i], rot)
+            ok = (np.isfinite(e_img).all(1) & np.isfinite(e_est).all(1) & np.isfinite(var[:, i]).all(1)
+                  & (np.linalg.norm(e_img, axis=1) < cls.GROSS_MM) & (np.linalg.norm(e_est, axis=1) < cls.GROSS_MM))
+            if ok.sum() < cls.MIN_CASES:
+                continue  # too few to tell: the image alone
+            image_scale[i] = float((e_img[ok] ** 2 / np.maximum(var[ok, i], 1e-4)).mean())
+            shape_sd[i] = np.sqrt((e_est[ok] ** 2).mean(0))
+        return cls(image_scale, shape_sd, n if cases is None else cases)
+
+    def fuse(self, points: np.ndarray, variance: np.ndarray, estimate: np.ndarray, frame: np.ndarray) -> np.ndarray:
+        """(L, D): each point with a finite ``estimate`` replaced by the inverse-covariance mean of the two (the
+        image's covariance diagonal in patient axes, the estimate's in the head's, turned by ``frame``)."""
+        pts = np.asarray(points, float).copy()
+        est = np.asarray(estimate, float)
+        var = np.maximum(np.asarray(variance, float), 1e-4)
+        rot = np.asarray(frame, float)
+        use = np.isfinite(est).all(1) & (self.image_scale > 0) & np.isfinite(self.shape_sd).all(1)
+        for i in np.flatnonzero(use):
+            a_img = np.diag(1.0 / (self.image_scale[i] * var[i]))
+            a_est = rot @ np.diag(1.0 / np.maximum(self.shape_sd[i] ** 2, 1e-6)) @ rot.T
+            pts[i] = np.linalg.solve(a_img + a_est, a_img @ pts[i] + a_est @ est[i])
+        return pts
+
+    def to_json(self) -> dict:
+        return {"kind": "image-and-shape", "cases": self.cases, "image_scale": np.round(self.image_scale, 4).tolist(),
+                "shape_sd": [[None if not np.isfinite(v) else round(float(v), 4) for v in row]
+                             for row in self.shape_sd]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "ShapePrior":
+        if doc.get("kind") != "image-and-shape":
+            raise ValueError(f"unknown shape prior kind {doc.get('kind')!r}")
+        sd = np.array([[np.inf if v is None else v for v in row] for row in doc["shape_sd"]], float)
+        scale = np.asarray(doc["image_scale"], float)
+        if scale.ndim != 1 or sd.shape[0] != len(scale) or (scale < 0).any() or (sd <= 0).any():
+            raise ValueError("shape prior: image_scale must be (L,) >= 0 and shape_sd (L, D) > 0")
+        return cls(scale, sd, int(doc.get("cases", 0)))
 
 
 @dataclass
@@ -112,6 +191,28 @@ class ShapeModel:
             b = np.clip(b, -3 * self.sd, 3 * self.sd)
         tmpl = self.mean + np.einsum("k,kld->ld", b, p)
         return s * tmpl @ r.T + t
+
+    def leave_one_out(self, points: np.ndarray, observed: np.ndarray,
+                      weights: np.ndarray | None = None) -> np.ndarray:
+        """(L, D): for each observed landmark, where the other observed ones put it (``predict`` without it);
+        NaN for the rest."""
+        pts = np.asarray(points, float)
+        obs = np.asarray(observed, bool) & np.isfinite(pts).all(1)
+        out = np.full_like(pts, np.nan)
+        for i in np.flatnonzero(obs):
+            others = obs.copy()
+            others[i] = False
+            out[i] = self.predict(pts, others, weights)[i]
+        return out
+
+    def frame(self, points: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        """(D, D) rotation from the shape model's axes (an upright head) to the patient's, by aligning the mean
+        shape to ``points[observed]``; the identity with fewer than 3."""
+        pts = np.asarray(points, float)
+        obs = np.asarray(observed, bool) & np.isfinite(pts).all(1)
+        if obs.sum() < 3:
+            return np.eye(pts.shape[1])
+        return _similarity(self.mean[obs], pts[obs], np.ones(int(obs.sum())))[1]
 
     def thresholds(self) -> np.ndarray:
         return np.maximum(FLOOR_MM, SIGMAS * self.residual_sd)
