@@ -181,6 +181,23 @@ def test_shape_prior_turns_with_the_head(model, shapes):
     assert np.allclose(turned, upright @ r.T + [40.0, -20.0, 100.0], atol=1e-3)
 
 
+def test_shape_prior_in_2d(shapes):
+    """The same prior on a projection image's points (a cephalogram's (x, y) mm): the dimension is a parameter."""
+    from pacs_landmarks.inference.shape import ShapePrior
+
+    flat = shapes[:, :, 1:]  # lateral view: (y, z)
+    model2 = ShapeModel.fit_shapes(flat[:20])
+    prior = ShapePrior(np.ones(16), np.tile([0.5, 2.0], (16, 1)))
+    p = flat[22] + np.random.default_rng(3).normal(size=flat[22].shape)
+    est = model2.leave_one_out(p, np.ones(16, bool))
+    frame = model2.frame(p, np.ones(16, bool))
+    assert frame.shape == (2, 2) and np.allclose(frame @ frame.T, np.eye(2))
+    wide = np.tile([25.0, 0.01], (16, 1))  # the image knows y, not x
+    fused = prior.fuse(p, wide, est, frame)
+    assert np.abs(fused[:, 1] - p[:, 1]).max() < 0.05  # y stays the image's
+    assert np.abs(fused[:, 0] - est[:, 0]).mean() < np.abs(p[:, 0] - est[:, 0]).mean() / 5  # x is the estimate's
+
+
 def test_damaged_shape_prior_is_refused():
     from pacs_landmarks.inference.shape import ShapePrior
 
