@@ -27,6 +27,10 @@ def test_shipped_ceph_model_threshold_is_calibrated_on_held_out_cephalograms():
     assert cal["target"] == 0.95 and cal["within_mm"] == 2.0 and cal["cases"] >= 45 and cal["n"] >= 800
     assert cal["share"] >= 0.95
     assert model.low_confidence == cal["low_confidence"] >= LOW_CONFIDENCE
+    # the shape prior (1.0.1) was measured on the same held-out images, one factor and 2 SDs per landmark
+    prior = model.shape_prior
+    assert prior is not None and prior.cases >= 45 and prior.shape_sd.shape == (19, 2)
+    assert (prior.image_scale > 0).all() and model.version == "1.0.1"
 
 
 def _dx(path, pixels, photometric="MONOCHROME2"):
