@@ -51,9 +51,10 @@ class ShapePrior:
 
     The last stage's point has, per axis, the variance of its probability map; its error variance is
     ``image_scale`` times that (a map's width is not its error: a sharp map can be 0.3 mm off, a flat one 2 mm).
-    The shape model's leave-one-out estimate from the other landmarks has error SD ``shape_sd`` per axis.
-    ``fuse`` takes the inverse-variance mean of the two, per axis -- the same rule by which a local stage
-    already combines its point with the previous stage's (``cascade.run_cascade``, ``fuse``).
+    The shape model's leave-one-out estimate from the other landmarks has error SD ``shape_sd`` along each of
+    the head's axes (``ShapeModel.frame``).  ``fuse`` takes the inverse-covariance mean of the two -- the rule
+    by which a local stage already combines its point with the previous stage's, per axis
+    (``cascade.run_cascade``, ``fuse``).
     """
 
     image_scale: np.ndarray  # (L,) image error variance per mm^2 of map variance; 0: the image alone
