@@ -29,9 +29,8 @@ the point lies within ``MIN_EDGE_MM`` of the scanned volume's edge ("at the edge
 the first or last slice, the array's sides, a cone-beam CT's or reconstruction's circle); else
 ``not_found`` when the confidence is below ``LOW_CONFIDENCE`` ("low confidence") or the image's point (before
 the shape prior) does not fit the other landmarks under the shape model ("implausible position", confidence
-halved); else ``found``.  A
-model file without a presence output or shape model (1.x) uses the crop rule alone and skips the
-plausibility check.
+halved); else ``found``.  A model file without a presence output or shape model (1.x) uses the crop rule
+alone and skips the plausibility check.
 On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
 cephalogram holds every landmark unless collimation cut it off.  There is no bone volume to tell a head
 from something else, so the image as a whole confirms it: when fewer than ``MIN_FOUND_SHARE`` of the
