@@ -24,10 +24,21 @@ SETS = [
     ("cov2-cbct-small", "dental CBCT, small cylinder, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage cbct-small"),
     ("cov2-cbct-medium", "dental CBCT, medium cylinder, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage cbct-medium"),
     ("cov2-random", "random cuts at both ends, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage random"),
+    ("cov3-mandible", "mandible only, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage mandible"),
+    ("cov3-cbct-small", "dental CBCT, small cylinder, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage cbct-small"),
+    ("cov3-cbct-medium", "dental CBCT, medium cylinder, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage cbct-medium"),
+    ("cov3-random", "random cuts at both ends, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage random"),
+    ("cov3-routine", "routine head, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage routine"),
+    ("cov4-mandible", "mandible only, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage mandible"),
+    ("cov4-cbct-small", "dental CBCT, small cylinder, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage cbct-small"),
+    ("cov4-cbct-medium", "dental CBCT, medium cylinder, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage cbct-medium"),
+    ("cov4-random", "random cuts at both ends, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage random"),
+    ("cov4-routine", "routine head, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage routine"),
     ("metal", "16 filled teeth with streaks (600 HU)", "--count 6 --seed 9300 --slice-thickness 1.25 --param 'fillings=[3,4,5,6,10,11,12,13,17,18,19,20,24,25,26,27]' --param metal_streaks_hu=600 --param 'missing_teeth=[]'"),
     ("cbct", "CBCT-like intensity (gain 0.75, +250 HU, cupping 150 HU, rings 40 HU)", "--count 6 --seed 9400 --slice-thickness 1.25 --param cbct=true --param cbct_gain=0.75 --param cbct_offset_hu=250 --param cupping_hu=150 --param rings_hu=40"),
     ("variety", "full domain randomisation (calibration set)", "--count 8 --seed 9500 --slice-thickness 1.25 --variety"),
     ("routine-tilt-metal", "routine head, 20° gantry tilt, head turned, fillings with streaks", "--count 3 --seed 9600 --slice-thickness 1.25 --coverage routine --tilt 20 --param 'rotation_deg=[20,0,10]' --param 'fillings=[3,4,5,10,11,12]' --param metal_streaks_hu=600"),
+    ("routine-tilt-metal3", "the same, second draw", "--count 4 --seed 9650 --slice-thickness 1.25 --coverage routine --tilt 20 --param 'rotation_deg=[20,0,10]' --param 'fillings=[3,4,5,10,11,12]' --param metal_streaks_hu=600"),
 ]
 
 

@@ -9,6 +9,7 @@ from pacs_landmarks.inference import phantom as ph
 from pacs_landmarks.inference.cascade import CascadeOutput
 from pacs_landmarks.inference.landmark import FOUND, NOT_FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
 from pacs_landmarks.inference.model import landmark_statuses
+from pacs_landmarks.inference.sampling import ScanRegion
 from pacs_landmarks.inference.shape import ShapeModel
 
 IDX = {n: i for i, n in enumerate(ph.NAMES)}
@@ -87,17 +88,80 @@ def test_statuses_presence_inside_confidence_and_plausibility(model, shapes):
     assert (status == FOUND).sum() == 12
 
 
-def test_a_point_at_the_edge_of_the_scan_is_not_found(model, shapes):
-    edge = np.full(16, 30.0)
-    edge[IDX["Gonion L"]] = 3.3  # where a cylinder's edge cuts the mandible
-    edge[IDX["Menton"]] = -2.0  # past the last slice, its crop mostly inside
-    out = _output(shapes[3], np.full(16, 0.8), np.ones(16), np.ones(16), edge)
-    status, reason, _ = landmark_statuses(out, model, min_edge_mm=4.0)
-    for name in ("Gonion L", "Menton"):
-        assert status[IDX[name]] == NOT_FOUND and reason[IDX[name]] == "at the edge of the scanned volume"
-    assert (status == FOUND).sum() == 14
-    # off (a cephalogram's statuses): the same points are found
-    assert (landmark_statuses(out, model)[0] == FOUND).sum() == 16
+def _scan(points, bottom_z=None, top_z=None):
+    """A 1 mm box scan around ``points`` (L, 3) with 20 mm to spare, cut at LPS z = ``bottom_z`` / ``top_z``
+    (mm; z grows towards the head) where given."""
+    lo, hi = points.min(0) - 20.0, points.max(0) + 20.0
+    if bottom_z is not None:
+        lo[2] = bottom_z
+    if top_z is not None:
+        hi[2] = top_z
+    affine = np.eye(4)
+    affine[:3, :3] = np.eye(3)[:, ::-1]  # array (k, j, i) -> LPS (z, y, x)
+    affine[:3, 3] = lo
+    return ScanRegion(affine, tuple(int(v) for v in np.ceil(hi - lo)[::-1] + 1))
+
+
+def _seen(points, confidence, region):
+    """What the cascade reports for ``points`` in ``region``: every crop inside, presence 1."""
+    out = _output(points, confidence, np.ones(len(points)), np.ones(len(points)), region.depth_mm(points))
+    out.region = region
+    return out
+
+
+def test_a_point_at_the_edge_of_the_scan_is_not_found_or_cut_off(model, shapes):
+    """A scan cut 3 mm above Menton: the cascade puts Menton on the last slice, and B point (in the scan,
+    well above the cut) 2 mm above it.  Both are at the edge, neither is found; the found landmarks put Menton
+    below the scan (cut off) and B point inside it (not found)."""
+    x = shapes[3]
+    bottom = float(x[IDX["Menton"], 2]) + 3.0
+    region = _scan(x, bottom_z=bottom)
+    seen = x.copy()
+    seen[IDX["Menton"], 2] = bottom + 1.0
+    seen[IDX["B point"], 2] = bottom + 2.0
+    assert region.depth_mm(x[IDX["B point"]]) > 8.0
+    conf = np.full(16, 0.8)
+    status, reason, _ = landmark_statuses(_seen(seen, conf, region), model, min_edge_mm=5.0)
+    assert status[IDX["Menton"]] == OUTSIDE_FIELD_OF_VIEW
+    assert reason[IDX["Menton"]] == "at the edge of the scanned volume (cut off by it)"
+    assert status[IDX["B point"]] == NOT_FOUND and reason[IDX["B point"]] == "at the edge of the scanned volume"
+    # without the scanned region (a model file before it), the edge alone says not found
+    out = _seen(seen, conf, region)
+    out.region = None
+    status, reason, _ = landmark_statuses(out, model, min_edge_mm=5.0)
+    assert status[IDX["Menton"]] == NOT_FOUND and reason[IDX["Menton"]] == "at the edge of the scanned volume"
+    # off (a cephalogram's statuses): Menton is found, and B point, moved down to the edge, does not fit the others
+    status, reason, _ = landmark_statuses(_seen(seen, conf, region), model)
+    assert status[IDX["Menton"]] == FOUND and reason[IDX["B point"]] == "implausible position"
+
+
+def test_anatomy_that_the_found_landmarks_put_beyond_the_edge_is_outside(model, shapes):
+    """A mandible-only scan: the presence output says the maxilla is in it, the cascade has put ANS, PNS and
+    A point just below the first slice with low confidence.  The found jaw puts them beyond the scan's top."""
+    x = shapes[23]
+    jaw = [IDX[n] for n in ("B point", "Pogonion", "Menton", "Gnathion", "Gonion R", "Gonion L")]
+    top = float(x[jaw, 2].max()) + 8.0  # LPS z grows towards the head: the jaw is in, ANS is above
+    upper = [i for i in range(16) if x[i, 2] > top + 2.0 + 10.0]  # well beyond, whatever the fit's error
+    assert {IDX["ANS"], IDX["Sella"]} <= set(upper)
+    region = _scan(x, top_z=top)
+    seen = x.copy()
+    seen[upper, 2] = top - 6.0  # the cascade's guess: just inside the edge, deep enough for the edge rule
+    conf = np.full(16, 0.1)
+    conf[jaw] = 0.8
+    conf[IDX["Gonion R"]] = 0.1  # in the scan, not confident: it stays not found, not called absent
+    out = _seen(seen, conf, region)
+    status, reason, _ = landmark_statuses(out, model, min_edge_mm=5.0)
+    assert [i for i in range(16) if status[i] == FOUND] == sorted(set(jaw) - {IDX["Gonion R"]})
+    assert status[IDX["Gonion R"]] == NOT_FOUND and reason[IDX["Gonion R"]] == "low confidence"
+    for i in upper:
+        assert status[i] == OUTSIDE_FIELD_OF_VIEW, ph.NAMES[i]
+        assert reason[i] == "not in the scanned volume (the found landmarks put it beyond the edge)"
+    # with fewer than 3 found there is no configuration to read, and a cephalogram's statuses skip the rule
+    few = conf.copy()
+    few[jaw[:4]] = 0.1
+    assert not (landmark_statuses(_seen(seen, few, region), model, min_edge_mm=5.0)[0][upper] ==
+                OUTSIDE_FIELD_OF_VIEW).any()
+    assert not (landmark_statuses(out, model)[0][upper] == OUTSIDE_FIELD_OF_VIEW).any()
 
 
 def test_statuses_without_presence_or_shape_model_fall_back_to_the_crop_rule(shapes):

@@ -29,8 +29,8 @@ from torch import nn
 
 from pacs_landmarks.dicom.volume import air_and_soft_tissue, reconstruction_circle
 from pacs_landmarks.inference.networks import build_network
-from pacs_landmarks.inference.sampling import (VolumeSampler, box_offsets, box_points, intensity, normalise_hu,
-                                              soft_argmax)
+from pacs_landmarks.inference.sampling import (ScanRegion, VolumeSampler, box_offsets, box_points, intensity,
+                                              normalise_hu, soft_argmax)
 from pacs_landmarks.inference.shape import ShapePrior
 
 log = logging.getLogger(__name__)
@@ -241,6 +241,8 @@ class CascadeOutput:
     image_variance: np.ndarray | None = None  # (L, D)
     shape_estimate: np.ndarray | None = None  # (L, D)
     shape_frame: np.ndarray | None = None  # (D, D) rotation from the shape model's axes to the patient's
+    # where the image or volume has data, for rules about points other than these (``model.landmark_statuses``)
+    region: ScanRegion | None = None
 
 
 def inside_fraction(sampler: VolumeSampler, points: np.ndarray, extent_mm: float, n: int = 5) -> np.ndarray:
@@ -319,7 +321,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
                          mirror_confidence(pass_conf, disagreement), first.bone_ml, timings, presence,
                          inside_fraction(sampler, positions[-1], cascade.stages[-1].extent_mm),
                          sampler.depth_mm(positions[-1]), first.reseeded | second.reseeded[perm], first.centre,
-                         disagreement, pass_conf, **image)
+                         disagreement, pass_conf, region=sampler.region, **image)
 
 
 def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> np.ndarray:
@@ -436,7 +438,8 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
         timings["shape_prior"] = time.perf_counter() - t0
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
-                         sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64), **image)
+                         sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64),
+                         region=sampler.region, **image)
 
 
 def parameter_count(module: nn.Module) -> int:

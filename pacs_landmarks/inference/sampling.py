@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -108,6 +109,31 @@ def _avg_pool(x: torch.Tensor, k: tuple[int, ...]) -> torch.Tensor:
     return (F.avg_pool3d if len(k) == 3 else F.avg_pool2d)(x, kernel_size=k, stride=k)
 
 
+@dataclass(frozen=True)
+class ScanRegion:
+    """Where an image or volume has data, in patient mm: the array's box (``affine``, ``shape``), cut to a
+    reconstruction circle (``dicom.volume.ReconstructionCircle``, in array indices) when the volume is round.
+    Small enough to keep with a result after the volume is gone."""
+
+    affine: np.ndarray  # (D+1, D+1) array indices -> mm
+    shape: tuple[int, ...]
+    circle: object | None = None
+
+    def depth_mm(self, points: np.ndarray) -> np.ndarray:
+        """How deep (mm) each point (..., D) lies inside the region; negative outside."""
+        d = len(self.shape)
+        spacing = np.linalg.norm(self.affine[:-1, :-1], axis=0)
+        inv = np.linalg.inv(self.affine)
+        idx = np.asarray(points, np.float64) @ inv[:d, :d].T + inv[:d, d]
+        size = np.asarray(self.shape, np.float64)
+        depth = np.minimum((idx + 0.5) * spacing, (size - 0.5 - idx) * spacing).min(-1)
+        if self.circle is not None:
+            c = self.circle
+            off = np.hypot((idx[..., 1] - c.row) * spacing[1], (idx[..., 2] - c.column) * spacing[2])
+            depth = np.minimum(depth, c.radius_mm - off)
+        return depth
+
+
 class VolumeSampler:
     """Reads intensities at points (mm) from one image (2D) or volume (3D); keeps box-filtered copies for
     coarse stages.
@@ -162,19 +188,14 @@ class VolumeSampler:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.volume.shape[2:])
 
+    @property
+    def region(self) -> ScanRegion:
+        """Where this view has data (its own affine: a mirrored view's region is mirrored too)."""
+        return ScanRegion(self.affine, self.shape, self.circle)
+
     def depth_mm(self, points: np.ndarray) -> np.ndarray:
-        """How deep (mm) each point (..., D) lies inside the scanned region: the array's box, cut to the
-        reconstruction circle when there is one; negative outside."""
-        d = self.dim
-        inv = np.linalg.inv(self.affine)
-        idx = np.asarray(points, np.float64) @ inv[:d, :d].T + inv[:d, d]
-        size = np.asarray(self.shape, np.float64)
-        depth = np.minimum((idx + 0.5) * self.spacing, (size - 0.5 - idx) * self.spacing).min(-1)
-        if self.circle is not None:
-            c = self.circle
-            off = np.hypot((idx[..., 1] - c.row) * self.spacing[1], (idx[..., 2] - c.column) * self.spacing[2])
-            depth = np.minimum(depth, c.radius_mm - off)
-        return depth
+        """How deep (mm) each point (..., D) lies inside the scanned region (``ScanRegion.depth_mm``)."""
+        return self.region.depth_mm(points)
 
     def _level(self, target_spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dim
