@@ -164,6 +164,29 @@ def test_anatomy_that_the_found_landmarks_put_beyond_the_edge_is_outside(model, 
     assert not (landmark_statuses(out, model)[0][upper] == OUTSIDE_FIELD_OF_VIEW).any()
 
 
+def test_the_found_landmarks_overrule_a_presence_output_that_calls_inner_anatomy_absent(model, shapes):
+    """The presence output misses an Orbitale 8 mm inside a scan's top edge; the cascade's point is right
+    and the found landmarks put it inside too: not found (no point, but not "not in the scan" either).
+    Menton, which the scan's bottom cuts off, stays absent even with its point placed deep inside."""
+    x = shapes[5]
+    orb, men = IDX["Orbitale L"], IDX["Menton"]
+    top = float(x[orb, 2]) + 8.0
+    bottom = float(x[men, 2]) + 12.0
+    region = _scan(x, bottom_z=bottom, top_z=top)
+    seen = x.copy()
+    seen[men, 2] = bottom + 8.0  # the cascade's guess for absent anatomy, deep inside
+    presence = np.ones(16)
+    presence[[orb, men]] = 0.4
+    out = _seen(seen, np.full(16, 0.8), region)
+    out.presence = presence
+    status, reason, _ = landmark_statuses(out, model, min_edge_mm=5.0)
+    assert status[orb] == NOT_FOUND
+    assert reason[orb] == "presence uncertain (the found landmarks put it inside the scanned volume)"
+    assert status[men] == OUTSIDE_FIELD_OF_VIEW and reason[men] == "not in the scanned volume"
+    # a cephalogram's statuses (no edge rules): the presence output decides
+    assert landmark_statuses(out, model)[0][orb] == OUTSIDE_FIELD_OF_VIEW
+
+
 def test_statuses_without_presence_or_shape_model_fall_back_to_the_crop_rule(shapes):
     inside = np.ones(16)
     inside[IDX["Menton"]] = 0.2
