@@ -20,6 +20,7 @@ import argparse
 import html
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,8 @@ def render_landmark(volume, lm, path: Path) -> Path:
         head += f" ({lm.reason})"
     if estimate and point is not None:
         head += " — planes through the model's estimate, not a result"
-    fig.suptitle(head, fontsize=10)
+    # a long reason would run off both sides of the figure
+    fig.suptitle(textwrap.fill(head, 110), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -33,8 +33,8 @@ halved); else ``found``.  Last, for CT, where the found landmarks put the others
 decides between absent and not found: a landmark at the edge is ``outside_field_of_view`` ("cut off by
 it") unless they put it inside the volume, any other ``not_found`` one is when they put it more than
 ``BEYOND_EDGE_MM`` outside, and one the presence output calls absent is ``not_found`` when they and its own
-point both lie ``MIN_EDGE_MM`` or more inside.  A model file without a presence output or shape model (1.x) uses the crop rule
-alone and skips the plausibility check.
+point both lie ``MIN_EDGE_MM`` or more inside.  A model file without a presence output or shape model (1.x)
+uses the crop rule alone and skips the plausibility check.
 On a projection image (``predict_image``) the same rules apply with "image" for "scanned volume": a
 cephalogram holds every landmark unless collimation cut it off.  There is no bone volume to tell a head
 from something else, so the image as a whole confirms it: when fewer than ``MIN_FOUND_SHARE`` of the
