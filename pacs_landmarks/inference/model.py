@@ -333,7 +333,8 @@ class LandmarkModel:
                     raise ModelError(f"{path}: shape prior is damaged ({exc})") from exc
                 if sp.shape_sd.shape != sm.mean.shape:
                     raise ModelError(f"{path}: shape prior is for {sp.shape_sd.shape[0]} landmarks in "
-                                     f"{sp.shape_sd.shape[1]}D, the shape model {sm.mean.shape[0]} in {sm.mean.shape[1]}D")
+                                     f"{sp.shape_sd.shape[1]}D, the shape model {sm.mean.shape[0]} in "
+                                     f"{sm.mean.shape[1]}D")
         try:
             check_tta(meta.get("tta"), dim)
         except ValueError as exc:

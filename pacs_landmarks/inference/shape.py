@@ -158,13 +158,8 @@ class ShapeModel:
         k = int(min(max_modes, np.searchsorted(np.cumsum(var) / var.sum(), variance) + 1, len(x) - 1))
         model = cls(mean, vt[:k], np.sqrt(var[:k]), np.ones(mean.shape[0]))
         # Leave-one-out residual per landmark on the training shapes: what "fits the others" means.
-        res = np.zeros((len(x), model.n_landmarks))
-        for n, xi in enumerate(x):
-            for i in range(model.n_landmarks):
-                obs = np.ones(model.n_landmarks, bool)
-                obs[i] = False
-                pred = model.predict(xi, obs)
-                res[n, i] = np.linalg.norm(pred[i] - xi[i])
+        every = np.ones(model.n_landmarks, bool)
+        res = np.stack([np.linalg.norm(model.leave_one_out(xi, every) - xi, axis=1) for xi in x])
         model.residual_sd = np.sqrt((res ** 2).mean(0))
         return model
 
@@ -232,12 +227,7 @@ class ShapeModel:
         for _ in range(max_drop + 1):
             if keep.sum() < MIN_POINTS:
                 break
-            res[:] = np.nan
-            for i in np.flatnonzero(keep):
-                others = keep.copy()
-                others[i] = False
-                pred = self.predict(pts, others, weights)
-                res[i] = np.linalg.norm(pred[i] - pts[i])
+            res = np.linalg.norm(self.leave_one_out(pts, keep, weights) - pts, axis=1)  # NaN where not kept
             score = np.where(keep, res / thr, -np.inf)
             worst = int(np.argmax(score))
             if score[worst] <= 1.0:
