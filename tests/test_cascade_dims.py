@@ -30,8 +30,9 @@ RECORDED_POINTS = [
 ]
 
 
-# The last stage's points of the shipped model 2.1.1 on the same head, with its shape prior (as recorded when
-# it was shipped): a change of the prior's code or of its calibration in the model file fails here.
+# The last stage's points of the shipped model on the same head, with its shape prior (as recorded for 2.1.1)
+# and, from 2.1.2, the chin points on the chin's symmetry plane (``symmetry.onto_midline``): a change of the
+# prior's or the midline's code, or of the model file's calibration, fails here.
 RECORDED_WITH_PRIOR = [
     ('Sella', (2.89798, -2.28975, 20.80884)),
     ('Nasion', (-9.86721, -67.82551, 37.32639)),
@@ -42,10 +43,10 @@ RECORDED_WITH_PRIOR = [
     ('ANS', (-2.08140, -81.12718, -11.39706)),
     ('PNS', (6.77478, -29.80248, -18.40719)),
     ('A point', (0.12882, -75.76466, -19.12463)),
-    ('B point', (9.12947, -74.16028, -60.29347)),
-    ('Pogonion', (10.17534, -78.38316, -69.96797)),
-    ('Menton', (13.96109, -71.03053, -85.21958)),
-    ('Gnathion', (12.95296, -75.06640, -82.67706)),
+    ('B point', (9.08358, -74.15369, -60.30262)),
+    ('Pogonion', (10.39087, -78.41412, -69.92498)),
+    ('Menton', (14.47140, -71.10384, -85.11779)),
+    ('Gnathion', (13.38899, -75.12904, -82.59009)),
     ('Gonion R', (-26.37926, -12.46293, -74.90309)),
     ('Gonion L', (61.72667, -25.19078, -56.65988)),
     ('Basion', (13.42020, 14.77263, -20.37868)),

@@ -108,7 +108,9 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
-    assert model.trained and model.version == "2.1.1"
+    assert model.trained and model.version == "2.1.2"
+    # 2.1.2: 2.1.1's weights and calibration; the chin points go onto the chin's symmetry plane
+    assert model.metadata["chin_midline"] == ["B point", "Pogonion", "Menton", "Gnathion"]
     # 2.0: a presence output, a shape model of the training truth, a calibrated threshold
     assert model.stages[0].presence and model.shape_model is not None
     assert model.shape_model.n_landmarks == 16 and 0.3 <= model.low_confidence < 0.9
@@ -128,6 +130,20 @@ def test_damaged_shape_model_fails_at_load(tmp_path):
     payload["metadata"] = json.dumps(meta)
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match="shape model"):
+        LandmarkModel.load(tmp_path / "bad.pt")
+
+
+def test_chin_midline_naming_no_landmark_of_the_set_fails_at_load(tmp_path):
+    import json
+
+    import torch
+
+    payload = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
+    meta = json.loads(payload["metadata"])
+    meta["chin_midline"] = ["Pogonion", "Chin"]
+    payload["metadata"] = json.dumps(meta)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ModelError, match="unknown: Chin"):
         LandmarkModel.load(tmp_path / "bad.pt")
 
 

@@ -32,6 +32,7 @@ from pacs_landmarks.inference.networks import build_network
 from pacs_landmarks.inference.sampling import (ScanRegion, VolumeSampler, box_offsets, box_points, intensity,
                                               normalise_hu, soft_argmax)
 from pacs_landmarks.inference.shape import ShapePrior
+from pacs_landmarks.inference.symmetry import lateral_axis, onto_midline
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +275,9 @@ def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spre
 
 @torch.no_grad()
 def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
-                shape=None, mirror: list[int] | None = None, prior=None) -> CascadeOutput:
+                shape=None, mirror: list[int] | None = None, prior=None, chin=None) -> CascadeOutput:
     """All stages on one image or volume (``cascade.sampler``); positions of every stage come back for
-    reporting and evaluation (``_one_pass`` for ``fuse``, ``shape`` and ``prior``).
+    reporting and evaluation (``_one_pass`` for ``fuse``, ``shape``, ``prior`` and ``chin``).
 
     ``mirror`` (CT only; the landmark permutation of ``landmark_sets.mirror_names``): mirror test-time
     augmentation.  The same cascade runs a second time on the head mirrored left-right about the sagittal
@@ -285,7 +286,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     estimates.  How far apart the two final estimates are (``CascadeOutput.disagreement``) enters the
     confidence (``mirror_confidence``).
     """
-    first = _one_pass(cascade, sampler, autocast, fuse, shape, prior=prior)
+    first = _one_pass(cascade, sampler, autocast, fuse, shape, prior=prior, chin=chin)
     if mirror is None:
         return first
     if cascade.dim != 3:
@@ -296,7 +297,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
         raise ValueError(f"mirror must be a permutation of the {cascade.n_landmarks} landmarks, got {mirror}")
     x0 = float(first.centre[0])
     second = _one_pass(cascade, sampler.mirrored(x0), autocast, fuse, shape, start=(first.centre, first.bone_ml),
-                       prior=prior)
+                       prior=prior, chin=chin)
 
     def mirrored_back(points):
         if points is None:
@@ -343,7 +344,8 @@ def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> 
 
 @torch.no_grad()
 def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
-              shape=None, start: tuple[np.ndarray, float | None] | None = None, prior=None) -> CascadeOutput:
+              shape=None, start: tuple[np.ndarray, float | None] | None = None, prior=None,
+              chin: tuple[np.ndarray, list[int]] | None = None) -> CascadeOutput:
     """``run_cascade`` on one view of the image; ``start``: (centre of the stage-1 box, bone ml) when known.
 
     ``fuse``: a local stage's point is the inverse-variance mean, per axis, of its own soft-argmax and the
@@ -357,6 +359,10 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     leave-one-out estimate of each is recorded (``CascadeOutput.shape_estimate``), and with ``prior`` (a
     ``shape.ShapePrior``) the final point is the inverse-covariance mean of the image's point and that estimate
     (``ShapePrior.fuse``; the image's own point stays in ``CascadeOutput.image_positions``).
+
+    ``chin`` (CT, with ``prior``): (which landmarks (L,) bool, the mirror permutation of the set): where the
+    prior applies, those landmarks are then moved from side to side onto the chin's mirror-symmetry plane
+    (``symmetry.onto_midline``; the head's left-right axis from the shape model's pairs).
     """
     import time
 
@@ -436,6 +442,12 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
         if prior is not None:
             positions_np[-1] = prior.fuse(own, image["image_variance"], estimate, frame)
         timings["shape_prior"] = time.perf_counter() - t0
+        if prior is not None and chin is not None and np.isfinite(estimate).any():
+            t0 = time.perf_counter()
+            which, pairs = chin
+            lateral = lateral_axis(frame, shape.mean, pairs)
+            positions_np[-1], _ = onto_midline(positions_np[-1], np.asarray(which, bool) & others, sampler, lateral)
+            timings["chin_midline"] = time.perf_counter() - t0
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
                          sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64),

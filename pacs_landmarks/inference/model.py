@@ -17,7 +17,9 @@ normalised; absent unit = HU),
 (inference option, see ``cascade.run_cascade``), ``created``; from model 2.0 also ``shape_model`` (the
 Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional:
 the confidence threshold and, from 2.1.1, ``shape_prior``, ``shape.ShapePrior.to_json``, which moves each last
-point towards where the other landmarks put it along the axes its map cannot tell);
+point towards where the other landmarks put it along the axes its map cannot tell); ``chin_midline``
+(optional, CT, from 2.1.2: landmark names, e.g. the chin points, that are then moved from side to side onto
+the chin's mirror-symmetry plane wherever the shape prior applies, ``symmetry.onto_midline``);
 ``tta`` (optional, CT only): ``"mirror"`` runs the cascade also on the head mirrored left-right and reports
 the mean (``cascade.run_cascade``), absent or ``null`` runs it once; ``evaluate --calibrate`` records it with
 the threshold (``calibration.tta``), since the confidence differs with it.
@@ -339,6 +341,10 @@ class LandmarkModel:
             check_tta(meta.get("tta"), dim)
         except ValueError as exc:
             raise ModelError(f"{path}: {exc}") from None
+        unknown = set(meta.get("chin_midline") or ()) - set(meta["landmark_names"])
+        if meta.get("chin_midline") and (dim != 3 or unknown):
+            raise ModelError(f"{path}: chin_midline is for CT models and names landmarks of the set"
+                             + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -368,13 +374,17 @@ class LandmarkModel:
         from pacs_landmarks.landmark_sets import mirror_names
 
         mirror = mirror_names(self.landmark_names) if self.tta == "mirror" else None
+        chin = None
+        if self.metadata.get("chin_midline"):
+            wanted = set(self.metadata["chin_midline"])
+            chin = (np.array([n in wanted for n in self.landmark_names]), mirror_names(self.landmark_names))
         with self._lock:
             t0 = time.perf_counter()
             sampler = self.cascade.sampler(array, affine, self.device)
             t_sampler = time.perf_counter() - t0
             out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
-                              mirror=mirror, prior=self.shape_prior)
+                              mirror=mirror, prior=self.shape_prior, chin=chin)
         # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
         out.timings = {"sampler": t_sampler, **out.timings}
         return out

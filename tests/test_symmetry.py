@@ -1,0 +1,90 @@
+"""The chin's midline from the mirror symmetry of the bone around it (``inference.symmetry``)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pacs_landmarks.inference import phantom as ph
+from pacs_landmarks.inference.sampling import VolumeSampler
+from pacs_landmarks.inference.shape import ShapeModel
+from pacs_landmarks.inference.symmetry import MAX_MOVE_MM, lateral_axis, onto_midline
+from pacs_landmarks.landmark_sets import mirror_names
+
+CHIN = np.array([n in ("B point", "Pogonion", "Menton", "Gnathion") for n in ph.NAMES])
+
+
+def _chin_volume(case, spacing=1.0):
+    """The phantom's HU on a box of 90 x 70 x 80 mm around its chin (noise-free), as a sampler."""
+    centre = np.mean([case.landmarks[n] for n in ("Pogonion", "Menton", "B point")], axis=0)
+    shape = (int(80 / spacing), int(70 / spacing), int(90 / spacing))  # (z, y, x)
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag([spacing] * 3)[:, ::-1]  # (k, j, i) -> (x, y, z) mm
+    aff[:3, 3] = centre - np.array([45.0, 25.0, 40.0])
+    k, j, i = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    lps = np.stack([k, j, i], -1) @ aff[:3, :3].T + aff[:3, 3]
+    return VolumeSampler(case.hu_at(lps).astype(np.float32), aff)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return ph.make_case(31, rotation_deg=[0.0, 0.0, 12.0])  # the head turned 12 degrees about the vertical
+
+
+def _points(case):
+    return np.stack([case.landmarks[n] for n in ph.NAMES])
+
+
+def test_lateral_axis_follows_the_head():
+    shapes = np.stack([[ph.make_case(s).landmarks[n] for n in ph.NAMES] for s in range(300, 308)])
+    model = ShapeModel.fit_shapes(shapes)
+    turned = ph.make_case(31, rotation_deg=[0.0, 0.0, 12.0])
+    pts = _points(turned)
+    every = np.ones(len(pts), bool)
+    lr = lateral_axis(model.frame(pts, every), model.mean, mirror_names(ph.NAMES))
+    truth = pts[ph.NAMES.index("Porion L")] - pts[ph.NAMES.index("Porion R")]
+    assert abs(lr @ truth / np.linalg.norm(truth)) > 0.99
+
+
+def test_chin_points_that_wander_sideways_come_back_onto_the_midline(case):
+    sampler = _chin_volume(case)
+    truth = _points(case)
+    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
+    lateral /= np.linalg.norm(lateral)
+    wandered = truth.copy()
+    wandered[CHIN] += np.array([2.5, -3.0, 1.5, 3.5])[:, None] * lateral  # each its own way, as the stages do
+    moved, score = onto_midline(wandered, CHIN, sampler, lateral)
+    assert score > 0.9
+    err = np.linalg.norm(moved - truth, axis=1)
+    assert err[CHIN].max() < 0.5, err[CHIN]
+    assert np.array_equal(moved[~CHIN], wandered[~CHIN])  # the other landmarks are not touched
+
+
+def test_no_symmetry_no_move(case):
+    truth = _points(case)
+    lateral = np.array([1.0, 0.0, 0.0])
+    wandered = truth.copy()
+    wandered[CHIN] += 2.0 * lateral
+    # a box of noise has no mirror plane: the points stay where the stages put them
+    rng = np.random.default_rng(0)
+    aff = np.eye(4)
+    aff[:3, :3] = np.eye(3)[:, ::-1]
+    aff[:3, 3] = truth[CHIN].mean(0) - 50.0
+    noise = VolumeSampler(rng.normal(300.0, 500.0, (100, 100, 100)).astype(np.float32), aff)
+    moved, score = onto_midline(wandered, CHIN, noise, lateral)
+    assert score < 0.9
+    assert np.array_equal(moved, wandered)
+
+
+def test_a_point_far_from_the_plane_is_left_alone(case):
+    sampler = _chin_volume(case)
+    truth = _points(case)
+    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
+    lateral /= np.linalg.norm(lateral)
+    wandered = truth.copy()
+    pog = ph.NAMES.index("Pogonion")
+    wandered[pog] += (MAX_MOVE_MM + 2.0) * lateral
+    moved, _ = onto_midline(wandered, CHIN, sampler, lateral)
+    assert np.array_equal(moved[pog], wandered[pog])
+    others = CHIN.copy()
+    others[pog] = False
+    assert np.linalg.norm(moved[others] - truth[others], axis=1).max() < 0.5
