@@ -145,6 +145,9 @@ def test_chin_midline_naming_no_landmark_of_the_set_fails_at_load(tmp_path):
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match="unknown: Chin"):
         LandmarkModel.load(tmp_path / "bad.pt")
+    # what a newly trained model gets: CT models the chin points, a cephalogram (one side of the face) none
+    assert new_metadata()["chin_midline"] == ["B point", "Pogonion", "Menton", "Gnathion"]
+    assert "chin_midline" not in new_metadata("ceph19")
 
 
 def test_damaged_shape_prior_fails_at_load(tmp_path):

@@ -52,7 +52,7 @@ def test_chin_points_that_wander_sideways_come_back_onto_the_midline(case):
     lateral /= np.linalg.norm(lateral)
     wandered = truth.copy()
     wandered[CHIN] += np.array([2.5, -3.0, 1.5, 3.5])[:, None] * lateral  # each its own way, as the stages do
-    moved, score = onto_midline(wandered, CHIN, sampler, lateral)
+    moved, score = onto_midline(wandered, CHIN, sampler, [lateral])
     assert score > 0.9
     err = np.linalg.norm(moved - truth, axis=1)
     assert err[CHIN].max() < 0.5, err[CHIN]
@@ -70,7 +70,7 @@ def test_no_symmetry_no_move(case):
     aff[:3, :3] = np.eye(3)[:, ::-1]
     aff[:3, 3] = truth[CHIN].mean(0) - 50.0
     noise = VolumeSampler(rng.normal(300.0, 500.0, (100, 100, 100)).astype(np.float32), aff)
-    moved, score = onto_midline(wandered, CHIN, noise, lateral)
+    moved, score = onto_midline(wandered, CHIN, noise, [lateral])
     assert score < 0.9
     assert np.array_equal(moved, wandered)
 
@@ -83,8 +83,23 @@ def test_a_point_far_from_the_plane_is_left_alone(case):
     wandered = truth.copy()
     pog = ph.NAMES.index("Pogonion")
     wandered[pog] += (MAX_MOVE_MM + 2.0) * lateral
-    moved, _ = onto_midline(wandered, CHIN, sampler, lateral)
+    moved, _ = onto_midline(wandered, CHIN, sampler, [lateral])
     assert np.array_equal(moved[pog], wandered[pog])
     others = CHIN.copy()
     others[pog] = False
     assert np.linalg.norm(moved[others] - truth[others], axis=1).max() < 0.5
+
+
+def test_the_plane_is_found_when_the_axis_it_starts_from_is_off(case):
+    """On a partial scan the head's axis comes from few landmarks: a start 8 degrees off still finds the plane."""
+    sampler = _chin_volume(case)
+    truth = _points(case)
+    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
+    lateral /= np.linalg.norm(lateral)
+    a = np.radians(8.0)
+    off = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]) @ lateral
+    wandered = truth.copy()
+    wandered[CHIN] += np.array([-2.0, 2.5, 3.0, -1.0])[:, None] * lateral
+    moved, score = onto_midline(wandered, CHIN, sampler, [off])
+    assert score > 0.9
+    assert np.linalg.norm(moved[CHIN] - truth[CHIN], axis=1).max() < 0.6

@@ -360,9 +360,9 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     ``shape.ShapePrior``) the final point is the inverse-covariance mean of the image's point and that estimate
     (``ShapePrior.fuse``; the image's own point stays in ``CascadeOutput.image_positions``).
 
-    ``chin`` (CT, with ``prior``): (which landmarks (L,) bool, the mirror permutation of the set): where the
-    prior applies, those landmarks are then moved from side to side onto the chin's mirror-symmetry plane
-    (``symmetry.onto_midline``; the head's left-right axis from the shape model's pairs).
+    ``chin`` (CT, with ``prior``): (which landmarks (L,) bool, the mirror permutation of the set): those of
+    them that are plausible candidates are then moved from side to side onto the chin's mirror-symmetry plane
+    (``symmetry.onto_midline``), on complete and partial scans alike.
     """
     import time
 
@@ -442,11 +442,12 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
         if prior is not None:
             positions_np[-1] = prior.fuse(own, image["image_variance"], estimate, frame)
         timings["shape_prior"] = time.perf_counter() - t0
-        if prior is not None and chin is not None and np.isfinite(estimate).any():
+        if prior is not None and chin is not None:
             t0 = time.perf_counter()
             which, pairs = chin
-            lateral = lateral_axis(frame, shape.mean, pairs)
-            positions_np[-1], _ = onto_midline(positions_np[-1], np.asarray(which, bool) & others, sampler, lateral)
+            # the head's left-right axis from the found landmarks (few on a partial scan) and the scanner's
+            axes = [lateral_axis(frame, shape.mean, pairs), np.array([1.0, 0.0, 0.0])]
+            positions_np[-1], _ = onto_midline(positions_np[-1], np.asarray(which, bool) & others, sampler, axes)
             timings["chin_midline"] = time.perf_counter() - t0
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,

@@ -94,6 +94,9 @@ MIN_EDGE_MM = 5.0
 # three Orbitales 6-9 mm inside a mandible or CBCT scan's top, found within 1.3 mm of the truth on two, had
 # presence 0.35-0.46; no landmark outside a scan, on any set, has both its point and that estimate so deep.
 BEYOND_EDGE_MM = 2.0
+# Midline landmarks whose side-to-side position a local crop cannot tell on a broad chin, and which a new CT
+# model puts onto the chin's mirror-symmetry plane (metadata ``chin_midline``; docs/accuracy.md, "Chin midline").
+CHIN_MIDLINE = ("B point", "Pogonion", "Menton", "Gnathion")
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5
 # Test-time augmentations a model file may ask for (metadata ``tta``); None: the cascade runs once.
@@ -493,6 +496,10 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
         "description": "Coarse-to-fine 3D landmark cascade. Trained on synthetic phantoms only: "
                        "not for clinical use.",
     }
+    chin = [n for n in meta["landmark_names"] if n in CHIN_MIDLINE]
+    if dim == 3 and chin:
+        # an inference rule, not learnt: the chin points onto the chin's symmetry plane (symmetry.onto_midline)
+        meta["chin_midline"] = chin
     if dim == 2:
         meta["intensity"] = {"unit": "xray", "range": [0.0, 1.0], "dense": "bright", "outside": 0.0,
                              "normalised": "2 * value - 1"}
