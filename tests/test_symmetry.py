@@ -34,6 +34,12 @@ def _points(case):
     return np.stack([case.landmarks[n] for n in ph.NAMES])
 
 
+def _lateral(points):
+    """The head's true left-right axis: from Porion R to Porion L."""
+    lr = points[ph.NAMES.index("Porion L")] - points[ph.NAMES.index("Porion R")]
+    return lr / np.linalg.norm(lr)
+
+
 def test_lateral_axis_follows_the_head():
     shapes = np.stack([[ph.make_case(s).landmarks[n] for n in ph.NAMES] for s in range(300, 308)])
     model = ShapeModel.fit_shapes(shapes)
@@ -41,15 +47,13 @@ def test_lateral_axis_follows_the_head():
     pts = _points(turned)
     every = np.ones(len(pts), bool)
     lr = lateral_axis(model.frame(pts, every), model.mean, mirror_names(ph.NAMES))
-    truth = pts[ph.NAMES.index("Porion L")] - pts[ph.NAMES.index("Porion R")]
-    assert abs(lr @ truth / np.linalg.norm(truth)) > 0.99
+    assert abs(lr @ _lateral(pts)) > 0.99
 
 
 def test_chin_points_that_wander_sideways_come_back_onto_the_midline(case):
     sampler = _chin_volume(case)
     truth = _points(case)
-    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
-    lateral /= np.linalg.norm(lateral)
+    lateral = _lateral(truth)
     wandered = truth.copy()
     wandered[CHIN] += np.array([2.5, -3.0, 1.5, 3.5])[:, None] * lateral  # each its own way, as the stages do
     moved, score = onto_midline(wandered, CHIN, sampler, [lateral])
@@ -78,8 +82,7 @@ def test_no_symmetry_no_move(case):
 def test_a_point_far_from_the_plane_is_left_alone(case):
     sampler = _chin_volume(case)
     truth = _points(case)
-    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
-    lateral /= np.linalg.norm(lateral)
+    lateral = _lateral(truth)
     wandered = truth.copy()
     pog = ph.NAMES.index("Pogonion")
     wandered[pog] += (MAX_MOVE_MM + 2.0) * lateral
@@ -94,8 +97,7 @@ def test_the_plane_is_found_when_the_axis_it_starts_from_is_off(case):
     """On a partial scan the head's axis comes from few landmarks: a start 8 degrees off still finds the plane."""
     sampler = _chin_volume(case)
     truth = _points(case)
-    lateral = truth[ph.NAMES.index("Porion L")] - truth[ph.NAMES.index("Porion R")]
-    lateral /= np.linalg.norm(lateral)
+    lateral = _lateral(truth)
     a = np.radians(8.0)
     off = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]]) @ lateral
     wandered = truth.copy()

@@ -18,8 +18,8 @@ normalised; absent unit = HU),
 Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and ``calibration`` (optional:
 the confidence threshold and, from 2.1.1, ``shape_prior``, ``shape.ShapePrior.to_json``, which moves each last
 point towards where the other landmarks put it along the axes its map cannot tell); ``chin_midline``
-(optional, CT, from 2.1.2: landmark names, e.g. the chin points, that are then moved from side to side onto
-the chin's mirror-symmetry plane wherever the shape prior applies, ``symmetry.onto_midline``);
+(optional, CT, from 2.1.2: landmark names, the chin points, that after the shape prior are moved from side
+to side onto the chin's mirror-symmetry plane, ``symmetry.onto_midline``);
 ``tta`` (optional, CT only): ``"mirror"`` runs the cascade also on the head mirrored left-right and reports
 the mean (``cascade.run_cascade``), absent or ``null`` runs it once; ``evaluate --calibrate`` records it with
 the threshold (``calibration.tta``), since the confidence differs with it.

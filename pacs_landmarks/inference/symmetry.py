@@ -47,7 +47,8 @@ def lateral_axis(frame: np.ndarray, mean_shape: np.ndarray, mirror: list[int]) -
     lr = np.zeros(mean_shape.shape[1])
     for i, j in enumerate(mirror):
         if i < j:
-            lr += mean_shape[j] - mean_shape[i]
+            d = mean_shape[j] - mean_shape[i]
+            lr += d if d @ lr >= 0 else -d  # a set may list a pair left first
     if not np.linalg.norm(lr) > 0:
         raise ValueError("the landmark set has no left-right pairs")
     lr = frame @ (lr / np.linalg.norm(lr))
