@@ -8,6 +8,7 @@ Conventions (one way, everywhere):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +82,17 @@ class ReconstructionCircle:
 _PADDED_SHARE_OF_SLICES = 0.95
 _MIN_PADDED_SHARE = 0.02  # of the slice area: less is no circle worth knowing
 _MIN_DISK_IOU = 0.95  # the reconstructed region must be a disk (clipped by the array), not a head's outline
+
+
+def axis_rotation(axis: str, deg: float) -> np.ndarray:
+    """(3, 3): the right-handed rotation by ``deg`` degrees about the coordinate ``axis`` ("x", "y" or "z") of a
+    3D frame (the patient's LPS, or a phantom's head frame)."""
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    if axis == "x":
+        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+    if axis == "y":
+        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
 def reconstruction_circle(array: np.ndarray, pixel_spacing: tuple[float, float],

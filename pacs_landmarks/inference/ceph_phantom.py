@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from pacs_landmarks.dicom.volume import axis_rotation
 from pacs_landmarks.errors import CommandError
-from pacs_landmarks.inference.phantom import MATERIAL_IDS, PhantomCase, Shape, _rot, make_case
+from pacs_landmarks.inference.phantom import MATERIAL_IDS, PhantomCase, Shape, make_case
 
 LANDMARK_SET = "ceph19"
 NAMES = (
@@ -290,7 +291,7 @@ def render_ceph(seed: int, *, imager_pixel_spacing: float | None = None, **overr
     H = case.head_landmarks
     # Ceph frame: the head turned a little in the cephalostat (pitch, roll, yaw about sella).
     pitch, roll, yaw = p["pose_deg"]
-    Rp = _rot("x", pitch) @ _rot("y", roll) @ _rot("z", yaw)
+    Rp = axis_rotation("x", pitch) @ axis_rotation("y", roll) @ axis_rotation("z", yaw)
     to_ceph = np.eye(4)
     to_ceph[:3, :3] = Rp
     ceph = lambda q: np.asarray(q, float) @ Rp.T  # noqa: E731  head -> ceph (rotation about the origin)

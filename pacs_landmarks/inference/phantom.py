@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from pacs_landmarks.dicom.volume import axis_rotation
 from pacs_landmarks.errors import CommandError
 
 LANDMARK_SET = "craniofacial16"
@@ -198,17 +199,6 @@ def _frame(axis: np.ndarray, hint: Sequence[float] = (1.0, 0.0, 0.0)) -> np.ndar
     e2 = h - np.dot(h, e1) * e1
     e2 /= np.linalg.norm(e2)
     return np.stack([e1, e2, np.cross(e1, e2)])
-
-
-def _rot(axis: str, deg: float) -> np.ndarray:
-    """The rotation by ``deg`` degrees about the head frame's ``axis`` ("x", "y" or "z"; right-handed); the
-    ceph phantom turns its head with it too."""
-    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
-    if axis == "x":
-        return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
-    if axis == "y":
-        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
 class _Builder:
@@ -512,7 +502,8 @@ def make_case(seed: int, variety: bool = False, **overrides) -> PhantomCase:
         hu[i] = 60.0 + (hu[i] - 60.0) * f
 
     # Pose: rotate about a point near the head's centre, then translate; the head centre sits at the origin.
-    R = _rot("z", p["rotation_deg"][2]) @ _rot("y", p["rotation_deg"][1]) @ _rot("x", p["rotation_deg"][0])
+    rx, ry, rz = p["rotation_deg"]
+    R = axis_rotation("z", rz) @ axis_rotation("y", ry) @ axis_rotation("x", rx)
     centre = D[:3, :3] @ np.array([0.0, 12.0, -22.0])
     head_to_lps = np.eye(4)
     head_to_lps[:3, :3] = R
@@ -627,14 +618,14 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     b.cap("nose", "muscle", (0, -66, 4), (0, -90, -33), (7.0, 9.0, 8.0))
     b.cap("nostrils", "air", (0, -80, -36), (0, -90, -36), (3.0, 5.0, 3.0))
     for side in (-1, 1):
-        b.ell("auricle", "cartilage", (side * 70.0, 18.0, -14.0), (4.0, 14.0, 28.0), R=_rot("z", side * 20.0))
+        b.ell("auricle", "cartilage", (side * 70.0, 18.0, -14.0), (4.0, 14.0, 28.0), R=axis_rotation("z", side * 20.0))
     # Cranial vault: outer table, diploe, inner table, brain.
     b.ell("vault", "cortical", vc, va, down=vdown)
     b.ell("vault diploe", "diploe", vc, va - 1.8, down=vdown - 1.8)
     b.ell("vault inner table", "cortical", vc, va - (t - 1.6), down=vdown - (t - 1.6))
     b.ell("brain", "brain", vc, va - t, down=vdown - t)
     for side in (-1, 1):
-        b.ell("ventricle", "csf", (side * 9.0, 28.0, 38.0), (5.0, 26.0, 9.0), R=_rot("z", side * 8.0))
+        b.ell("ventricle", "csf", (side * 9.0, 28.0, 38.0), (5.0, 26.0, 9.0), R=axis_rotation("z", side * 8.0))
     zs = NASION[2] + 13.0
     y_outer = vc[1] - va[1] * math.sqrt(1.0 - ((zs - vc[2]) / va[2]) ** 2)
     b.ell("frontal sinus", "air", (0, y_outer + t / 2, zs), (12.0, max(0.8, t / 2 - 1.8), 7.0))
@@ -650,7 +641,7 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     b.cap("clivus", "cortical", (0, 9, -9), (0, 21, -33), (5.0, 11.0, 5.0))
     for side in (-1, 1):
         x = side * (42.0 + (asym if side > 0 else 0.0))
-        b.ell("petrous", "cortical", (x, 12.0, -22.0), (18.0, 13.0, 11.0), R=_rot("z", -side * 35.0))
+        b.ell("petrous", "cortical", (x, 12.0, -22.0), (18.0, 13.0, 11.0), R=axis_rotation("z", -side * 35.0))
         b.ell("mastoid", "cortical", (side * 48.0, 30.0, -34.0), (10, 11, 14))
         b.ell("mastoid air cells", "mastoid", (side * 48.0, 30.0, -33.0), (7, 8, 10))
         r = p["ear_canal_radius_mm"]
@@ -685,7 +676,7 @@ def _build_head(b: _Builder, p: dict, rng: np.random.Generator) -> None:
     # Mandible: a rigid part rotating about the condylar axis when the mouth opens.
     pivot = np.array([0.0, 2.0, -24.0])
     G = np.eye(4)
-    G[:3, :3] = _rot("x", p["mouth_opening_deg"])
+    G[:3, :3] = axis_rotation("x", p["mouth_opening_deg"])
     G[:3, 3] = pivot - G[:3, :3] @ pivot
     ms = p["mandible_scale"]
     S = np.eye(4)

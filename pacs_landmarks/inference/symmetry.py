@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pacs_landmarks.dicom.volume import axis_rotation
+
 # The box, in mm, relative to the mean of the chin points: half-width across (both sides of the arch),
 # back (behind the chin's front, the symphysis and alveolus) and up/down.
 HALF_WIDTH_MM = 30.0
@@ -57,10 +59,7 @@ def lateral_axis(frame: np.ndarray, mean_shape: np.ndarray, mirror: list[int]) -
 
 def _turned(axis: np.ndarray, yaw_deg: float, roll_deg: float) -> np.ndarray:
     """``axis`` turned about the patient's vertical (z) by ``yaw_deg`` and about front-back (y) by ``roll_deg``."""
-    a, b = np.radians(yaw_deg), np.radians(roll_deg)
-    yaw = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
-    roll = np.array([[np.cos(b), 0.0, np.sin(b)], [0.0, 1.0, 0.0], [-np.sin(b), 0.0, np.cos(b)]])
-    out = yaw @ roll @ axis
+    out = axis_rotation("z", yaw_deg) @ axis_rotation("y", roll_deg) @ axis
     return out / np.linalg.norm(out)
 
 
