@@ -242,6 +242,25 @@ def tiny_cases(tmp_path_factory):
     return out
 
 
+def test_one_case_decoded_by_several_loaders_at_once(tiny_cases, tmp_path):
+    """Training and an evaluation (or two evaluations) may read the same case directory at the same time: each
+    writes the decoded cache through a file of its own, and all get the case."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pacs_landmarks.inference.data import load_case
+    from pacs_landmarks.landmark_sets import landmark_names
+
+    case = tmp_path / "case-0001"
+    shutil.copytree(tiny_cases / "case-0001", case, ignore=shutil.ignore_patterns(".cache"))
+    names = landmark_names("craniofacial16")
+    with ThreadPoolExecutor(6) as pool:
+        cases = list(pool.map(lambda _: load_case(case, names), range(12)))
+    assert all(np.array_equal(c.array, cases[0].array) for c in cases)
+    assert [p.name for p in (case / ".cache").iterdir() if p.name.startswith(".tmp")] == []
+    assert np.array_equal(load_case(case, names).landmarks, cases[0].landmarks)  # the cache reads back
+
+
 def test_train_cli_one_epoch_smoke_then_resume(tiny_cases, tmp_path):
     model_path = tmp_path / "m.pt"
     args = ["train", "--data", str(tiny_cases), "--out", str(model_path), "--epochs", "1", "--batch-cases", "2",

@@ -32,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,10 +380,12 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
     case = Case(case_dir.name, array, np.asarray(volume.affine, float), truth, thickness or volume.spacing[0],
                 in_scan, edge)
     cdir.mkdir(parents=True, exist_ok=True)
-    tmp = cdir / f".tmp-{key}.npz"
-    np.savez(tmp, array=case.array, affine=case.affine, landmarks=case.landmarks,
-             slice_thickness=case.slice_thickness, in_scan=in_scan, edge_distance=edge)
-    tmp.replace(cpath)
+    # a file of this writer's own: two processes may decode the same case at once (train and evaluate)
+    fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".tmp-{key}-", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, array=case.array, affine=case.affine, landmarks=case.landmarks,
+                 slice_thickness=case.slice_thickness, in_scan=in_scan, edge_distance=edge)
+    Path(tmp).replace(cpath)
     for old in cdir.glob("volume-*.npz"):
         if old != cpath:
             old.unlink(missing_ok=True)
