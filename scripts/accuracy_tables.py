@@ -1,6 +1,8 @@
 """Writes the tables of docs/accuracy.md (to docs/accuracy-tables.md, to paste) from build/eval/*.json
 (the output of scripts/eval-demo)."""
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,50 +12,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pacs_landmarks.inference.evaluate import HEADER, _row, reliability  # noqa: E402
 
 EV = Path(__file__).resolve().parent.parent / "build" / "eval"
-SETS = [
-    ("thin", "complete heads, 1.0 mm slices", "--count 20 --seed 5000 --slice-thickness 1.0"),
-    ("5mm", "complete heads, 5 mm slices", "--count 8 --seed 6000 --slice-thickness 5.0"),
-    ("cov-routine", "routine head (foramen magnum to vertex)", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage routine"),
-    ("cov-sinus", "sinus", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage sinus"),
-    ("cov-facial", "facial bones", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage facial"),
-    ("cov-mandible", "mandible only", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage mandible"),
-    ("cov-cbct-small", "dental CBCT, small cylinder", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage cbct-small"),
-    ("cov-cbct-medium", "dental CBCT, medium cylinder", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov-random", "random cuts at both ends (calibration set)", "--count 4 --seed 9100 --slice-thickness 1.25 --coverage random"),
-    ("cov2-mandible", "mandible only, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage mandible"),
-    ("cov2-cbct-small", "dental CBCT, small cylinder, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage cbct-small"),
-    ("cov2-cbct-medium", "dental CBCT, medium cylinder, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov2-random", "random cuts at both ends, second draw", "--count 8 --seed 9800 --slice-thickness 1.25 --coverage random"),
-    ("cov3-mandible", "mandible only, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage mandible"),
-    ("cov3-cbct-small", "dental CBCT, small cylinder, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage cbct-small"),
-    ("cov3-cbct-medium", "dental CBCT, medium cylinder, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov3-random", "random cuts at both ends, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage random"),
-    ("cov3-routine", "routine head, third draw", "--count 8 --seed 9900 --slice-thickness 1.25 --coverage routine"),
-    ("cov4-mandible", "mandible only, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage mandible"),
-    ("cov4-cbct-small", "dental CBCT, small cylinder, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage cbct-small"),
-    ("cov4-cbct-medium", "dental CBCT, medium cylinder, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov4-random", "random cuts at both ends, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage random"),
-    ("cov4-routine", "routine head, fourth draw", "--count 8 --seed 9950 --slice-thickness 1.25 --coverage routine"),
-    ("cov5-mandible", "mandible only, fifth draw", "--count 8 --seed 9990 --slice-thickness 1.25 --coverage mandible"),
-    ("cov5-cbct-medium", "dental CBCT, medium cylinder, fifth draw", "--count 8 --seed 9990 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov5-routine", "routine head, fifth draw", "--count 8 --seed 9990 --slice-thickness 1.25 --coverage routine"),
-    ("cov5-sinus", "sinus, fifth draw", "--count 8 --seed 9990 --slice-thickness 1.25 --coverage sinus"),
-    ("cov5-random", "random cuts at both ends, fifth draw", "--count 8 --seed 9990 --slice-thickness 1.25 --coverage random"),
-    ("cov6-mandible", "mandible only, sixth draw", "--count 8 --seed 9995 --slice-thickness 1.25 --coverage mandible"),
-    ("cov6-cbct-small", "dental CBCT, small cylinder, sixth draw", "--count 8 --seed 9995 --slice-thickness 1.25 --coverage cbct-small"),
-    ("cov6-cbct-medium", "dental CBCT, medium cylinder, sixth draw", "--count 8 --seed 9995 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov6-random", "random cuts at both ends, sixth draw", "--count 8 --seed 9995 --slice-thickness 1.25 --coverage random"),
-    ("cov6-routine", "routine head, sixth draw", "--count 8 --seed 9995 --slice-thickness 1.25 --coverage routine"),
-    ("cov7-mandible", "mandible only, seventh draw", "--count 8 --seed 9997 --slice-thickness 1.25 --coverage mandible"),
-    ("cov7-cbct-medium", "dental CBCT, medium cylinder, seventh draw", "--count 8 --seed 9997 --slice-thickness 1.25 --coverage cbct-medium"),
-    ("cov7-routine", "routine head, seventh draw", "--count 8 --seed 9997 --slice-thickness 1.25 --coverage routine"),
-    ("cov7-random", "random cuts at both ends, seventh draw", "--count 8 --seed 9997 --slice-thickness 1.25 --coverage random"),
-    ("metal", "16 filled teeth with streaks (600 HU)", "--count 6 --seed 9300 --slice-thickness 1.25 --param 'fillings=[3,4,5,6,10,11,12,13,17,18,19,20,24,25,26,27]' --param metal_streaks_hu=600 --param 'missing_teeth=[]'"),
-    ("cbct", "CBCT-like intensity (gain 0.75, +250 HU, cupping 150 HU, rings 40 HU)", "--count 6 --seed 9400 --slice-thickness 1.25 --param cbct=true --param cbct_gain=0.75 --param cbct_offset_hu=250 --param cupping_hu=150 --param rings_hu=40"),
-    ("variety", "full domain randomisation (calibration set)", "--count 8 --seed 9500 --slice-thickness 1.25 --variety"),
-    ("routine-tilt-metal", "routine head, 20° gantry tilt, head turned, fillings with streaks", "--count 3 --seed 9600 --slice-thickness 1.25 --coverage routine --tilt 20 --param 'rotation_deg=[20,0,10]' --param 'fillings=[3,4,5,10,11,12]' --param metal_streaks_hu=600"),
-    ("routine-tilt-metal3", "the same, second draw", "--count 4 --seed 9650 --slice-thickness 1.25 --coverage routine --tilt 20 --param 'rotation_deg=[20,0,10]' --param 'fillings=[3,4,5,10,11,12]' --param metal_streaks_hu=600"),
+EVAL_DEMO = Path(__file__).resolve().parent / "eval-demo"
+# What each set of scripts/eval-demo is, in the order of the tables; its phantom options come from the script.
+LABELS = [
+    ("thin", "complete heads, 1.0 mm slices"),
+    ("5mm", "complete heads, 5 mm slices"),
+    ("cov-routine", "routine head (foramen magnum to vertex)"),
+    ("cov-sinus", "sinus"),
+    ("cov-facial", "facial bones"),
+    ("cov-mandible", "mandible only"),
+    ("cov-cbct-small", "dental CBCT, small cylinder"),
+    ("cov-cbct-medium", "dental CBCT, medium cylinder"),
+    ("cov-random", "random cuts at both ends (calibration set)"),
+    ("cov2-mandible", "mandible only, second draw"),
+    ("cov2-cbct-small", "dental CBCT, small cylinder, second draw"),
+    ("cov2-cbct-medium", "dental CBCT, medium cylinder, second draw"),
+    ("cov2-random", "random cuts at both ends, second draw"),
+    ("cov3-mandible", "mandible only, third draw"),
+    ("cov3-cbct-small", "dental CBCT, small cylinder, third draw"),
+    ("cov3-cbct-medium", "dental CBCT, medium cylinder, third draw"),
+    ("cov3-random", "random cuts at both ends, third draw"),
+    ("cov3-routine", "routine head, third draw"),
+    ("cov4-mandible", "mandible only, fourth draw"),
+    ("cov4-cbct-small", "dental CBCT, small cylinder, fourth draw"),
+    ("cov4-cbct-medium", "dental CBCT, medium cylinder, fourth draw"),
+    ("cov4-random", "random cuts at both ends, fourth draw"),
+    ("cov4-routine", "routine head, fourth draw"),
+    ("cov5-mandible", "mandible only, fifth draw"),
+    ("cov5-cbct-medium", "dental CBCT, medium cylinder, fifth draw"),
+    ("cov5-routine", "routine head, fifth draw"),
+    ("cov5-sinus", "sinus, fifth draw"),
+    ("cov5-random", "random cuts at both ends, fifth draw"),
+    ("cov6-mandible", "mandible only, sixth draw"),
+    ("cov6-cbct-small", "dental CBCT, small cylinder, sixth draw"),
+    ("cov6-cbct-medium", "dental CBCT, medium cylinder, sixth draw"),
+    ("cov6-random", "random cuts at both ends, sixth draw"),
+    ("cov6-routine", "routine head, sixth draw"),
+    ("cov7-mandible", "mandible only, seventh draw"),
+    ("cov7-cbct-medium", "dental CBCT, medium cylinder, seventh draw"),
+    ("cov7-routine", "routine head, seventh draw"),
+    ("cov7-random", "random cuts at both ends, seventh draw"),
+    ("cov8-routine", "routine head, eighth draw"),
+    ("cov8-sinus", "sinus, eighth draw"),
+    ("cov8-facial", "facial bones, eighth draw"),
+    ("cov8-random", "random cuts at both ends, eighth draw"),
+    ("cov8-cbct-medium", "dental CBCT, medium cylinder, eighth draw"),
+    ("metal", "16 filled teeth with streaks (600 HU)"),
+    ("cbct", "CBCT-like intensity (gain 0.75, +250 HU, cupping 150 HU, rings 40 HU)"),
+    ("variety", "full domain randomisation (calibration set)"),
+    ("routine-tilt-metal", "routine head, 20° gantry tilt, head turned, fillings with streaks"),
+    ("routine-tilt-metal3", "the same, second draw"),
 ]
+
+
+def phantom_sets(script: Path = EVAL_DEMO) -> list[tuple[str, range, list[str]]]:
+    """(name, seeds, phantom options) of every set the script's ``mk`` makes, ``for k in ...`` loops expanded:
+    the options as the script passes them (``phantom --seed S --count N`` makes the cases of seeds S..S+N-1)."""
+    sets, loop = [], [None]
+    for line in script.read_text().splitlines():
+        line = line.strip()
+        if m := re.match(r"for k in (.+); do$", line):
+            loop = m.group(1).split()
+        elif line == "done":
+            loop = [None]
+        elif line.startswith("mk ") and not line.startswith("mk()"):
+            for k in loop:
+                words = shlex.split(line.replace("$k", k) if k else line)
+                name, opts = words[1], words[2:]
+                seed = int(opts[opts.index("--seed") + 1])
+                sets.append((name, range(seed, seed + int(opts[opts.index("--count") + 1])), opts))
+    return sets
+
+
+def sets() -> list[tuple[str, str, str]]:
+    """(name, label, options) of every set, in LABELS' order; a set without a label, or a label without a
+    set, is an error (the script and the tables would disagree)."""
+    made = {name: shlex.join(opts) for name, _, opts in phantom_sets()}
+    labels = dict(LABELS)
+    if set(made) != set(labels):
+        raise SystemExit(f"scripts/eval-demo and LABELS differ: {sorted(set(made) ^ set(labels))}")
+    return [(name, label, made[name]) for name, label in LABELS]
 
 
 def load(name):
@@ -103,7 +141,7 @@ def main():
     w("    pacs-landmarks evaluate --data build/real-data/calib --model M.pt --calibrate M.pt")
     w("    pacs-landmarks evaluate --data build/demo-data/eval-NAME --json build/eval/NAME.json\n")
     w("| NAME | OPTIONS |\n|---|---|")
-    for name, label, opts in SETS:
+    for name, label, opts in sets():
         w(f"| {name} | `{opts}` |")
     w("")
     w("## Summary\n")
@@ -111,7 +149,7 @@ def main():
       "presence correct > 5 mm from edge % (n) | found but not in scan |")
     w("|---|---|---|---|---|---|---|---|---|")
     results = {}
-    for name, label, _ in SETS:
+    for name, label, _ in sets():
         r = load(name)
         if r is None:
             continue
@@ -160,7 +198,7 @@ def main():
         w("")
     w("## Per scan range and condition: statuses\n")
     w("| set | found / not found / outside FOV | per landmark: share found (in scan) |\n|---|---|---|")
-    for name, label, _ in SETS:
+    for name, label, _ in sets():
         r = results.get(name)
         if not r:
             continue

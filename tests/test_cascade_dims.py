@@ -31,13 +31,14 @@ RECORDED_POINTS = [
 
 
 # The last stage's points of the shipped model on the same head, with its shape prior (as recorded for 2.1.1)
-# and, from 2.1.2, the chin points on the chin's symmetry plane (``symmetry.onto_midline``): a change of the
-# prior's or the midline's code, or of the model file's calibration, fails here.
+# and, from 2.1.2, the chin points on the chin's symmetry plane (``symmetry.onto_midline``), from 2.1.3 the
+# Orbitales as a pair on the orbits' (``symmetry.pairs_onto_midplane``): a change of the prior's or the
+# symmetry rules' code, or of the model file's calibration, fails here.
 RECORDED_WITH_PRIOR = [
     ('Sella', (2.89798, -2.28975, 20.80884)),
     ('Nasion', (-9.86721, -67.82551, 37.32639)),
-    ('Orbitale R', (-36.03980, -62.04587, 5.04768)),
-    ('Orbitale L', (26.64505, -71.07483, 17.70769)),
+    ('Orbitale R', (-35.80119, -62.08014, 5.09527)),
+    ('Orbitale L', (26.88366, -71.10911, 17.75528)),
     ('Porion R', (-46.07823, 14.09058, -9.47137)),
     ('Porion L', (62.06211, -1.32263, 12.41070)),
     ('ANS', (-2.08140, -81.12718, -11.39706)),

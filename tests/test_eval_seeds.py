@@ -4,8 +4,8 @@
 seed), so two sets made with the same options and overlapping seed ranges share whole cases: a "fresh" draw would
 repeat cases already looked at, and pooled figures would count them twice. The sixth and seventh draws once did.
 """
+import importlib.util
 import re
-import shlex
 from pathlib import Path
 
 import pytest
@@ -13,25 +13,22 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
+def _tables():
+    """scripts/accuracy_tables.py, which reads the sets from scripts/eval-demo for docs/accuracy.md."""
+    spec = importlib.util.spec_from_file_location("accuracy_tables", SCRIPTS / "accuracy_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def phantom_sets(script: Path) -> list[tuple[str, range, tuple[str, ...]]]:
-    """(name, seed range, the other phantom options) of every set `mk` makes, with `for k in ...` loops expanded."""
-    sets, loop = [], [None]
-    for line in script.read_text().splitlines():
-        line = line.strip()
-        if m := re.match(r"for k in (.+); do$", line):
-            loop = m.group(1).split()
-        elif line == "done":
-            loop = [None]
-        elif line.startswith("mk ") and not line.startswith("mk()"):
-            for k in loop:
-                words = shlex.split(line.replace("$k", k) if k else line)
-                name, opts = words[1], words[2:]
-                seed = int(opts[opts.index("--seed") + 1])
-                count = int(opts[opts.index("--count") + 1])
-                rest = tuple(w for i, w in enumerate(opts)
-                             if w not in ("--seed", "--count") and opts[i - 1] not in ("--seed", "--count"))
-                sets.append((name, range(seed, seed + count), rest))
-    return sets
+    """(name, seed range, the phantom options other than --seed and --count) of every set of ``script``."""
+    out = []
+    for name, seeds, opts in _tables().phantom_sets(script):
+        rest = tuple(w for i, w in enumerate(opts)
+                     if w not in ("--seed", "--count") and opts[i - 1] not in ("--seed", "--count"))
+        out.append((name, seeds, rest))
+    return out
 
 
 def test_parser_reads_the_script_as_bash_would():
@@ -63,6 +60,13 @@ def shared_cases(sets) -> list[str]:
 
 def test_no_two_held_out_sets_share_a_case():
     assert shared_cases(phantom_sets(SCRIPTS / "eval-demo")) == []
+
+
+def test_the_tables_label_every_set_the_script_makes():
+    tables = _tables()
+    rows = tables.sets()  # exits when the two lists differ
+    assert [r[0] for r in rows] == [name for name, _ in tables.LABELS]
+    assert dict((r[0], r[2]) for r in rows)["metal"].startswith("--count 6 --seed 9300 --slice-thickness 1.25 --param")
 
 
 def test_no_held_out_case_is_a_training_phantom():

@@ -108,9 +108,11 @@ def test_shipped_demo_model():
     spacings = [s.spacing_mm for s in model.stages]
     assert spacings == sorted(spacings, reverse=True) and 3.0 <= spacings[0] <= 4.0 and spacings[-1] <= 0.8
     assert "not for clinical use" in model.metadata["description"]
-    assert model.trained and model.version == "2.1.2"
-    # 2.1.2: 2.1.1's weights and calibration; the chin points go onto the chin's symmetry plane
+    assert model.trained and model.version == "2.1.3"
+    # 2.1.2: 2.1.1's weights and calibration; the chin points go onto the chin's symmetry plane; 2.1.3: and the
+    # Orbitales, as a pair, onto the orbits'
     assert model.metadata["chin_midline"] == ["B point", "Pogonion", "Menton", "Gnathion"]
+    assert model.metadata["midplane_pairs"] == ["Orbitale R", "Orbitale L"]
     # 2.0: a presence output, a shape model of the training truth, a calibrated threshold
     assert model.stages[0].presence and model.shape_model is not None
     assert model.shape_model.n_landmarks == 16 and 0.3 <= model.low_confidence < 0.9
@@ -133,21 +135,30 @@ def test_damaged_shape_model_fails_at_load(tmp_path):
         LandmarkModel.load(tmp_path / "bad.pt")
 
 
-def test_chin_midline_naming_no_landmark_of_the_set_fails_at_load(tmp_path):
+@pytest.mark.parametrize("key, value, message", [
+    ("chin_midline", ["Pogonion", "Chin"], "unknown: Chin"),
+    ("midplane_pairs", ["Orbitale R", "Orbitale X"], "unknown: Orbitale X"),
+    ("midplane_pairs", ["Nasion"], "Nasion has no counterpart"),
+])
+def test_symmetry_rules_that_do_not_fit_the_set_fail_at_load(tmp_path, key, value, message):
     import json
 
     import torch
 
     payload = torch.load(DEFAULT_MODEL, map_location="cpu", weights_only=True)
     meta = json.loads(payload["metadata"])
-    meta["chin_midline"] = ["Pogonion", "Chin"]
+    meta[key] = value
     payload["metadata"] = json.dumps(meta)
     torch.save(payload, tmp_path / "bad.pt")
-    with pytest.raises(ModelError, match="unknown: Chin"):
+    with pytest.raises(ModelError, match=message):
         LandmarkModel.load(tmp_path / "bad.pt")
-    # what a newly trained model gets: CT models the chin points, a cephalogram (one side of the face) none
+
+
+def test_new_models_get_the_symmetry_rules_of_their_set():
+    # CT models the chin points and the Orbitales, a cephalogram (one side of the face) neither
     assert new_metadata()["chin_midline"] == ["B point", "Pogonion", "Menton", "Gnathion"]
-    assert "chin_midline" not in new_metadata("ceph19")
+    assert new_metadata()["midplane_pairs"] == ["Orbitale R", "Orbitale L"]
+    assert "chin_midline" not in new_metadata("ceph19") and "midplane_pairs" not in new_metadata("ceph19")
 
 
 def test_damaged_shape_prior_fails_at_load(tmp_path):

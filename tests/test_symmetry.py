@@ -1,4 +1,5 @@
-"""The chin's midline from the mirror symmetry of the bone around it (``inference.symmetry``)."""
+"""The head's mirror symmetry (``inference.symmetry``): the chin's midline from the bone around it, and the
+Orbitales moved as a pair onto the symmetry plane of both orbits."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,12 @@ import pytest
 from pacs_landmarks.inference import phantom as ph
 from pacs_landmarks.inference.sampling import VolumeSampler
 from pacs_landmarks.inference.shape import ShapeModel
-from pacs_landmarks.inference.symmetry import MAX_MOVE_MM, lateral_axis, onto_midline
+from pacs_landmarks.inference.symmetry import (MAX_MOVE_MM, SymmetryRules, lateral_axis, onto_midline,
+                                               pairs_onto_midplane)
 from pacs_landmarks.landmark_sets import mirror_names
 
 CHIN = np.array([n in ("B point", "Pogonion", "Menton", "Gnathion") for n in ph.NAMES])
+ORB_R, ORB_L = ph.NAMES.index("Orbitale R"), ph.NAMES.index("Orbitale L")
 
 
 def _chin_volume(case, spacing=1.0):
@@ -105,3 +108,70 @@ def test_the_plane_is_found_when_the_axis_it_starts_from_is_off(case):
     moved, score = onto_midline(wandered, CHIN, sampler, [off])
     assert score > 0.9
     assert np.linalg.norm(moved[CHIN] - truth[CHIN], axis=1).max() < 0.6
+
+
+
+def _orbit_volume(case, spacing=1.0):
+    """The phantom's HU on a box of 120 x 90 x 80 mm around its Orbitales (noise-free), as a sampler."""
+    centre = (_points(case)[ORB_R] + _points(case)[ORB_L]) / 2
+    shape = (int(80 / spacing), int(90 / spacing), int(120 / spacing))  # (z, y, x)
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag([spacing] * 3)[:, ::-1]
+    aff[:3, 3] = centre - np.array([60.0, 30.0, 35.0])
+    k, j, i = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    lps = np.stack([k, j, i], -1) @ aff[:3, :3].T + aff[:3, 3]
+    return VolumeSampler(case.hu_at(lps).astype(np.float32), aff)
+
+
+def _rules(pairs=("Orbitale R",), chin=("Pogonion",)):
+    meta = {"landmark_names": ph.NAMES, "chin_midline": list(chin), "midplane_pairs": list(pairs)}
+    return SymmetryRules.from_metadata(meta, mirror_names(ph.NAMES), 5.0)
+
+
+def test_orbitales_that_shift_sideways_together_come_back_as_a_pair(case):
+    truth = _points(case)
+    lateral = _lateral(truth)
+    rules = _rules(pairs=["Orbitale R", "Orbitale L"])  # either side names the pair, once
+    assert rules.pairs == ((ORB_R, ORB_L),) and rules.chin.sum() == 1 and rules.min_depth_mm == 5.0
+    shifted = truth.copy()
+    shifted[[ORB_R, ORB_L]] += 2.5 * lateral  # both the same way, as the local stages do on a partial scan
+    shifted[ORB_R] += np.array([0.0, 0.0, 1.0])  # and one also lower: that the plane does not know
+    moved, score = pairs_onto_midplane(shifted, rules.pairs, _orbit_volume(case), [lateral])
+    assert score > 0.9
+    # the side-to-side shift is gone; the pair's own difference, along the plane, is kept
+    assert abs((moved[ORB_R] - truth[ORB_R]) @ lateral) < 0.4
+    assert abs((moved[ORB_L] - truth[ORB_L]) @ lateral) < 0.4
+    assert np.allclose(moved[ORB_R] - moved[ORB_L], shifted[ORB_R] - shifted[ORB_L])
+    others = np.ones(len(truth), bool)
+    others[[ORB_R, ORB_L]] = False
+    assert np.array_equal(moved[others], shifted[others])
+
+
+def test_an_asymmetric_pair_keeps_its_asymmetry(case):
+    truth = _points(case)
+    lateral = _lateral(truth)
+    asymmetric = truth.copy()
+    asymmetric[ORB_R] -= 1.5 * lateral  # one orbit wider than the other: the midpoint moves 0.75 mm
+    moved, _ = pairs_onto_midplane(asymmetric, _rules().pairs, _orbit_volume(case), [lateral])
+    assert np.allclose(moved[ORB_R] - moved[ORB_L], asymmetric[ORB_R] - asymmetric[ORB_L])
+    assert abs(((moved[ORB_R] + moved[ORB_L]) / 2 - (truth[ORB_R] + truth[ORB_L]) / 2) @ lateral) < 0.4
+
+
+def test_a_pair_far_from_the_plane_is_left_alone(case):
+    truth = _points(case)
+    lateral = _lateral(truth)
+    far = truth.copy()
+    far[[ORB_R, ORB_L]] += (MAX_MOVE_MM + 1.5) * lateral
+    moved, score = pairs_onto_midplane(far, _rules().pairs, _orbit_volume(case), [lateral])
+    assert score > 0.9 and np.array_equal(moved, far)
+
+
+@pytest.mark.parametrize("pairs, chin, message", [
+    (["Sella"], [], "no counterpart"),
+    (["Orbitale X"], [], "unknown: Orbitale X"),
+    ([], ["Chin"], "unknown: Chin"),
+])
+def test_rules_that_do_not_fit_the_set_are_refused(pairs, chin, message):
+    with pytest.raises(ValueError, match=message):
+        _rules(pairs, chin)
+    assert _rules([], []) is None  # no rule asked for

@@ -32,7 +32,7 @@ from pacs_landmarks.inference.networks import build_network
 from pacs_landmarks.inference.sampling import (ScanRegion, VolumeSampler, box_offsets, box_points, intensity,
                                               normalise_hu, soft_argmax)
 from pacs_landmarks.inference.shape import ShapePrior
-from pacs_landmarks.inference.symmetry import lateral_axis, onto_midline
+from pacs_landmarks.inference.symmetry import SymmetryRules, lateral_axis, onto_midline, pairs_onto_midplane
 
 log = logging.getLogger(__name__)
 
@@ -275,9 +275,10 @@ def confidence_from(stages: tuple[StageConfig, ...], positions: np.ndarray, spre
 
 @torch.no_grad()
 def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
-                shape=None, mirror: list[int] | None = None, prior=None, chin=None) -> CascadeOutput:
+                shape=None, mirror: list[int] | None = None, prior=None,
+                symmetry: SymmetryRules | None = None) -> CascadeOutput:
     """All stages on one image or volume (``cascade.sampler``); positions of every stage come back for
-    reporting and evaluation (``_one_pass`` for ``fuse``, ``shape``, ``prior`` and ``chin``).
+    reporting and evaluation (``_one_pass`` for ``fuse``, ``shape``, ``prior`` and ``symmetry``).
 
     ``mirror`` (CT only; the landmark permutation of ``landmark_sets.mirror_names``): mirror test-time
     augmentation.  The same cascade runs a second time on the head mirrored left-right about the sagittal
@@ -286,7 +287,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
     estimates.  How far apart the two final estimates are (``CascadeOutput.disagreement``) enters the
     confidence (``mirror_confidence``).
     """
-    first = _one_pass(cascade, sampler, autocast, fuse, shape, prior=prior, chin=chin)
+    first = _one_pass(cascade, sampler, autocast, fuse, shape, prior=prior, symmetry=symmetry)
     if mirror is None:
         return first
     if cascade.dim != 3:
@@ -297,7 +298,7 @@ def run_cascade(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False
         raise ValueError(f"mirror must be a permutation of the {cascade.n_landmarks} landmarks, got {mirror}")
     x0 = float(first.centre[0])
     second = _one_pass(cascade, sampler.mirrored(x0), autocast, fuse, shape, start=(first.centre, first.bone_ml),
-                       prior=prior, chin=chin)
+                       prior=prior, symmetry=symmetry)
 
     def mirrored_back(points):
         if points is None:
@@ -345,7 +346,7 @@ def mirror_confidence(pass_confidence: np.ndarray, disagreement: np.ndarray) -> 
 @torch.no_grad()
 def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, fuse: bool = False,
               shape=None, start: tuple[np.ndarray, float | None] | None = None, prior=None,
-              chin: tuple[np.ndarray, list[int]] | None = None) -> CascadeOutput:
+              symmetry: SymmetryRules | None = None) -> CascadeOutput:
     """``run_cascade`` on one view of the image; ``start``: (centre of the stage-1 box, bone ml) when known.
 
     ``fuse``: a local stage's point is the inverse-variance mean, per axis, of its own soft-argmax and the
@@ -360,9 +361,11 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     ``shape.ShapePrior``) the final point is the inverse-covariance mean of the image's point and that estimate
     (``ShapePrior.fuse``; the image's own point stays in ``CascadeOutput.image_positions``).
 
-    ``chin`` (CT, with ``prior``): (which landmarks (L,) bool, the mirror permutation of the set): those of
-    them that are plausible candidates are then moved from side to side onto the chin's mirror-symmetry plane
-    (``symmetry.onto_midline``), on complete and partial scans alike.
+    ``symmetry`` (CT, with ``prior``; ``symmetry.SymmetryRules``): then, on complete and partial scans alike,
+    the plausible chin candidates are moved from side to side onto the chin's mirror-symmetry plane
+    (``symmetry.onto_midline``), and each pair whose two sides are plausible and at least
+    ``SymmetryRules.min_depth_mm`` inside the scan together onto the symmetry plane around them
+    (``symmetry.pairs_onto_midplane``).
     """
     import time
 
@@ -442,13 +445,20 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
         if prior is not None:
             positions_np[-1] = prior.fuse(own, image["image_variance"], estimate, frame)
         timings["shape_prior"] = time.perf_counter() - t0
-        if prior is not None and chin is not None:
-            t0 = time.perf_counter()
-            which, pairs = chin
-            # the head's left-right axis from the found landmarks (few on a partial scan) and the scanner's
-            axes = [lateral_axis(frame, shape.mean, pairs), np.array([1.0, 0.0, 0.0])]
-            positions_np[-1], _ = onto_midline(positions_np[-1], np.asarray(which, bool) & others, sampler, axes)
-            timings["chin_midline"] = time.perf_counter() - t0
+        if prior is not None and symmetry is not None:
+            # the head's left-right axis from the found landmarks (few on a partial scan) and the scanner's:
+            # patients lie about straight
+            axes = [lateral_axis(frame, shape.mean, symmetry.mirror), np.array([1.0, 0.0, 0.0])]
+            if symmetry.chin is not None:
+                t0 = time.perf_counter()
+                positions_np[-1], _ = onto_midline(positions_np[-1], symmetry.chin & others, sampler, axes)
+                timings["chin_midline"] = time.perf_counter() - t0
+            if symmetry.pairs:
+                t0 = time.perf_counter()
+                deep = others & (sampler.depth_mm(positions_np[-1]) >= symmetry.min_depth_mm)
+                pairs = [(i, j) for i, j in symmetry.pairs if deep[i] and deep[j]]
+                positions_np[-1], _ = pairs_onto_midplane(positions_np[-1], pairs, sampler, axes)
+                timings["midplane_pairs"] = time.perf_counter() - t0
     inside = inside_fraction(sampler, positions_np[-1], stages[-1].extent_mm)
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
                          sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64),

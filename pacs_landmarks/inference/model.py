@@ -19,7 +19,9 @@ Procrustes + PCA model of the training truth, ``shape.ShapeModel.to_json``) and 
 the confidence threshold and, from 2.1.1, ``shape_prior``, ``shape.ShapePrior.to_json``, which moves each last
 point towards where the other landmarks put it along the axes its map cannot tell); ``chin_midline``
 (optional, CT, from 2.1.2: landmark names, the chin points, that after the shape prior are moved from side
-to side onto the chin's mirror-symmetry plane, ``symmetry.onto_midline``);
+to side onto the chin's mirror-symmetry plane, ``symmetry.onto_midline``); ``midplane_pairs`` (optional, CT,
+from 2.1.3: bilateral landmark names, the Orbitales, whose pair is then moved together onto the mirror plane of
+the anatomy around it, ``symmetry.pairs_onto_midplane``);
 ``tta`` (optional, CT only): ``"mirror"`` runs the cascade also on the head mirrored left-right and reports
 the mean (``cascade.run_cascade``), absent or ``null`` runs it once; ``evaluate --calibrate`` records it with
 the threshold (``calibration.tta``), since the confidence differs with it.
@@ -60,6 +62,8 @@ import numpy as np
 from pacs_landmarks.inference.landmark import FOUND, NOT_FOUND, OUTSIDE_FIELD_OF_VIEW, Landmark
 from pacs_landmarks.inference.landmark2d import ImageLandmarks, Landmark2D
 from pacs_landmarks.inference.sampling import image_affine  # noqa: F401  (part of this module's API)
+from pacs_landmarks.inference.symmetry import SymmetryRules
+from pacs_landmarks.landmark_sets import mirror_names
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,9 @@ BEYOND_EDGE_MM = 2.0
 # Midline landmarks whose side-to-side position a local crop cannot tell on a broad chin, and which a new CT
 # model puts onto the chin's mirror-symmetry plane (metadata ``chin_midline``; docs/accuracy.md, "Chin midline").
 CHIN_MIDLINE = ("B point", "Pogonion", "Menton", "Gnathion")
+# Pairs whose common side-to-side position a local crop cannot tell on a flat orbital floor, and which a new CT
+# model moves together onto the orbits' mirror plane (metadata ``midplane_pairs``; docs/accuracy.md, "Orbitales").
+MIDPLANE_PAIRS = ("Orbitale R", "Orbitale L")
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5
 # Test-time augmentations a model file may ask for (metadata ``tta``); None: the cascade runs once.
@@ -344,10 +351,11 @@ class LandmarkModel:
             check_tta(meta.get("tta"), dim)
         except ValueError as exc:
             raise ModelError(f"{path}: {exc}") from None
-        unknown = set(meta.get("chin_midline") or ()) - set(meta["landmark_names"])
-        if meta.get("chin_midline") and (dim != 3 or unknown):
-            raise ModelError(f"{path}: chin_midline is for CT models and names landmarks of the set"
-                             + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else ""))
+        try:
+            if SymmetryRules.from_metadata(meta, mirror_names(meta["landmark_names"])) and dim != 3:
+                raise ValueError("they are for CT models")
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelError(f"{path}: chin_midline / midplane_pairs do not fit: {exc}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dev = torch.device(device)
@@ -374,20 +382,16 @@ class LandmarkModel:
 
     def _run(self, array, affine):
         from pacs_landmarks.inference.cascade import run_cascade
-        from pacs_landmarks.landmark_sets import mirror_names
 
         mirror = mirror_names(self.landmark_names) if self.tta == "mirror" else None
-        chin = None
-        if self.metadata.get("chin_midline"):
-            wanted = set(self.metadata["chin_midline"])
-            chin = (np.array([n in wanted for n in self.landmark_names]), mirror_names(self.landmark_names))
+        symmetry = SymmetryRules.from_metadata(self.metadata, mirror_names(self.landmark_names), MIN_EDGE_MM)
         with self._lock:
             t0 = time.perf_counter()
             sampler = self.cascade.sampler(array, affine, self.device)
             t_sampler = time.perf_counter() - t0
             out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
-                              mirror=mirror, prior=self.shape_prior, chin=chin)
+                              mirror=mirror, prior=self.shape_prior, symmetry=symmetry)
         # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
         out.timings = {"sampler": t_sampler, **out.timings}
         return out
@@ -497,9 +501,13 @@ def new_metadata(landmark_set: str = "craniofacial16", version: str = "0.0.0", n
                        "not for clinical use.",
     }
     chin = [n for n in meta["landmark_names"] if n in CHIN_MIDLINE]
+    pairs = [n for n in meta["landmark_names"] if n in MIDPLANE_PAIRS]
     if dim == 3 and chin:
         # an inference rule, not learnt: the chin points onto the chin's symmetry plane (symmetry.onto_midline)
         meta["chin_midline"] = chin
+    if dim == 3 and len(pairs) == 2:
+        # likewise the Orbitales, as a pair, onto the orbits' symmetry plane (symmetry.pairs_onto_midplane)
+        meta["midplane_pairs"] = pairs
     if dim == 2:
         meta["intensity"] = {"unit": "xray", "range": [0.0, 1.0], "dense": "bright", "outside": 0.0,
                              "normalised": "2 * value - 1"}
