@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pacs_landmarks.inference import phantom as ph
 from pacs_landmarks.inference.sampling import VolumeSampler
@@ -111,13 +112,14 @@ def test_the_plane_is_found_when_the_axis_it_starts_from_is_off(case):
 
 
 
-def _orbit_volume(case, spacing=1.0):
-    """The phantom's HU on a box of 120 x 90 x 80 mm around its Orbitales (noise-free), as a sampler."""
+def _orbit_volume(case, spacing=1.0, below_mm=35.0):
+    """The phantom's HU on a box of 120 x 90 mm around its Orbitales (noise-free), from ``below_mm`` under their
+    midpoint to 45 mm above it, as a sampler."""
     centre = (_points(case)[ORB_R] + _points(case)[ORB_L]) / 2
-    shape = (int(80 / spacing), int(90 / spacing), int(120 / spacing))  # (z, y, x)
+    shape = (int((below_mm + 45.0) / spacing), int(90 / spacing), int(120 / spacing))  # (z, y, x)
     aff = np.eye(4)
     aff[:3, :3] = np.diag([spacing] * 3)[:, ::-1]
-    aff[:3, 3] = centre - np.array([60.0, 30.0, 35.0])
+    aff[:3, 3] = centre - np.array([60.0, 30.0, below_mm])
     k, j, i = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
     lps = np.stack([k, j, i], -1) @ aff[:3, :3].T + aff[:3, 3]
     return VolumeSampler(case.hu_at(lps).astype(np.float32), aff)
@@ -155,6 +157,25 @@ def test_an_asymmetric_pair_keeps_its_asymmetry(case):
     moved, _ = pairs_onto_midplane(asymmetric, _rules().pairs, _orbit_volume(case), [lateral])
     assert np.allclose(moved[ORB_R] - moved[ORB_L], asymmetric[ORB_R] - asymmetric[ORB_L])
     assert abs(((moved[ORB_R] + moved[ORB_L]) / 2 - (truth[ORB_R] + truth[ORB_L]) / 2) @ lateral) < 0.4
+
+
+def test_a_cut_across_the_orbits_is_no_anatomy(monkeypatch):
+    """A routine head's lower edge crosses the orbit box askew when the head is rolled: only samples whose
+    mirror is inside the scan too count, so the plane is found as on a whole head."""
+    rolled = ph.make_case(31, rotation_deg=[0.0, 10.0, 12.0])
+    truth = _points(rolled)
+    lateral = _lateral(truth)
+    cut = _orbit_volume(rolled, below_mm=10.0)  # the series ends 10 mm under the Orbitales
+    shifted = truth.copy()
+    shifted[[ORB_R, ORB_L]] += 2.5 * lateral
+    moved, score = pairs_onto_midplane(shifted, _rules().pairs, cut, [lateral])
+    assert score > 0.9
+    assert abs((moved[ORB_R] - truth[ORB_R]) @ lateral) < 0.4
+    assert abs((moved[ORB_L] - truth[ORB_L]) @ lateral) < 0.4
+    # counting the samples beyond the cut as well, the same box scores lower
+    monkeypatch.setattr(cut, "depth_mm", lambda p: torch.ones(p.shape[:-1]))
+    _, plain = pairs_onto_midplane(shifted, _rules().pairs, cut, [lateral])
+    assert plain < score - 0.03
 
 
 def test_a_pair_far_from_the_plane_is_left_alone(case):

@@ -60,6 +60,8 @@ CLIP_HU = (-200.0, 1500.0)
 # Below this correlation the box is not a symmetric chin (a cut, a large asymmetric filling, a fracture): keep
 # the points.  On complete phantom heads the correlation at the plane is 0.95-0.99.
 MIN_CORRELATION = 0.9
+# ... and a plane is judged on at least this share of its box inside the scan.
+MIN_INSIDE_SHARE = 0.5
 # A point the plane would move further than this disagrees with it for a reason the plane does not know.
 MAX_MOVE_MM = 4.0
 
@@ -142,6 +144,10 @@ def _correlations(sampler, centre: np.ndarray, normals: list[np.ndarray], step: 
     offset: the mirror of the sample at u about the plane at s is the sample at 2s - u, another sample of the
     same grid when s is a multiple of half the step.  ``smooth``: read a copy averaged to about ``step`` (the
     coarse search, which must not alias), else the image as it is.
+
+    Only pairs of samples that both lie inside the scanned region count: the edge of a cut series or of a
+    cone-beam cylinder is no anatomy, and where it crosses the box askew it is not symmetric either.  A plane
+    with fewer than ``MIN_INSIDE_SHARE`` of its pairs inside scores 0.
     """
     h = ACROSS_STEP_MM
     reach = box.half_width_mm + np.abs(OFFSETS_MM).max()
@@ -153,18 +159,23 @@ def _correlations(sampler, centre: np.ndarray, normals: list[np.ndarray], step: 
     grids = (np.asarray(centre, float) + local @ frames).reshape(len(normals), len(u), len(v), len(w), 3)
     values = sampler.sample(torch.as_tensor(grids, dtype=torch.float32), step if smooth else 0.0)
     values = values.clamp(*CLIP_HU).reshape(len(normals), len(u), -1)
+    inside = torch.as_tensor(sampler.depth_mm(grids) > 0, device=values.device).reshape(values.shape)
     side = int(round(box.half_width_mm / h))
     out = np.empty((len(normals), len(OFFSETS_MM)))
     for k, s in enumerate(OFFSETS_MM):
         twice = int(round((2 * s + 2 * reach) / h))  # index of u plus index of its mirror
         first = int(np.floor((s + reach) / h)) + 1  # the first sample beyond the plane
-        a = values[:, first:first + side]
-        b = values[:, twice - first - side + 1:twice - first + 1].flip(1)  # the mirror of each sample of a
-        a = a - a.mean((1, 2), keepdim=True)
-        b = b - b.mean((1, 2), keepdim=True)
+        near, far = slice(first, first + side), slice(twice - first - side + 1, twice - first + 1)
+        a = values[:, near]
+        b = values[:, far].flip(1)  # the mirror of each sample of a
+        both = (inside[:, near] & inside[:, far].flip(1)).to(values.dtype)
+        n = both.sum((1, 2), dtype=torch.float64)
+        a = (a - (a * both).sum((1, 2), keepdim=True) / n.clamp_min(1)[:, None, None].float()) * both
+        b = (b - (b * both).sum((1, 2), keepdim=True) / n.clamp_min(1)[:, None, None].float()) * both
         # sums in double: neighbouring offsets' scores differ in the fourth digit, and the parabola needs it
         sums = [x.sum((1, 2), dtype=torch.float64) for x in (a * b, a.square(), b.square())]
-        out[:, k] = (sums[0] / (sums[1] * sums[2]).sqrt().clamp_min(1e-9)).cpu().numpy()
+        score = sums[0] / (sums[1] * sums[2]).sqrt().clamp_min(1e-9)
+        out[:, k] = torch.where(n >= MIN_INSIDE_SHARE * both[0].numel(), score, 0.0).cpu().numpy()
     return out
 
 
