@@ -80,6 +80,30 @@ def test_reconstruction_circle_is_read_from_the_padding(centre, radius, pad):
     # a mirrored view (test-time augmentation) sees the same circle, mirrored
     view = s.mirrored(10.0)
     assert view.depth_mm(inner * [-1, 1, 1] + [20.0, 0, 0]) == pytest.approx(s.depth_mm(inner))
+    _chords_agree_with_depths(s.region)
+
+
+def _chords_agree_with_depths(region):
+    """``ScanRegion.chord`` (where lines run inside, for the symmetry search) says what ``depth_mm`` says about
+    every point of the lines, the axis-parallel ones included."""
+    rng = np.random.default_rng(1)
+    origins = rng.uniform(-20, 120, (400, 3))
+    directions = rng.normal(size=(400, 3))
+    directions[:50, 1:] = 0.0  # along x only
+    directions[50:100, 0] = 0.0  # in the axial plane
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    t = np.linspace(-150, 150, 301)
+    t_in, t_out = region.chord(origins, directions)
+    depth = region.depth_mm(origins[:, None] + t[None, :, None] * directions[:, None])
+    sure = np.abs(depth) > 1e-6
+    assert np.array_equal(((t > t_in[:, None]) & (t < t_out[:, None]))[sure], (depth > 0)[sure])
+    assert (depth > 0).any() and (depth <= 0).any()
+
+
+def test_chords_of_a_plain_box_agree_with_depths():
+    from pacs_landmarks.inference.sampling import ScanRegion
+
+    _chords_agree_with_depths(ScanRegion(_affine((1.25, 0.8, 0.7), (3.0, -2.0, 1.0)), (40, 90, 96)))
 
 
 def test_no_reconstruction_circle_without_padding_or_in_a_head_outline():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pacs_landmarks.inference import phantom as ph
 from pacs_landmarks.inference.sampling import VolumeSampler
@@ -173,7 +172,7 @@ def test_a_cut_across_the_orbits_is_no_anatomy(monkeypatch):
     assert abs((moved[ORB_R] - truth[ORB_R]) @ lateral) < 0.4
     assert abs((moved[ORB_L] - truth[ORB_L]) @ lateral) < 0.4
     # counting the samples beyond the cut as well, the same box scores lower
-    monkeypatch.setattr(cut, "depth_mm", lambda p: torch.ones(p.shape[:-1]))
+    monkeypatch.setattr(cut, "chord", lambda o, d: (np.full(o.shape[:-1], -np.inf), np.full(o.shape[:-1], np.inf)))
     _, plain = pairs_onto_midplane(shifted, _rules().pairs, cut, [lateral])
     assert plain < score - 0.03
 

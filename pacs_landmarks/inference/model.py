@@ -102,7 +102,8 @@ BEYOND_EDGE_MM = 2.0
 # model puts onto the chin's mirror-symmetry plane (metadata ``chin_midline``; docs/accuracy.md, "Chin midline").
 CHIN_MIDLINE = ("B point", "Pogonion", "Menton", "Gnathion")
 # Pairs whose common side-to-side position a local crop cannot tell on a flat orbital floor, and which a new CT
-# model moves together onto the orbits' mirror plane (metadata ``midplane_pairs``; docs/accuracy.md, "Orbitales").
+# model moves together onto the orbits' mirror plane (metadata ``midplane_pairs``; docs/accuracy.md, "Orbitales on
+# the orbits' mirror plane").
 MIDPLANE_PAIRS = ("Orbitale R", "Orbitale L")
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5

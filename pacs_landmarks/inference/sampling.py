@@ -133,6 +133,39 @@ class ScanRegion:
             depth = np.minimum(depth, c.radius_mm - off)
         return depth
 
+    def chord(self, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where the lines ``origins + t * directions`` (t in mm along unit directions; (..., D) each,
+        broadcast) run inside the region: (t_in, t_out), the open interval of t where ``depth_mm`` > 0, empty
+        when t_in >= t_out.  For many points on few lines (the symmetry search) far cheaper than their depths.
+        """
+        d = len(self.shape)
+        inv = np.linalg.inv(self.affine)
+        o = np.asarray(origins, np.float64) @ inv[:d, :d].T + inv[:d, d]  # array indices
+        v = np.asarray(directions, np.float64) @ inv[:d, :d].T  # indices per mm
+        o, v = np.broadcast_arrays(o, v)
+        lo, hi = -0.5 - o, np.asarray(self.shape, np.float64) - 0.5 - o  # index offsets the box allows
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1, t2 = lo / v, hi / v
+        still = v == 0  # a line parallel to a face: inside for all t or for none
+        inside = (lo < 0) & (hi > 0)
+        t_in = np.where(still, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2)).max(-1)
+        t_out = np.where(still, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2)).min(-1)
+        if self.circle is not None:
+            c = self.circle
+            spacing = np.linalg.norm(self.affine[:-1, :-1], axis=0)
+            # |(o + t v - centre) * spacing|^2 < r^2 over the two in-plane axes: a t^2 + b t + k < 0
+            p = (o[..., 1:3] - [c.row, c.column]) * spacing[1:3]
+            q = v[..., 1:3] * spacing[1:3]
+            a, b, k = (q * q).sum(-1), 2 * (p * q).sum(-1), (p * p).sum(-1) - c.radius_mm ** 2
+            disc = b * b - 4 * a * k
+            with np.errstate(divide="ignore", invalid="ignore"):
+                root = np.sqrt(np.maximum(disc, 0.0))
+                r1, r2 = (-b - root) / (2 * a), (-b + root) / (2 * a)
+            r1 = np.where(a == 0, np.where(k < 0, -np.inf, np.inf), np.where(disc > 0, r1, np.inf))
+            r2 = np.where(a == 0, np.where(k < 0, np.inf, -np.inf), np.where(disc > 0, r2, -np.inf))
+            t_in, t_out = np.maximum(t_in, r1), np.minimum(t_out, r2)
+        return t_in, t_out
+
 
 class VolumeSampler:
     """Reads intensities at points (mm) from one image (2D) or volume (3D); keeps box-filtered copies for
@@ -196,6 +229,10 @@ class VolumeSampler:
     def depth_mm(self, points: np.ndarray) -> np.ndarray:
         """How deep (mm) each point (..., D) lies inside the scanned region (``ScanRegion.depth_mm``)."""
         return self.region.depth_mm(points)
+
+    def chord(self, origins: np.ndarray, directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where lines run inside the scanned region (``ScanRegion.chord``)."""
+        return self.region.chord(origins, directions)
 
     def _level(self, target_spacing: float) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.dim

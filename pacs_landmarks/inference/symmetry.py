@@ -159,7 +159,11 @@ def _correlations(sampler, centre: np.ndarray, normals: list[np.ndarray], step: 
     grids = (np.asarray(centre, float) + local @ frames).reshape(len(normals), len(u), len(v), len(w), 3)
     values = sampler.sample(torch.as_tensor(grids, dtype=torch.float32), step if smooth else 0.0)
     values = values.clamp(*CLIP_HU).reshape(len(normals), len(u), -1)
-    inside = torch.as_tensor(sampler.depth_mm(grids) > 0, device=values.device).reshape(values.shape)
+    # each line of the grid across the plane enters and leaves the scan once (the region is convex)
+    t_in, t_out = sampler.chord(grids[:, 0].reshape(len(normals), -1, 3) - u[0] * frames[:, None, 0],
+                                frames[:, None, 0])
+    inside = torch.as_tensor((u[None, :, None] > t_in[:, None]) & (u[None, :, None] < t_out[:, None]),
+                             device=values.device)
     side = int(round(box.half_width_mm / h))
     out = np.empty((len(normals), len(OFFSETS_MM)))
     for k, s in enumerate(OFFSETS_MM):
