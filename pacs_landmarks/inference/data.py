@@ -382,10 +382,14 @@ def load_case(case_dir: str | Path, names: list[str], landmark_set: str = "crani
     cdir.mkdir(parents=True, exist_ok=True)
     # a file of this writer's own: two processes may decode the same case at once (train and evaluate)
     fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".tmp-{key}-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, array=case.array, affine=case.affine, landmarks=case.landmarks,
-                 slice_thickness=case.slice_thickness, in_scan=in_scan, edge_distance=edge)
-    Path(tmp).replace(cpath)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, array=case.array, affine=case.affine, landmarks=case.landmarks,
+                     slice_thickness=case.slice_thickness, in_scan=in_scan, edge_distance=edge)
+        Path(tmp).replace(cpath)
+    except BaseException:  # a full disk, an interrupt: leave no half-written file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     for old in cdir.glob("volume-*.npz"):
         if old != cpath:
             old.unlink(missing_ok=True)

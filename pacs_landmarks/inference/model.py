@@ -260,6 +260,7 @@ class LandmarkModel:
         self.shape_model = ShapeModel.from_json(doc) if doc else None
         doc = (metadata.get("calibration") or {}).get("shape_prior")
         self.shape_prior = ShapePrior.from_json(doc) if doc and self.shape_model is not None else None
+        self.symmetry = SymmetryRules.from_metadata(metadata, mirror_names(metadata["landmark_names"]), MIN_EDGE_MM)
 
     name = property(lambda self: self.metadata["name"])
     version = property(lambda self: self.metadata["version"])
@@ -385,14 +386,13 @@ class LandmarkModel:
         from pacs_landmarks.inference.cascade import run_cascade
 
         mirror = mirror_names(self.landmark_names) if self.tta == "mirror" else None
-        symmetry = SymmetryRules.from_metadata(self.metadata, mirror_names(self.landmark_names), MIN_EDGE_MM)
         with self._lock:
             t0 = time.perf_counter()
             sampler = self.cascade.sampler(array, affine, self.device)
             t_sampler = time.perf_counter() - t0
             out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
-                              mirror=mirror, prior=self.shape_prior, symmetry=symmetry)
+                              mirror=mirror, prior=self.shape_prior, symmetry=self.symmetry)
         # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
         out.timings = {"sampler": t_sampler, **out.timings}
         return out

@@ -57,8 +57,9 @@ OFFSETS_MM = np.arange(-8.0, 8.01, 0.5)
 ANGLES_DEG = (-10.0, -5.0, 0.0, 5.0, 10.0)
 FINE_ANGLES_DEG = (-2.5, -1.25, 0.0, 1.25, 2.5)
 CLIP_HU = (-200.0, 1500.0)
-# Below this correlation the box is not a symmetric chin (a cut, a large asymmetric filling, a fracture): keep
-# the points.  On complete phantom heads the correlation at the plane is 0.95-0.99.
+# Below this correlation the box is not a symmetric structure (a large asymmetric filling, a fracture): keep
+# the points.  On phantom heads the correlation at the plane is 0.95-0.99 around the chin, 0.88-0.99 around the
+# orbits; on the two real heads' orbits 0.72-0.78, so there nothing moves (docs/accuracy.md).
 MIN_CORRELATION = 0.9
 # ... and a plane is judged on at least this share of its box inside the scan.
 MIN_INSIDE_SHARE = 0.5
@@ -73,8 +74,9 @@ class SymmetryRules:
 
     ``mirror``: the set's left-right permutation (``landmark_sets.mirror_names``); ``chin`` (L,) bool: the
     points put onto the chin's symmetry plane (``onto_midline``); ``pairs``: (right, left) index pairs moved
-    together onto the symmetry plane around them (``pairs_onto_midplane``); ``min_depth_mm``: how deep inside
-    the scan both of a pair must lie (at the edge a point is where the cut put it).
+    together onto the symmetry plane around them (``pairs_onto_midplane``: one ``ORBIT_BOX`` around all of
+    them, made for the Orbitales); ``min_depth_mm``: how deep inside the scan both of a pair must lie (at the
+    edge a point is where the cut put it).
     """
     mirror: list[int]
     chin: np.ndarray | None = None
@@ -174,8 +176,9 @@ def _correlations(sampler, centre: np.ndarray, normals: list[np.ndarray], step: 
         b = values[:, far].flip(1)  # the mirror of each sample of a
         both = (inside[:, near] & inside[:, far].flip(1)).to(values.dtype)
         n = both.sum((1, 2), dtype=torch.float64)
-        a = (a - (a * both).sum((1, 2), keepdim=True) / n.clamp_min(1)[:, None, None].float()) * both
-        b = (b - (b * both).sum((1, 2), keepdim=True) / n.clamp_min(1)[:, None, None].float()) * both
+        count = n.clamp_min(1).float()[:, None, None]
+        a = (a - (a * both).sum((1, 2), keepdim=True) / count) * both
+        b = (b - (b * both).sum((1, 2), keepdim=True) / count) * both
         # sums in double: neighbouring offsets' scores differ in the fourth digit, and the parabola needs it
         sums = [x.sum((1, 2), dtype=torch.float64) for x in (a * b, a.square(), b.square())]
         score = sums[0] / (sums[1] * sums[2]).sqrt().clamp_min(1e-9)
@@ -190,7 +193,7 @@ def mirror_plane(sampler, centre: np.ndarray, axes: list[np.ndarray],
     in finer turns around the best (``FINE_ANGLES_DEG``)."""
     normals = [_turned(np.asarray(a, float), yaw, roll) for a in axes for yaw in ANGLES_DEG for roll in ANGLES_DEG]
     coarse = _correlations(sampler, centre, normals, COARSE_STEP_MM, smooth=True, box=box)
-    # a normal a few degrees off shifts the best offset towards the bulk of the bone, behind the chin's front:
+    # a normal a few degrees off shifts the best offset towards the bulk of the bone (behind the chin's front):
     # turn it in finer steps before taking the offset
     best = normals[int(np.argmax(coarse.max(1)))]
     normals = [_turned(best, yaw, roll) for yaw in FINE_ANGLES_DEG for roll in FINE_ANGLES_DEG]
