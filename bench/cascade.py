@@ -1,10 +1,10 @@
 """Per-stage time of the landmark cascade on a 512 x 512 x 200 CT series and on a synthetic lateral
-cephalogram (~1700 x 2100 px) (CPU, 2 threads unless told).
+cephalogram (~1700 x 2100 px) (CPU, 2 threads unless told; --device cuda for a GPU).
 
 Prints a table: DICOM read (pydicom, all slices), volume build (load_series), stage 1/2/3, cascade total; then
 the 2D rows: image read (load_xray), stage 1/2/3, predict_image total (the issue's target: <= 0.5 s).
 Usage: .venv/bin/python bench/cascade.py [--repeats 5] [--threads 2] [--model MODEL.pt] [--ceph-model M.pt]
-       [--only ct|ceph] [--tta mirror|none]
+       [--only ct|ceph] [--tta mirror|none] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("ct", "ceph"), default=None)
     ap.add_argument("--tta", choices=("mirror", "none"), default=None,
                     help="CT: test-time augmentation instead of the model file's (mirror: two passes)")
+    ap.add_argument("--device", default="cpu", help="torch device (default cpu; e.g. cuda)")
     args = ap.parse_args()
 
     import os
@@ -36,12 +37,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     if args.only != "ceph":
-        model = LandmarkModel.load(args.model, device="cpu")
+        model = LandmarkModel.load(args.model, device=args.device)
         if args.tta is not None:
             model = model.with_tta(None if args.tta == "none" else args.tta)
         bench_ct(args, model)
     if args.only != "ct":
-        bench_ceph(args, LandmarkModel.load(args.ceph_model, device="cpu", landmark_set="ceph19"))
+        bench_ceph(args, LandmarkModel.load(args.ceph_model, device=args.device, landmark_set="ceph19"))
 
 
 def bench_ceph(args, model) -> None:
@@ -71,8 +72,8 @@ def bench_ceph(args, model) -> None:
             rows.setdefault("cascade total", []).append(t2 - t1)
             rows.setdefault("predict_image total", []).append(t3 - t2)
     print(f"\ncephalogram benchmark: image {image.shape[1]}x{image.shape[0]} (cols x rows), model {model.name} "
-          f"{model.version}, torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
-          f"median of {args.repeats}")
+          f"{model.version}, torch {torch.__version__}, device {model.device}, {args.threads} threads, "
+          f"{os.cpu_count()} CPUs, median of {args.repeats}")
     print("| step | median (s) | min (s) |\n|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {statistics.median(v):.3f} | {min(v):.3f} |")
@@ -112,7 +113,7 @@ def bench_ct(args, model) -> None:
             rows.setdefault("cascade total", []).append(t3 - t2)
     print(f"cascade benchmark: volume {shape[2]}x{shape[1]}x{shape[0]} (cols x rows x slices), "
           f"model {model.name} {model.version}, test-time augmentation {model.tta or 'none'}, "
-          f"torch {torch.__version__}, {args.threads} threads, "
+          f"torch {torch.__version__}, device {model.device}, {args.threads} threads, "
           f"{os.cpu_count()} CPUs, median of {args.repeats}")
     print(f"| step | median (s) | min (s) |\n|---|---|---|")
     for k, v in rows.items():

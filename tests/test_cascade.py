@@ -373,6 +373,20 @@ def test_predict_cli_bad_model(tiny_cases, tmp_path):
     assert proc.returncode == 2 and "not a readable model file" in proc.stderr
 
 
+def test_a_device_this_machine_lacks_is_a_clear_error(tiny_cases, demo_model):
+    """``--device`` of evaluate and predict: a clear message and exit 2, not torch's assertion."""
+    missing = f"cuda:{torch.cuda.device_count()}"  # one more than there are (cuda:0 here, with no GPU)
+    case = sorted(p for p in tiny_cases.iterdir() if p.is_dir())[0]
+    for args in (("evaluate", "--data", str(tiny_cases), "-q"), ("predict", str(case))):
+        proc = _run_cli(*args, "--device", missing)
+        assert proc.returncode == 2 and f"device '{missing}': this machine has" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = _run_cli("evaluate", "--data", str(tiny_cases), "-q", "--device", "toaster")
+    assert proc.returncode == 2 and "device 'toaster'" in proc.stderr and "Traceback" not in proc.stderr
+    model = LandmarkModel(demo_model.cascade, demo_model.metadata, demo_model.device, demo_model.path, autocast=True)
+    assert not demo_model.autocast and model.with_tta(None).autocast and model.with_shape_prior(None).autocast
+
+
 def test_truth_from_a_landmark_sr_when_there_is_no_json(tiny_cases, tmp_path):
     """A case may carry its truth as a TID 1500 SR (here: the SR that `infer` writes) instead of JSON."""
     import shutil

@@ -406,7 +406,7 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
                 # the re-seeded start is as uncertain as the shape model's threshold
                 var = var.clone()
                 var[torch.as_tensor(ok, device=var.device)] = 25.0
-    timings[f"stage1_{st.name}"] = time.perf_counter() - t0
+    timings[f"stage1_{st.name}"] = _elapsed(t0, dev)
 
     for k, st in enumerate(stages[1:], start=2):
         t0 = time.perf_counter()
@@ -423,7 +423,7 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
         else:
             pos, var = new_pos, new_var
         positions.append(pos)
-        timings[f"stage{k}_{st.name}"] = time.perf_counter() - t0
+        timings[f"stage{k}_{st.name}"] = _elapsed(t0, dev)
 
     positions_np = torch.stack(positions).cpu().double().numpy()
     spreads_np = torch.stack(spreads).cpu().double().numpy()
@@ -463,6 +463,16 @@ def _one_pass(cascade: Cascade, sampler: VolumeSampler, autocast: bool = False, 
     return CascadeOutput(positions_np, spreads_np, conf, bone_ml, timings, presence, inside,
                          sampler.depth_mm(positions_np[-1]), reseeded, np.asarray(centre, np.float64),
                          region=sampler.region, **image)
+
+
+def _elapsed(t0: float, dev: torch.device) -> float:
+    """Seconds since ``t0``, after the device's queued work: CUDA kernels run asynchronously, so without the
+    wait a stage's time would be its launches' and the next stage would be charged for it."""
+    import time
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
 
 
 def parameter_count(module: nn.Module) -> int:

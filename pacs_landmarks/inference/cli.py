@@ -12,11 +12,11 @@ from pathlib import Path
 from pacs_landmarks.errors import CommandError
 
 
-def _load_model(path, landmark_set=None):
+def _load_model(path, landmark_set=None, device=None):
     from pacs_landmarks.inference.model import LandmarkModel, ModelError
 
     try:
-        return LandmarkModel.load(path, landmark_set=landmark_set if path is None else None)
+        return LandmarkModel.load(path, device=device, landmark_set=landmark_set if path is None else None)
     except ModelError as exc:
         raise CommandError(str(exc)) from None
 
@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.evaluate import box_plots, evaluate_cases, format_report, write_json
 
-    model = _load_model(args.model, _data_set(args))
+    model = _load_model(args.model, _data_set(args), args.device)
     if args.tta is not None:
         try:
             model = model.with_tta(None if args.tta == "none" else args.tta)
@@ -144,7 +144,7 @@ def _predict_image(args, path: Path, model) -> int:
         image = load_xray(path, pixel_spacing=args.pixel_spacing, require_ceph=False)
     except XRayError as exc:
         raise CommandError(str(exc)) from None
-    model = model or _load_model(None, "ceph19")
+    model = model or _load_model(None, "ceph19", args.device)
     if model.dim != 2:
         raise CommandError(f"model {model.name} is for CT series, {path} is an X-ray image")
     lms = model.predict_image(image)
@@ -185,7 +185,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pacs_landmarks.inference.landmark import landmark_json, landmark_table
 
     # a given model file is checked first: a bad one is the error to report whatever the input
-    model = _load_model(args.model) if args.model is not None else None
+    model = _load_model(args.model, device=args.device) if args.model is not None else None
     series = Path(args.series)
     if not series.exists():
         raise CommandError(f"not found: {series}")
@@ -195,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     xray = _xray_file(files)
     if xray is not None:
         return _predict_image(args, xray, model)
-    model = model or _load_model(None)
+    model = model or _load_model(None, device=args.device)
     if model.dim != 3:
         raise CommandError(f"model {model.name} is for cephalograms (2D), {series} is not an X-ray image")
     try:
@@ -285,6 +285,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", choices=("mirror", "none"), default=None,
                    help="test-time augmentation for this evaluation instead of the model file's (CT only): "
                    "mirror = also run on the head mirrored left-right and report the mean; none = run once")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
@@ -301,4 +302,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pixel-spacing", type=float, default=None, metavar="MM",
                    help="cephalogram: pixel size in mm, instead of what the header says")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: automatic)")
     p.set_defaults(func=cmd_predict)

@@ -245,16 +245,36 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, weights
 
 
+def _torch_device(name: str):
+    """``torch.device(name)``, or ``ModelError`` saying what this machine has instead of torch's assertion."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ModelError(f"device {name!r}: {exc}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ModelError(f"device {name!r}: this machine has {count} CUDA device(s) that torch "
+                             f"{torch.__version__} can use; use cpu or leave the device out (automatic)")
+    return dev
+
+
 class LandmarkModel:
     """A loaded cascade. Load once, reuse for every series; ``predict`` is thread-safe."""
 
-    def __init__(self, cascade, metadata: dict[str, Any], device, path: Path | None = None):
+    def __init__(self, cascade, metadata: dict[str, Any], device, path: Path | None = None,
+                 autocast: bool = False):
         from pacs_landmarks.inference.shape import ShapeModel, ShapePrior
 
         self.cascade = cascade
         self.metadata = metadata
         self.device = device
         self.path = path
+        # float32 everywhere unless told: the threshold was calibrated in float32, and float16 autocast was no
+        # faster for these small crops on an H200 (bench/device.py, docs/benchmarks.md)
+        self.autocast = bool(autocast)
         self._lock = threading.Lock()
         doc = metadata.get("shape_model")
         self.shape_model = ShapeModel.from_json(doc) if doc else None
@@ -275,7 +295,7 @@ class LandmarkModel:
         """The same loaded cascade with another test-time augmentation (``TTA_MODES``), e.g. to evaluate a
         model with and without it; the calibrated threshold stays the file's."""
         check_tta(tta, self.dim)
-        return LandmarkModel(self.cascade, dict(self.metadata, tta=tta), self.device, self.path)
+        return LandmarkModel(self.cascade, dict(self.metadata, tta=tta), self.device, self.path, self.autocast)
 
     def with_shape_prior(self, prior) -> "LandmarkModel":
         """The same loaded cascade with another ``shape.ShapePrior`` (None: the image's points alone), e.g. to
@@ -284,7 +304,8 @@ class LandmarkModel:
         cal.pop("shape_prior", None)
         if prior is not None:
             cal["shape_prior"] = prior.to_json()
-        return LandmarkModel(self.cascade, dict(self.metadata, calibration=cal or None), self.device, self.path)
+        return LandmarkModel(self.cascade, dict(self.metadata, calibration=cal or None), self.device, self.path,
+                             self.autocast)
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str | None = None,
@@ -360,7 +381,7 @@ class LandmarkModel:
             raise ModelError(f"{path}: chin_midline / midplane_pairs do not fit: {exc}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = _torch_device(device)
         if dev.type == "cpu":
             _threads()
         cascade.to(dev).eval()
@@ -390,7 +411,7 @@ class LandmarkModel:
             t0 = time.perf_counter()
             sampler = self.cascade.sampler(array, affine, self.device)
             t_sampler = time.perf_counter() - t0
-            out = run_cascade(self.cascade, sampler, autocast=self.device.type == "cuda",
+            out = run_cascade(self.cascade, sampler, autocast=self.autocast,
                               fuse=bool(self.metadata.get("fuse_stages", False)), shape=self.shape_model,
                               mirror=mirror, prior=self.shape_prior, symmetry=self.symmetry)
         # the copy to the device and, for CT, the reconstruction circle and the check for Hounsfield units
