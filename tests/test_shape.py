@@ -64,6 +64,45 @@ def test_missing_jaw_is_predicted_from_the_rest(model, shapes):
     assert err[obs].max() < 4 and err[jaw].max() < 15
 
 
+def test_too_few_points_for_a_shape_are_checked_in_pairs(model, shapes):
+    """2-4 found points (a dental CBCT, a mandible-only scan) are too few to fit a shape; a pair whose distance
+    no head has is still caught.  The case behind it: a B point found 17 mm up on an incisor, next to A point."""
+    a, b, ans = IDX["A point"], IDX["B point"], IDX["ANS"]
+    for x in shapes[20:]:
+        for few in ([ans, a, b], [a, b], [IDX["Menton"], IDX["Gnathion"]], [IDX["Sella"], IDX["Nasion"],
+                                                                            IDX["Basion"], IDX["Porion R"]]):
+            cand = np.zeros(16, bool)
+            cand[few] = True
+            bad, _ = model.check(x, cand)
+            assert not bad.any(), few
+        y = x.copy()
+        y[b] = x[a] + 0.3 * (x[b] - x[a])  # B point 70 % of the way up to A point
+        cand = np.zeros(16, bool)
+        cand[[ans, a, b]] = True
+        bad, _ = model.check(y, cand)
+        assert np.flatnonzero(bad).tolist() == [b]  # in both bad pairs: the one to drop
+        cand[ans] = False
+        bad, _ = model.check(y, cand)
+        assert np.flatnonzero(bad).tolist() == [a, b]  # two points do not say which one is wrong
+    # a head a fifth smaller or larger than the model's mean (a teenager, a large adult) still fits
+    for scale in (0.8, 1.2):
+        cand = np.zeros(16, bool)
+        cand[[ans, a, b, IDX["Menton"]]] = True
+        assert not model.check(shapes[21] * scale, cand)[0].any()
+
+
+def test_a_found_point_too_far_from_the_few_others_is_not_found(model, shapes):
+    x = shapes[22].copy()
+    a, b, ans = IDX["A point"], IDX["B point"], IDX["ANS"]
+    x[b] = x[a] + 0.3 * (x[b] - x[a])
+    conf = np.full(16, 0.8)
+    presence = np.zeros(16)
+    presence[[ans, a, b]] = 1.0
+    status, reason, _ = landmark_statuses(_output(x, conf, presence), model)
+    assert status[b] == NOT_FOUND and reason[b] == "implausible position"
+    assert status[a] == FOUND and status[ans] == FOUND
+
+
 def _output(positions, confidence, presence=None, inside=None, edge=None):
     n = positions.shape[0]
     return CascadeOutput(np.stack([positions] * 3), np.ones((3, n)), np.asarray(confidence, float), 500.0, {},

@@ -7,7 +7,9 @@ shape model puts them.  The cascade uses this twice:
 - after the global stage, a landmark whose estimate does not fit the others is re-seeded from them, so the
   local stages start near the right place (``ShapeModel.check`` then ``predict``);
 - after the last stage, a landmark that does not fit the others (leave-one-out residual beyond its
-  threshold) is flagged ``implausible`` (``not_found``, "implausible position");
+  threshold) is flagged ``implausible`` (``not_found``, "implausible position"); with only 2-4 of them (a
+  dental CBCT, a mandible-only scan) too few to fit a shape, their distances in pairs are checked instead
+  (``misfit_pairs``);
 - after the last stage, each plausible point is combined, axis by axis, with where the others put it
   (``ShapePrior``): along an axis in which the image says little (a flat chin from side to side, the floor
   of the orbit, 5 mm slices along z) the configuration carries more weight.
@@ -19,6 +21,7 @@ for CT (a 2D cephalogram would use D = 2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -26,6 +29,14 @@ import numpy as np
 FLOOR_MM = 10.0
 SIGMAS = 4.0
 MIN_POINTS = 5  # fewer observed landmarks than this say too little about the rest
+# Below MIN_POINTS, pairs of points are checked instead, in the same form: a pair whose distance is off its mean
+# by more than max(FLOOR_MM, PAIR_SIGMAS x its SD) does not fit.  The SD is the model's shapes' and head
+# size's in quadrature: the Procrustes model keeps no size; adult heads' S-N and N-Me lengths span about
+# +-12 % (craniofacial-reference.md), the phantoms' size 0.88-1.08 (SD 4.7 %), so SIZE_SD 8 % of the mean.
+# 3, not SIGMAS: few points carry less evidence each way, and at 4 a B point found 17 mm up on an incisor,
+# 18.6 mm from A point (mean 42.5, SD 5.4), passed (docs/accuracy.md, "Too few points for a shape").
+PAIR_SIGMAS = 3.0
+SIZE_SD = 0.08
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -226,6 +237,7 @@ class ShapeModel:
         max_drop = len(pts) // 3 if max_drop is None else max_drop
         for _ in range(max_drop + 1):
             if keep.sum() < MIN_POINTS:
+                bad |= self.misfit_pairs(pts, keep)
                 break
             res = np.linalg.norm(self.leave_one_out(pts, keep, weights) - pts, axis=1)  # NaN where not kept
             score = np.where(keep, res / thr, -np.inf)
@@ -235,6 +247,36 @@ class ShapeModel:
             bad[worst] = True
             keep[worst] = False
         return bad, res
+
+    @cached_property
+    def pair_distances(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, SD), each (L, L) mm: every pair's distance over 2,000 shapes drawn from the model (mean size)."""
+        draws = np.random.default_rng(0).standard_normal((2000, len(self.sd))) * self.sd
+        shapes = self.mean + (draws @ self.components).reshape(len(draws), *self.mean.shape)
+        d = np.linalg.norm(shapes[:, :, None] - shapes[:, None], axis=-1)
+        return d.mean(0), d.std(0)
+
+    def misfit_pairs(self, points: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """(L,) bool: the candidates too few for a shape fit (2 to MIN_POINTS - 1) whose distances to the others
+        no head has.  Drops the candidate in the most such pairs (all of them on a tie: two points too far
+        apart do not say which is wrong) and looks again."""
+        pts = np.asarray(points, float)
+        idx = np.flatnonzero(np.asarray(candidates, bool) & np.isfinite(pts).all(1))
+        bad = np.zeros(len(pts), bool)
+        mean, sd = self.pair_distances
+        while len(idx) >= 2:
+            sub = np.ix_(idx, idx)
+            d = np.linalg.norm(pts[idx][:, None] - pts[idx][None], axis=-1)
+            allowed = np.maximum(FLOOR_MM, PAIR_SIGMAS * np.hypot(SIZE_SD * mean[sub], sd[sub]))
+            wrong = np.abs(d - mean[sub]) > allowed
+            np.fill_diagonal(wrong, False)
+            count = wrong.sum(1)
+            if not count.any():
+                break
+            worst = count == count.max()
+            bad[idx[worst]] = True
+            idx = idx[~worst]
+        return bad
 
     # ----------------------------------------------------------------------------------- storage
     def to_json(self) -> dict:
