@@ -62,6 +62,11 @@ LABELS = [
     ("cov9-random", "random cuts at both ends, ninth draw"),
     ("cov9-mandible", "mandible only, ninth draw"),
     ("cov9-cbct-medium", "dental CBCT, medium cylinder, ninth draw"),
+    ("cov10-cbct-small", "dental CBCT, small cylinder, tenth draw"),
+    ("cov10-cbct-medium", "dental CBCT, medium cylinder, tenth draw"),
+    ("cov10-mandible", "mandible only, tenth draw"),
+    ("cov10-random", "random cuts at both ends, tenth draw"),
+    ("cov10-routine", "routine head, tenth draw"),
     ("metal", "16 filled teeth with streaks (600 HU)"),
     ("cbct", "CBCT-like intensity (gain 0.75, +250 HU, cupping 150 HU, rings 40 HU)"),
     ("variety", "full domain randomisation (calibration set)"),
@@ -115,7 +120,8 @@ def summary_row(name, label, r):
     found_within = fe["sdr"]["2"] if fe.get("n") else None
     return (f"| {label} | {r['cases']} | {fine.get('mre', float('nan')):.2f} | {pct(fine['sdr']['2']) if fine.get('n') else '-'} | "
             f"{(format(fe['mre'], '.2f') if fe.get('n') else '-')} | {pct(found_within)} | {pct(st['found_of_in_scan'])} | "
-            f"{pct(st['presence_correct_beyond_5mm'])} ({st['presence_n_beyond_5mm']}) | {st['found_not_in_scan']} |")
+            f"{pct(st['presence_correct_beyond_5mm'])} ({st['presence_n_beyond_5mm']}) | {st['found_not_in_scan']} | "
+            f"{st['found_beyond_5mm']} |")
 
 
 def main():
@@ -151,8 +157,8 @@ def main():
     w("")
     w("## Summary\n")
     w("| set | cases | MRE all in scan (mm) | SDR@2 all in scan % | MRE found (mm) | SDR@2 found % | found of in scan % | "
-      "presence correct > 5 mm from edge % (n) | found but not in scan |")
-    w("|---|---|---|---|---|---|---|---|---|")
+      "presence correct > 5 mm from edge % (n) | found but not in scan | found > 5 mm off |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
     results = {}
     for name, label, _ in sets():
         r = load(name)

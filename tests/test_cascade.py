@@ -326,6 +326,11 @@ def test_evaluate_cli_tables_json_and_plots(tiny_cases, tmp_path):
     misses = st["presence_misses_beyond_5mm"]
     wrong = round((1 - st["presence_correct_beyond_5mm"]) * st["presence_n_beyond_5mm"])
     assert misses["in_scan_called_outside"] + misses["outside_called_in_scan"] == wrong
+    # found more than 5 mm off, from the raw errors and statuses
+    err = np.array(result["errors"], float)[:, -1]
+    found = np.array([c["statuses"] for c in result["per_case"]]) == "found"
+    assert st["found_beyond_5mm"] == int((found & (np.nan_to_num(err) > 5.0)).sum())
+    assert "| found more than 5 mm off |" in proc.stdout
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert len(pngs) == 17 and "Gonion_R.png" in pngs
 
