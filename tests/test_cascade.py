@@ -331,6 +331,11 @@ def test_evaluate_cli_tables_json_and_plots(tiny_cases, tmp_path):
     found = np.array([c["statuses"] for c in result["per_case"]]) == "found"
     assert st["found_beyond_5mm"] == int((found & (np.nan_to_num(err) > 5.0)).sum())
     assert "| found more than 5 mm off |" in proc.stdout
+    # found points landmark by landmark add up to all found points
+    per = st["found_error_per_landmark"]
+    assert list(per) == result["landmarks"]
+    assert sum(e["n"] for e in per.values()) == st["found_error"]["n"] == int((found & np.isfinite(err)).sum())
+    assert all(f"| found {n} |" in proc.stdout for n, e in per.items() if e["n"])
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert len(pngs) == 17 and "Gonion_R.png" in pngs
 
