@@ -34,11 +34,11 @@ def main() -> None:
     os.environ["PACS_LANDMARKS_THREADS"] = str(args.threads)
     import torch
 
-    from pacs_landmarks.inference.model import LandmarkModel, ModelError
+    from pacs_landmarks.inference.model import ModelError, torch_device
 
     torch.set_num_threads(args.threads)
     try:
-        LandmarkModel.load(device=args.device)
+        torch_device(args.device)
     except ModelError as exc:
         print(f"bench/device.py: nothing to compare ({exc})")
         return

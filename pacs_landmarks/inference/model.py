@@ -245,7 +245,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return meta, weights
 
 
-def _torch_device(name: str):
+def torch_device(name: str):
     """``torch.device(name)``, or ``ModelError`` saying what this machine has instead of torch's assertion."""
     import torch
 
@@ -381,7 +381,7 @@ class LandmarkModel:
             raise ModelError(f"{path}: chin_midline / midplane_pairs do not fit: {exc}") from None
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        dev = _torch_device(device)
+        dev = torch_device(device)
         if dev.type == "cpu":
             _threads()
         cascade.to(dev).eval()
