@@ -60,7 +60,7 @@ def bench_ceph(args, model) -> None:
             t0 = time.perf_counter()
             image = load_xray(path)
             t1 = time.perf_counter()
-            out, _, _ = model.run_image(image)
+            out, *_ = model.run_image(image)
             t2 = time.perf_counter()
             model.predict_image(image)
             t3 = time.perf_counter()

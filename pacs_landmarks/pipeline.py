@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -238,8 +239,11 @@ def process_image(item: str | Path | Dataset, model, predecessors: Predecessors 
         raise NotACephalogram(image.ceph.reason)
 
     t = time.perf_counter()
-    landmarks = list(model.predict_image(image))
+    read = model.predict_image(image)
     timings["cascade"] = time.perf_counter() - t
+    landmarks = list(read)
+    # the image's own reading of the facing replaces the header's (often empty on CR and film) from here on
+    image = dataclasses.replace(image, facing=read.facing, facing_source=read.facing_source)
     found = sum(lm.status == FOUND for lm in landmarks)
     if image.ceph.verdict == "unknown" and found < CONFIRM_FRACTION * len(landmarks):
         raise NotACephalogram(

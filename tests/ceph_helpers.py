@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs_landmarks.inference.landmark2d import Landmark2D
+from pacs_landmarks.inference.landmark2d import ImageLandmarks, Landmark2D
 from pacs_landmarks.landmark_sets import landmark_names
 
 
@@ -33,9 +33,11 @@ class TruthModel:
     def add(self, sop_instance_uid: str, points: dict[str, list[float]]) -> None:
         self.truth[sop_instance_uid] = points
 
-    def predict_image(self, image) -> list[Landmark2D]:
+    def predict_image(self, image) -> ImageLandmarks:
         points = self.truth.get(image.sop_instance_uid, {})
-        out = []
+        spacing = image.spacing.mm if image.spacing is not None else (1.0, 1.0)
+        out = ImageLandmarks(pixel_spacing_mm=spacing, spacing_source="truth", spacing_nominal=image.spacing is None,
+                             facing=image.facing, facing_source=image.facing_source)
         for name in landmark_names("ceph19"):
             p = points.get(name)
             if p is None or name in self.missing:

@@ -260,6 +260,18 @@ def test_shipped_ceph_model_on_a_fresh_ceph_and_on_images_that_are_not_cephs(cep
         assert len(found) >= 15, [(lm.name, lm.status, lm.reason) for lm in lms]
         err_mm = [np.hypot(*(np.subtract(lm.position_px, truth[lm.name]) * right.spacing.col_mm)) for lm in found]
         assert np.mean(err_mm) < 1.5, np.round(err_mm, 2)
+    # Patient Orientation empty or wrong (common on CR and scanned film): the image is read both ways round and
+    # the face is read looking left, as it does; points as with a true header
+    import dataclasses
+
+    told = model.predict_image(left)
+    assert (told.facing, "Patient Orientation P" in told.facing_source) == ("left", True)
+    for facing, source in (("unknown", "no usable Patient Orientation"), ("right", "Patient Orientation A\\F")):
+        lms = model.predict_image(dataclasses.replace(left, facing=facing, facing_source=source))
+        assert lms.facing == "left" and "the image (median confidence" in lms.facing_source
+        assert [lm.status for lm in lms] == [lm.status for lm in told]
+        for a, b in zip(lms, told):
+            np.testing.assert_allclose(a.stage_positions, b.stage_positions)
     for name, pixels in (("chest", _chest()), ("noise", np.random.default_rng(3).random((2000, 1700))),
                          ("flat", np.full((2000, 1700), 0.5))):
         lms = model.predict_image(_image(pixels))

@@ -55,6 +55,39 @@ def test_2d_case_is_face_right_in_mm(tiny_cephs):
     assert left.landmarks[n, 0] > left.landmarks[0, 0] and right.landmarks[n, 0] > right.landmarks[0, 0]
 
 
+def test_2d_case_faces_the_way_its_reference_points_say_whatever_the_header(tiny_cephs, tmp_path, caplog):
+    """A clinic's image with no Patient Orientation, or the wrong one, still trains the right way round: the face
+    landmarks lie in front of Sella, Porion and Articulare."""
+    import pydicom
+
+    from pacs_landmarks.inference.data import facing_of_points
+
+    good = load_case(tiny_cephs / "ceph-1", NAMES, "ceph19")  # facing left, header says so
+    for name, orientation in (("none", None), ("wrong", ["A", "F"])):
+        case = tmp_path / name
+        shutil.copytree(tiny_cephs / "ceph-1", case)
+        ds = pydicom.dcmread(case / "image.dcm")
+        if orientation is None:
+            del ds.PatientOrientation
+        else:
+            ds.PatientOrientation = orientation
+        ds.save_as(case / "image.dcm")
+        with caplog.at_level("WARNING"):
+            loaded = load_case(case, NAMES, "ceph19")
+        np.testing.assert_allclose(loaded.landmarks, good.landmarks)
+        np.testing.assert_array_equal(loaded.array, good.array)
+        assert ("reference points face left" in caplog.text) == (name == "wrong")
+    points = np.full((len(NAMES), 2), np.nan)
+    assert facing_of_points(NAMES, points, 1000) is None  # nothing to tell by
+    points[NAMES.index("Sella")] = (300, 400)
+    points[NAMES.index("Nasion")] = (330, 380)  # 3 % of the width: too close to tell
+    assert facing_of_points(NAMES, points, 1000) is None
+    points[NAMES.index("Nasion")] = (700, 380)
+    assert facing_of_points(NAMES, points, 1000) == "right"
+    points[:, 0] = 1000 - points[:, 0]
+    assert facing_of_points(NAMES, points, 1000) == "left"
+
+
 def test_2d_case_truth_from_an_annotator_or_their_mean(tiny_cephs):
     senior = load_case(tiny_cephs / "ceph-2", NAMES, "ceph19", truth="senior")
     junior = load_case(tiny_cephs / "ceph-2", NAMES, "ceph19", truth="junior")
@@ -121,6 +154,8 @@ def test_train_one_epoch_on_cephs_writes_a_2d_model_and_evaluate_prints_isbi_met
     result = json.loads((tmp_path / "r.json").read_text())
     inter = result["inter_observer"]["junior vs senior"]
     assert inter["n"] == 18 and inter["mre"] == pytest.approx(1.0, abs=1e-3)
+    # each image is read both ways round, as without Patient Orientation, and wrong readings are counted
+    assert 0 <= result["status"]["facing_wrong"] <= 3 and "| read facing the wrong way" in out
     assert (tmp_path / "plots" / "overall.png").is_file()
 
 
@@ -137,6 +172,7 @@ def test_predict_cli_on_a_cephalogram(tiny_cephs):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["landmark_set"] == "ceph19" and doc["facing"] == "left"
+    assert "Patient Orientation P" in doc["facing_source"]
     truth = json.loads((tiny_cephs / "ceph-1" / "landmarks.json").read_text())
     assert doc["pixel_spacing_mm"] == pytest.approx(truth["pixel_spacing_mm"], rel=1e-4)
     assert "Magnification" in doc["pixel_spacing_source"]

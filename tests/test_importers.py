@@ -83,6 +83,27 @@ def test_isbi2015(tmp_path, validate_dicom):
     assert doc["pixel_spacing_mm"] == [0.125, 0.125]
 
 
+def test_isbi2015_facing_follows_the_points(tmp_path):
+    """The images' facing (their Patient Orientation) comes from each case's points unless --facing says."""
+    names = landmark_names("ceph19")
+    (tmp_path / "isbi" / "RawImage" / "TrainingData").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "isbi" / "RawImage" / "TrainingData" / "001.bmp"), image(1))
+    pts = np.tile([60.0, 30.0], (19, 1))  # every face landmark in the left part of the image ...
+    for back in ("Sella", "Porion", "Articulare", "Gonion", "Posterior nasal spine"):
+        pts[names.index(back)] = (15.0, 30.0)  # ... and the back of the head on the right: facing left
+    pts[:, 0] = COLS - pts[:, 0]
+    for who in ("senior", "junior"):
+        folder = tmp_path / "isbi" / "AnnotationsByMD" / f"400_{who}"
+        folder.mkdir(parents=True)
+        (folder / "001.txt").write_text("\n".join(f"{int(x)},{int(y)}" for x, y in pts) + "\n")
+    for args, want, orientation in (((), "left", "P"), (("--facing", "right", "--overwrite"), "right", "A")):
+        proc = run("isbi2015", tmp_path / "isbi", tmp_path / "out", *args)
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads((tmp_path / "out" / "001" / "landmarks.json").read_text())
+        assert doc["facing"] == want
+        assert pydicom.dcmread(tmp_path / "out" / "001" / "image.dcm").PatientOrientation[0] == orientation
+
+
 def test_isbi2015_bad_annotation(tmp_path):
     make_isbi(tmp_path / "isbi")
     bad = tmp_path / "isbi" / "AnnotationsByMD" / "400_junior" / "001.txt"

@@ -152,7 +152,8 @@ def _predict_image(args, path: Path, model) -> int:
     mm = None if lms.spacing_nominal else (col_mm, row_mm)
     if args.json:
         json.dump({"sop_instance_uid": image.sop_instance_uid, "model": model.name, "model_version": model.version,
-                   "landmark_set": model.landmark_set, "facing": image.facing,
+                   "landmark_set": model.landmark_set, "facing": lms.facing,
+                   "facing_source": lms.facing_source,
                    "pixel_spacing_mm": None if mm is None else [row_mm, col_mm],
                    "pixel_spacing_source": lms.spacing_source,
                    "landmarks": [{"name": lm.name, "status": lm.status,
@@ -164,7 +165,8 @@ def _predict_image(args, path: Path, model) -> int:
                                  for lm in lms]}, sys.stdout, indent=1)
         print()
         return 0
-    print(f"image {image.sop_instance_uid}  model {model.name} {model.version}  facing {image.facing}")
+    print(f"image {image.sop_instance_uid}  model {model.name} {model.version}  facing {lms.facing}")
+    print(f"facing read from {lms.facing_source}")
     print(f"pixel spacing: " + (f"{row_mm:.4f} x {col_mm:.4f} mm (row x column) from {lms.spacing_source}"
                                 if mm else f"unknown ({lms.spacing_source}): positions in pixels only"))
     print(f"{'landmark':<24} {'status':<21} {'column':>9} {'row':>9} {'x (mm)':>8} {'y (mm)':>8} {'conf':>5}  reason")

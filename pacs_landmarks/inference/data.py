@@ -22,7 +22,9 @@ read with ``dicom.xray.load_xray``) and a ``landmarks.json`` of a 2D landmark se
 [row, column] (else the image's own spacing), ``landmarks`` [{"name", "position_px": [column, row] or
 null}] in the image's own SCOORD pixels (PS3.3 C.18.6.1.2), optionally ``annotators`` {name: same list}.
 The case holds the face-right (canonical) image 0..1 as float16 and its points in mm on it (x = column *
-column spacing, y = row * row spacing); null points are NaN (skipped in training and evaluation).  Truth is
+column spacing, y = row * row spacing); null points are NaN (skipped in training and evaluation).  Which way
+the face looks comes from the reference points (``facing_of_points``), else from Patient Orientation, so a
+clinic's images with an empty or wrong header train the right way round.  Truth is
 ``landmarks`` unless ``truth`` says "mean" (of the annotators) or an annotator's name.  An unknown landmark
 or a point outside the image is a ``DataError``.  Decoding one image costs well under a second, so 2D
 cases are not cached.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import logging
 import os
 import tempfile
@@ -228,9 +231,8 @@ def detect_landmark_set(data_dir: str | Path) -> str:
     return "craniofacial16"
 
 
-def _points_2d(path: Path, items, names: list[str], landmark_set: str, shape: tuple[int, int],
-               to_mm) -> np.ndarray:
-    """(L, 2) mm on the canonical image from a list of {"name", "position_px"} (null -> NaN)."""
+def _points_2d(path: Path, items, names: list[str], landmark_set: str, shape: tuple[int, int]) -> np.ndarray:
+    """(L, 2) (column, row) SCOORD pixels of the image from a list of {"name", "position_px"} (null -> NaN)."""
     rows, cols = shape
     index = {n: i for i, n in enumerate(names)}
     out = np.full((len(names), 2), np.nan)
@@ -249,8 +251,32 @@ def _points_2d(path: Path, items, names: list[str], landmark_set: str, shape: tu
             raise DataError(f"{path}: {name}: position_px must be [column, row], not {pos!r}") from None
         if not (0.0 <= c <= cols and 0.0 <= r <= rows):
             raise DataError(f"{path}: {name} at ({c:g}, {r:g}) px lies outside the {cols} x {rows} image")
-        out[index[name]] = to_mm(np.array([c, r]))
+        out[index[name]] = (c, r)
     return out
+
+
+# Landmarks in front of the face's vertical and behind it on a lateral cephalogram (any 2D set): which way
+# the face looks in an annotated image follows from them, whatever Patient Orientation says or omits.
+FACE_FRONT = frozenset({"Nasion", "Soft tissue nasion", "A point", "Anterior nasal spine", "Subnasale", "Pronasale",
+                        "Upper incisal incision", "Lower incisal incision", "Upper lip", "Lower lip", "B point",
+                        "Pogonion", "Soft tissue pogonion"})
+FACE_BACK = frozenset({"Sella", "Porion", "Articulare", "Condylion", "Basion", "Gonion", "Ramus",
+                       "Posterior nasal spine"})
+
+
+def facing_of_points(names: list[str], points: np.ndarray, width: float) -> str | None:
+    """"right" or "left": the way the face looks from (L, 2) (column, row) points of a 2D set (NaN where
+    missing), the front landmarks' median column right or left of the back ones' by more than 5 % of the
+    image ``width``; None when the points cannot tell."""
+    cols = np.asarray(points, float)[:, 0]
+    front = [c for n, c in zip(names, cols) if n in FACE_FRONT and np.isfinite(c)]
+    back = [c for n, c in zip(names, cols) if n in FACE_BACK and np.isfinite(c)]
+    if not front or not back:
+        return None
+    gap = float(np.median(front) - np.median(back))
+    if abs(gap) <= 0.05 * width:
+        return None
+    return "right" if gap > 0 else "left"
 
 
 def load_case_2d(case_dir: str | Path, names: list[str], landmark_set: str, truth: str | None = None) -> Case:
@@ -288,13 +314,11 @@ def load_case_2d(case_dir: str | Path, names: list[str], landmark_set: str, trut
     except (TypeError, ValueError):
         raise DataError(f"{case_dir}: no usable pixel spacing ({spacing!r}): give pixel_spacing_mm [row, column] "
                         "in landmarks.json") from None
-    scale = np.array([sc, sr])
-    to_mm = lambda px: image.to_canonical(px) * scale  # noqa: E731  own pixels -> canonical mm
     shape = image.shape
-    annotators = {who: _points_2d(path, pts, names, landmark_set, shape, to_mm)
+    annotators = {who: _points_2d(path, pts, names, landmark_set, shape)
                   for who, pts in (doc.get("annotators") or {}).items()}
     if truth in (None, "", "landmarks"):
-        points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape, to_mm)
+        points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape)
     elif truth == "mean":
         if annotators:
             import warnings
@@ -303,11 +327,21 @@ def load_case_2d(case_dir: str | Path, names: list[str], landmark_set: str, trut
                 warnings.simplefilter("ignore", RuntimeWarning)
                 points = np.nanmean(np.stack(list(annotators.values())), axis=0)
         else:
-            points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape, to_mm)
+            points = _points_2d(path, doc.get("landmarks", []), names, landmark_set, shape)
     elif truth in annotators:
         points = annotators[truth]
     else:
         raise DataError(f"{case_dir}: no annotator {truth!r} (have {sorted(annotators) or 'none'})")
+    face = facing_of_points(names, points, shape[1])
+    if face is not None and face != image.facing:
+        if image.facing != "unknown":
+            log.warning("%s: %s, but the reference points face %s: read facing %s", case_dir.name,
+                        image.facing_source, face, face)
+        image = dataclasses.replace(image, facing=face, facing_source="the reference points")
+    scale = np.array([sc, sr])
+    to_mm = lambda px: image.to_canonical(px) * scale  # noqa: E731  own pixels -> canonical mm
+    points = to_mm(points)
+    annotators = {who: to_mm(pts) for who, pts in annotators.items()}
     if not np.isfinite(points).any():
         raise DataError(f"{path}: no landmark positions")
     pixels = np.ascontiguousarray(image.canonical(), dtype=np.float16)

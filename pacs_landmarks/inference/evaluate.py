@@ -46,14 +46,18 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
     names = model.landmark_names
     stages = [s.name for s in model.stages]
     diffs, confs, per_case, statuses, in_scans, edges = [], [], [], [], [], []
-    finals, annotated = [], []
+    finals, annotated, facing_wrong = [], [], 0
     for c in tqdm(cases, desc="evaluating", unit="case", disable=not progress):
         if c.dim != model.dim:
             raise ValueError(f"case {c.name} is {c.dim}D, model {model.name} is {model.dim}D")
-        out = model.run_array(c.array.astype(np.float32), c.affine)
+        if c.dim == 2:
+            out, status, conf, facing = _read_2d(model, c)
+            facing_wrong += facing != "right"
+        else:
+            out = model.run_array(c.array.astype(np.float32), c.affine)
+            status, _, conf = model.statuses(out)
         finals.append(out.positions[-1])
         annotated.append(c.annotators or {})
-        status, _, conf = model.statuses(out)
         in_scan = c.in_scan if c.in_scan is not None else np.ones(len(names), bool)
         in_scan = in_scan & np.isfinite(c.landmarks).all(1)
         truth = np.where(in_scan[:, None], c.landmarks, np.nan)
@@ -107,10 +111,27 @@ def evaluate_cases(model, cases, progress: bool = True) -> dict:
                                      for i, n in enumerate(names)},
         "counts": {s: int((status == s).sum()) for s in ("found", "not_found", "outside_field_of_view")},
     }
+    if model.dim == 2:
+        # read from the image alone, as for a header without Patient Orientation (model.read_facing)
+        result["status"]["facing_wrong"] = facing_wrong
     result["reliability"] = reliability(conf[in_scan], final[in_scan])
     result["confidences"] = conf.tolist()
     result |= observers(np.stack(finals), annotated)
     return result
+
+
+def _read_2d(model, case):
+    """(out, status, confidence, facing) for a 2D case, read both ways round as an image without Patient
+    Orientation is; the case's image faces right (``data.load_case_2d``), so a "left" reading is a mistake,
+    and its points are mirrored back onto the case's image to be measured where they really are."""
+    pixels = case.array.astype(np.float32)
+    spacing = (float(case.affine[1, 0]), float(case.affine[0, 1]))  # (row, column) mm, ``image_affine``
+    out, facing, _ = model.read_facing(pixels, spacing, "unknown")
+    status, _, conf = model.statuses(out)
+    if facing == "left":
+        out.positions = out.positions.copy()
+        out.positions[..., 0] = pixels.shape[1] * spacing[1] - out.positions[..., 0]
+    return out, status, conf, facing
 
 
 def observers(final: np.ndarray, annotated: list[dict]) -> dict:
@@ -192,6 +213,8 @@ def format_report(result: dict) -> str:
                   f"{pct(st['presence_correct_beyond_5mm'])} ({st['presence_n_beyond_5mm']}) |",
                   f"| found but not in the scan | {st['found_not_in_scan']} |",
                   f"| found more than 5 mm off | {st['found_beyond_5mm']} |"]
+        if "facing_wrong" in st:
+            lines.append(f"| read facing the wrong way (no Patient Orientation trusted) | {st['facing_wrong']} |")
         lines += ["", header("found landmarks"), _row("found", st["found_error"])]
         lines += [_row(f"found {n}", e) for n, e in st["found_error_per_landmark"].items() if e.get("n")]
         lines += ["", "| confidence | n | within 2 mm % | MRE (mm) |", "|---|---|---|---|"]

@@ -81,9 +81,12 @@ def _uid(*parts) -> str:
     return generate_uid(entropy_srcs=[_UID_ROOT, *[str(p) for p in parts]])
 
 
-def write_case(case: ImportCase, out: Path, set_name: str, fmt: str, *, facing: str = "right",
+def write_case(case: ImportCase, out: Path, set_name: str, fmt: str, *, facing: str = "auto",
                truth: str = "mean") -> Path:
-    """Write one case folder; returns it. ``truth``: "mean" of the annotators, or one annotator's name."""
+    """Write one case folder; returns it. ``truth``: "mean" of the annotators, or one annotator's name;
+    ``facing``: "right", "left", or "auto" (``data.facing_of_points`` on the truth, "right" where it cannot
+    tell)."""
+    from pacs_landmarks.inference.data import facing_of_points
     from pacs_landmarks.dicom.write import save
     from pacs_landmarks.dicom.xray_write import XRayInfo, xray_dataset
     from pacs_landmarks.landmark_sets import landmark_names
@@ -104,6 +107,9 @@ def write_case(case: ImportCase, out: Path, set_name: str, fmt: str, *, facing: 
         landmarks = {name: case.annotators[truth].get(name) for name in names}
     else:
         raise ImportError_(f"{case.stem}: no annotator {truth!r} (have {sorted(case.annotators)})")
+    if facing == "auto":
+        cols_rows = np.array([landmarks[n] if landmarks.get(n) is not None else (np.nan, np.nan) for n in names])
+        facing = facing_of_points(names, cols_rows, cols) or "right"
     info = XRayInfo(
         patient_name=f"IMPORT^{case.stem}"[:64], patient_id=case.stem[:64],
         study_instance_uid=_uid(fmt, case.stem, "study"), series_instance_uid=_uid(fmt, case.stem, "series"),
@@ -345,8 +351,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinates", choices=("index", "corner"), default=None,
                    help="input points are pixel indices (centre = index + 0.5; isbi2015/aariz default) or corner-"
                         "based like DICOM SCOORD (labelme default)")
-    p.add_argument("--facing", choices=("right", "left"), default="right",
-                   help="which way the faces look in the images (default right)")
+    p.add_argument("--facing", choices=("auto", "right", "left"), default="auto",
+                   help="which way the faces look in the images (Patient Orientation of the DICOM written); "
+                        "default auto: from each case's points (face landmarks in front of Sella, Porion, "
+                        "Articulare), right where they cannot tell")
     p.add_argument("--overwrite", action="store_true", help="replace case folders that exist already")
     p.set_defaults(func=_cmd_import)
 

@@ -30,11 +30,14 @@ class ImageLandmarks(list):
     """``LandmarkModel.predict_image``'s result: the list of ``Landmark2D`` (every landmark of the set, in
     order) plus how the image was measured: ``pixel_spacing_mm`` (row, column) used by the cascade,
     ``spacing_source`` (the DICOM attribute it came from, or the nominal estimate) and ``spacing_nominal``
-    (True when the image had no physical pixel size: then only the pixel positions mean anything)."""
+    (True when the image had no physical pixel size: then only the pixel positions mean anything); ``facing``
+    ("right" or "left"), the way the face looks in the image as the model read it, and ``facing_source``, why."""
 
     def __init__(self, items=(), *, pixel_spacing_mm: tuple[float, float], spacing_source: str,
-                 spacing_nominal: bool = False):
+                 spacing_nominal: bool = False, facing: str = "right", facing_source: str = ""):
         super().__init__(items)
         self.pixel_spacing_mm = pixel_spacing_mm
         self.spacing_source = spacing_source
         self.spacing_nominal = spacing_nominal
+        self.facing = facing
+        self.facing_source = facing_source

@@ -44,6 +44,10 @@ cephalogram holds every landmark unless collimation cut it off.  There is no bon
 from something else, so the image as a whole confirms it: when fewer than ``MIN_FOUND_SHARE`` of the
 landmarks inside the image pass the rules above, the image does not look like a lateral cephalogram (a
 chest, a hand, a panoramic) and none is ``found`` (reason "not a lateral cephalogram ...").
+A cephalogram is read both ways round, facing right and facing left (``read_facing``): Patient Orientation is
+often empty or defaulted on CR and scanned film, and an image read the wrong way round gives a few confident
+"landmarks" on mirrored anatomy. The reading with the higher median confidence wins; the header's facing
+stands unless the other reading beats it by more than ``FACING_MARGIN``.
 Everything is checked at load, so a missing, corrupt or foreign file fails there, not at the first series.
 """
 from __future__ import annotations
@@ -107,6 +111,10 @@ CHIN_MIDLINE = ("B point", "Pogonion", "Menton", "Gnathion")
 MIDPLANE_PAIRS = ("Orbitale R", "Orbitale L")
 # 2D: fewer found landmarks than this share of those inside the image: not a cephalogram, none found.
 MIN_FOUND_SHARE = 0.5
+# A cephalogram is read facing right and facing left; the header's facing (Patient Orientation) stands unless
+# the other reading's median confidence is higher by more than this. On 30 held-out synthetic cephalograms the
+# right reading had a median of 0.52-0.61 and the wrong one 0.19-0.30, so 0.05 only breaks near-ties.
+FACING_MARGIN = 0.05
 # Test-time augmentations a model file may ask for (metadata ``tta``); None: the cascade runs once.
 TTA_MODES = (None, "mirror")
 
@@ -418,14 +426,15 @@ class LandmarkModel:
         out.timings = {"sampler": t_sampler, **out.timings}
         return out
 
-    def run_image(self, image) -> tuple[Any, tuple[float, float], str]:
-        """The raw cascade output for one ``XRayImage`` (points in mm on the canonical, face-right image:
-        x = column * column spacing, y = row * row spacing), with the pixel spacing (row, column) used and
-        where it came from.  Without a physical spacing, a nominal one from the image height
-        (``NOMINAL_IMAGE_HEIGHT_MM``), said so in the source."""
+    def run_image(self, image):
+        """The raw cascade output for one ``XRayImage``, read the way round that fits it best
+        (``read_facing``): ``(out, spacing, spacing_source, facing, facing_source)``. Points are in mm on the
+        image turned to face ``facing`` right (x = column * column spacing, y = row * row spacing). Without a
+        physical spacing, a nominal one from the image height (``NOMINAL_IMAGE_HEIGHT_MM``), said so in the
+        source."""
         if self.dim != 2:
             raise ValueError(f"model {self.name} reads {self.dim}D volumes: use predict")
-        pixels = np.asarray(image.canonical())
+        pixels = np.asarray(image.pixels)
         if pixels.ndim != 2 or min(pixels.shape) < 2:
             raise ValueError(f"image must be 2D and non-empty, got shape {pixels.shape}")
         if image.spacing is not None:
@@ -437,8 +446,32 @@ class LandmarkModel:
                       f"{NOMINAL_IMAGE_HEIGHT_MM:.0f} mm)")
             log.warning("image %s has no pixel spacing: landmarks found at a nominal %.4f mm/pixel (positions "
                         "in pixels are usable, mm are not)", image.sop_instance_uid, nominal)
-        out = self._run(np.ascontiguousarray(pixels, np.float32), image_affine(spacing))
-        return out, spacing, source
+        out, facing, facing_source = self.read_facing(pixels, spacing, image.facing, image.facing_source)
+        if facing != image.facing and image.facing != "unknown":
+            log.warning("image %s: %s, but the image reads as facing %s: %s", image.sop_instance_uid,
+                        image.facing_source, facing, facing_source)
+        return out, spacing, source, facing, facing_source
+
+    def read_facing(self, pixels, spacing, stated: str = "unknown", stated_source: str = ""):
+        """Run the cascade on a 2D image (0..1, in its own orientation) as facing right and as facing left;
+        ``(out, facing, how)`` for the reading kept: the ``stated`` facing ("right", "left" or "unknown")
+        unless the other reading's median confidence is higher by more than ``FACING_MARGIN``. ``out`` is in
+        mm on the image turned to face right from ``facing``; ``how`` says why, for the user."""
+        affine = image_affine(spacing)
+        readings = {}
+        for face in ("right", "left"):
+            canonical = pixels[:, ::-1] if face == "left" else pixels
+            t0 = time.perf_counter()
+            out = self._run(np.ascontiguousarray(canonical, np.float32), affine)
+            readings[face] = (out, float(np.median(self.statuses(out)[2])), time.perf_counter() - t0)
+        best = max(readings, key=lambda f: readings[f][1])
+        keep = stated if stated in readings and readings[stated][1] >= readings[best][1] - FACING_MARGIN else best
+        other = "left" if keep == "right" else "right"
+        out = readings[keep][0]
+        out.timings = {**out.timings, "other facing": readings[other][2]}
+        how = (f"the image (median confidence {readings[keep][1]:.2f} facing {keep}, {readings[other][1]:.2f} "
+               f"facing {other}); header: {stated_source or 'no Patient Orientation'}")
+        return out, keep, how
 
     @property
     def low_confidence(self) -> float:
@@ -486,16 +519,20 @@ class LandmarkModel:
         """Every landmark of the set, in order, on one ``XRayImage`` (a 2D model): status, confidence,
         ``position_px`` (column, row) in the image's OWN SCOORD pixel coordinates (a left-facing image is
         read mirrored and its points mirrored back), only for ``found`` ones, and every stage's position.
-        The list also says which pixel spacing was used and where it came from (``ImageLandmarks``)."""
-        out, spacing, source = self.run_image(image)
+        The list also says which pixel spacing was used and where it came from, and which way the face was
+        read to look (``ImageLandmarks``; ``run_image``)."""
+        import dataclasses
+
+        out, spacing, source, facing, facing_source = self.run_image(image)
         status, reason, conf = self.statuses(out)
         scale = np.array([spacing[1], spacing[0]])  # (x, y) mm per (column, row)
-        px = image.from_canonical(out.positions / scale)  # (stages, L, 2) SCOORD (column, row)
+        px = dataclasses.replace(image, facing=facing).from_canonical(out.positions / scale)  # (stages, L, 2) SCOORD (column, row)
         n_found = int((status == FOUND).sum())
         log.info("image %s: %d of %d landmarks found, %d outside the image, %d not found", image.sop_instance_uid,
                  n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()), int((status == NOT_FOUND).sum()))
         result = ImageLandmarks(pixel_spacing_mm=spacing, spacing_source=source,
-                                spacing_nominal=image.spacing is None)
+                                spacing_nominal=image.spacing is None, facing=facing,
+                                facing_source=facing_source)
         for i, name in enumerate(self.landmark_names):
             stage_pos = tuple((float(px[k, i, 0]), float(px[k, i, 1])) for k in range(px.shape[0]))
             result.append(Landmark2D(name=name, position_px=stage_pos[-1] if status[i] == FOUND else None,
