@@ -55,6 +55,7 @@ Everything is checked at load, so a missing, corrupt or foreign file fails there
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -454,8 +455,8 @@ class LandmarkModel:
                         "in pixels are usable, mm are not)", image.sop_instance_uid, nominal)
         out, facing, facing_source = self.read_facing(pixels, spacing, image.facing, image.facing_source)
         if facing != image.facing and image.facing != "unknown":
-            log.warning("image %s: %s, but the image reads as facing %s: %s", image.sop_instance_uid,
-                        image.facing_source, facing, facing_source)
+            log.warning("image %s: the header says facing %s, the image reads as facing %s: %s",
+                        image.sop_instance_uid, image.facing, facing, facing_source)
         return out, spacing, source, facing, facing_source
 
     def read_facing(self, pixels, spacing, stated: str = "unknown", stated_source: str = ""):
@@ -526,12 +527,11 @@ class LandmarkModel:
         read mirrored and its points mirrored back), only for ``found`` ones, and every stage's position.
         The list also says which pixel spacing was used and where it came from, and which way the face was
         read to look (``ImageLandmarks``; ``run_image``)."""
-        import dataclasses
-
         out, spacing, source, facing, facing_source = self.run_image(image)
         status, reason, conf = self.statuses(out)
         scale = np.array([spacing[1], spacing[0]])  # (x, y) mm per (column, row)
-        px = dataclasses.replace(image, facing=facing).from_canonical(out.positions / scale)  # (stages, L, 2) SCOORD (column, row)
+        # (stages, L, 2) SCOORD (column, row) in the image as stored, from the reading kept
+        px = dataclasses.replace(image, facing=facing).from_canonical(out.positions / scale)
         n_found = int((status == FOUND).sum())
         log.info("image %s: %d of %d landmarks found, %d outside the image, %d not found", image.sop_instance_uid,
                  n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()), int((status == NOT_FOUND).sum()))
