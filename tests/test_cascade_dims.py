@@ -241,7 +241,7 @@ def _chest(rows=2500, cols=2100):
     return np.clip(v + np.random.default_rng(1).normal(0, 0.03, v.shape), 0, 1)
 
 
-def test_shipped_ceph_model_on_a_fresh_ceph_and_on_images_that_are_not_cephs(ceph_images):
+def test_shipped_ceph_model_on_a_fresh_ceph_and_on_images_that_are_not_cephs(ceph_images, caplog):
     """The shipped ceph19-demo model: close to the truth on a held-out synthetic cephalogram facing either way;
     nothing found on a chest-like image, noise or a flat image (the whole-image check)."""
     import json
@@ -276,8 +276,10 @@ def test_shipped_ceph_model_on_a_fresh_ceph_and_on_images_that_are_not_cephs(cep
     # and no landmark called outside either; on real cephalograms the synthetic-only model "found" 2-8 per
     # image, half of them more than 5 mm off, and put most others outside images that held them
     top = dataclasses.replace(right, pixels=np.ascontiguousarray(right.pixels[: int(0.55 * right.shape[0])]))
-    lms = model.predict_image(top)
+    with caplog.at_level("WARNING"):
+        lms = model.predict_image(top)
     assert {lm.status for lm in lms} == {"not_found"}
+    assert "no landmark found: not a lateral cephalogram, or one unlike" in caplog.text  # the log says why
     assert all("unlike those the model learnt from" in lm.reason for lm in lms)
     for name, pixels in (("chest", _chest()), ("noise", np.random.default_rng(3).random((2000, 1700))),
                          ("flat", np.full((2000, 1700), 0.5))):

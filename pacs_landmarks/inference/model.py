@@ -533,8 +533,14 @@ class LandmarkModel:
         # (stages, L, 2) SCOORD (column, row) in the image as stored, from the reading kept
         px = dataclasses.replace(image, facing=facing).from_canonical(out.positions / scale)
         n_found = int((status == FOUND).sum())
-        log.info("image %s: %d of %d landmarks found, %d outside the image, %d not found", image.sop_instance_uid,
-                 n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()), int((status == NOT_FOUND).sum()))
+        if n_found == 0:
+            log.warning("image %s: no landmark found: %s (best confidence %.2f, threshold %.2f)",
+                        image.sop_instance_uid, "; ".join(dict.fromkeys(str(r) for r in reason if r)) or "-",
+                        float(conf.max()), self.low_confidence)
+        else:
+            log.info("image %s: %d of %d landmarks found, %d outside the image, %d not found", image.sop_instance_uid,
+                     n_found, len(status), int((status == OUTSIDE_FIELD_OF_VIEW).sum()),
+                     int((status == NOT_FOUND).sum()))
         result = ImageLandmarks(pixel_spacing_mm=spacing, spacing_source=source,
                                 spacing_nominal=image.spacing is None, facing=facing,
                                 facing_source=facing_source)
