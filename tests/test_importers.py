@@ -224,3 +224,30 @@ def test_labelme_embedded_image_and_errors(tmp_path):
     proc = run("labelme", src, tmp_path / "o4", "--pixel-spacing", "0.1", "--label-map", "p17=Basion")
     assert proc.returncode == 2 and "Basion" in proc.stderr
     assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()
+
+
+def test_labelme_skip_bad_leaves_out_bad_cases_and_imports_the_rest(tmp_path):
+    """Real annotation sets have slips (a label clicked twice, a point off the image, an unreadable image): the
+    first stops the import and names --skip-bad; with it each bad case is listed and the rest imported."""
+    src = tmp_path / "lm"
+    src.mkdir()
+    ok, png = cv2.imencode(".png", image(9))
+    good = labelme_doc({"Sella": (5.0, 6.0), "Nasion": (50.0, 8.0)}, embed=png.tobytes())
+    (src / "good.json").write_text(json.dumps(good))
+    twice = labelme_doc({"Sella": (5.0, 6.0)}, embed=png.tobytes())
+    twice["shapes"].append(dict(twice["shapes"][0], points=[[7.0, 8.0]]))
+    (src / "twice.json").write_text(json.dumps(twice))
+    (src / "outside.json").write_text(json.dumps(labelme_doc({"Sella": (COLS + 5.0, 6.0)}, embed=png.tobytes())))
+    (src / "broken.json").write_text(json.dumps(labelme_doc({"Sella": (5.0, 6.0)}, embed=b"not a png")))
+    proc = run("labelme", src, tmp_path / "out", "--pixel-spacing", "0.1")
+    assert proc.returncode == 2 and "two points for Sella" in proc.stderr and "--skip-bad" in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written before every annotation file was read
+    proc = run("labelme", src, tmp_path / "out", "--pixel-spacing", "0.1", "--skip-bad")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good"]
+    skipped = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped: ")]
+    assert len(skipped) == 3, proc.stderr
+    assert any("twice.json: two points for Sella" in ln for ln in skipped)
+    assert any("outside" in ln and "lies outside" in ln for ln in skipped)
+    assert any("broken" in ln and "not an image" in ln for ln in skipped)
+    assert "imported 1 image(s)" in proc.stdout and "3 left out" in proc.stdout

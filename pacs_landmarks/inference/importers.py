@@ -24,6 +24,7 @@ import base64
 import csv
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,21 @@ _UID_ROOT = "pacs-landmarks-import"
 
 class ImportError_(Exception):  # noqa: N801 -- not the builtin ImportError
     """Bad or incomplete input; the message says which file and why."""
+
+
+class CaseError(ImportError_):
+    """Bad input that spoils one case only (its annotation or image): ``--skip-bad`` leaves the case out."""
+
+    def __init__(self, stem: str, message: str):
+        super().__init__(message)
+        self.stem = stem
+
+
+def _per_case(skipped: list[str] | None, exc: CaseError) -> None:
+    """Note a bad case in ``skipped`` (``--skip-bad``), or stop the import with it."""
+    if skipped is None:
+        raise exc
+    skipped.append(str(exc))
 
 
 @dataclass
@@ -91,13 +107,16 @@ def write_case(case: ImportCase, out: Path, set_name: str, fmt: str, *, facing: 
     from pacs_landmarks.dicom.xray_write import XRayInfo, xray_dataset
     from pacs_landmarks.landmark_sets import landmark_names
 
-    pixels = read_image(case.image, case.embedded)
+    try:
+        pixels = read_image(case.image, case.embedded)
+    except ImportError_ as exc:
+        raise CaseError(case.stem, f"{case.stem}: {exc}") from None
     rows, cols = pixels.shape
     names = landmark_names(set_name)
     for who, points in case.annotators.items():
         for name, pt in points.items():
             if pt is not None and not (0 <= pt[0] <= cols and 0 <= pt[1] <= rows):
-                raise ImportError_(f"{case.stem}: {who}'s {name} at {pt} lies outside the {cols}x{rows} image")
+                raise CaseError(case.stem, f"{case.stem}: {who}'s {name} at {pt} lies outside the {cols}x{rows} image")
     if truth == "mean":
         landmarks = {}
         for name in names:
@@ -151,7 +170,8 @@ def _shift(coordinates: str) -> float:
     return 0.5 if coordinates == "index" else 0.0
 
 
-def isbi2015_cases(src: Path, spacing: float, coordinates: str) -> list[ImportCase]:
+def isbi2015_cases(src: Path, spacing: float, coordinates: str,
+                   skipped: list[str] | None = None) -> list[ImportCase]:
     from pacs_landmarks.landmark_sets import landmark_names
 
     names = landmark_names("ceph19")
@@ -164,25 +184,34 @@ def isbi2015_cases(src: Path, spacing: float, coordinates: str) -> list[ImportCa
     d = _shift(coordinates)
     cases = []
     for image in images:
-        annotators = {}
-        for who, folder in ann_dirs.items():
-            txt = folder / f"{image.stem}.txt"
-            if not txt.is_file():
-                continue
-            lines = [ln.strip() for ln in txt.read_text(encoding="utf-8", errors="replace").splitlines()]
-            pts = {}
-            for k, name in enumerate(names):
-                try:
-                    x, y = (float(v) for v in lines[k].replace(" ", "").split(",")[:2])
-                except (IndexError, ValueError):
-                    raise ImportError_(f"{txt}: line {k + 1} should be 'x,y' for {name}") from None
-                pts[name] = (x + d, y + d)
-            annotators[who] = pts
-        if not annotators:
-            raise ImportError_(f"{image}: no annotation file {image.stem}.txt in 400_senior or 400_junior")
+        try:
+            annotators = _isbi2015_annotators(image, ann_dirs, names, d)
+        except CaseError as exc:
+            _per_case(skipped, exc)
+            continue
         cases.append(ImportCase(image.stem, image, spacing, annotators,
                                 source={"image": str(image.relative_to(src)), "split": image.parent.name}))
     return cases
+
+
+def _isbi2015_annotators(image: Path, ann_dirs: dict[str, Path], names: list[str], d: float) -> dict:
+    annotators = {}
+    for who, folder in ann_dirs.items():
+        txt = folder / f"{image.stem}.txt"
+        if not txt.is_file():
+            continue
+        lines = [ln.strip() for ln in txt.read_text(encoding="utf-8", errors="replace").splitlines()]
+        pts = {}
+        for k, name in enumerate(names):
+            try:
+                x, y = (float(v) for v in lines[k].replace(" ", "").split(",")[:2])
+            except (IndexError, ValueError):
+                raise CaseError(image.stem, f"{txt}: line {k + 1} should be 'x,y' for {name}") from None
+            pts[name] = (x + d, y + d)
+        annotators[who] = pts
+    if not annotators:
+        raise CaseError(image.stem, f"{image}: no annotation file {image.stem}.txt in 400_senior or 400_junior")
+    return annotators
 
 
 def _aariz_spacings(src: Path) -> dict[str, float]:
@@ -205,9 +234,8 @@ def _aariz_spacings(src: Path) -> dict[str, float]:
     return out
 
 
-def aariz_cases(src: Path, set_name: str, spacing: float | None, coordinates: str) -> list[ImportCase]:
-    from pacs_landmarks.landmark_sets import find_landmark
-
+def aariz_cases(src: Path, set_name: str, spacing: float | None, coordinates: str,
+                skipped: list[str] | None = None) -> list[ImportCase]:
     spacings = None if spacing else _aariz_spacings(src)
     images = sorted(p for split in ("train", "valid", "test") for p in (src / split / "Cephalograms").glob("*")
                     if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -216,42 +244,52 @@ def aariz_cases(src: Path, set_name: str, spacing: float | None, coordinates: st
     d = _shift(coordinates)
     cases = []
     for image in images:
-        split = image.parent.parent
-        annotators = {}
-        for who in ("Senior", "Junior"):
-            path = split / "Annotations" / "Cephalometric Landmarks" / f"{who} Orthodontists" / f"{image.stem}.json"
-            if not path.is_file():
-                continue
-            try:
-                items = json.loads(path.read_text(encoding="utf-8"))["landmarks"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ImportError_(f"{path}: not an Aariz landmark file ({exc})") from None
-            pts: dict[str, tuple[float, float] | None] = {}
-            for item in items:
-                label = item.get("title") or item.get("symbol") or ""
-                try:
-                    name = find_landmark(label, set_name)
-                except KeyError:
-                    if set_name == "aariz29":
-                        raise ImportError_(f"{path}: unknown landmark {label!r}") from None
-                    continue  # one of the ten that ceph19 does not have
-                value = item.get("value") or {}
-                try:
-                    pts[name] = (float(value["x"]) + d, float(value["y"]) + d)
-                except (KeyError, TypeError, ValueError):
-                    pts[name] = None
-            annotators[who.lower()] = pts
-        if not annotators:
-            raise ImportError_(f"{image}: no Senior/Junior Orthodontists annotation {image.stem}.json")
-        if spacing:
-            s = spacing
-        elif image.stem in spacings:  # type: ignore[operator]
-            s = spacings[image.stem]  # type: ignore[index]
-        else:
-            raise ImportError_(f"{image}: no pixel size for {image.stem} in cephalogram_machine_mappings.csv")
-        cases.append(ImportCase(image.stem, image, s, annotators,
-                                source={"image": str(image.relative_to(src)), "split": split.name}))
+        try:
+            cases.append(_aariz_case(src, image, set_name, spacing, spacings, d))
+        except CaseError as exc:
+            _per_case(skipped, exc)
     return cases
+
+
+def _aariz_case(src: Path, image: Path, set_name: str, spacing: float | None, spacings: dict | None,
+                d: float) -> ImportCase:
+    from pacs_landmarks.landmark_sets import find_landmark
+
+    split = image.parent.parent
+    annotators = {}
+    for who in ("Senior", "Junior"):
+        path = split / "Annotations" / "Cephalometric Landmarks" / f"{who} Orthodontists" / f"{image.stem}.json"
+        if not path.is_file():
+            continue
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))["landmarks"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CaseError(image.stem, f"{path}: not an Aariz landmark file ({exc})") from None
+        pts: dict[str, tuple[float, float] | None] = {}
+        for item in items:
+            label = item.get("title") or item.get("symbol") or ""
+            try:
+                name = find_landmark(label, set_name)
+            except KeyError:
+                if set_name == "aariz29":
+                    raise CaseError(image.stem, f"{path}: unknown landmark {label!r}") from None
+                continue  # one of the ten that ceph19 does not have
+            value = item.get("value") or {}
+            try:
+                pts[name] = (float(value["x"]) + d, float(value["y"]) + d)
+            except (KeyError, TypeError, ValueError):
+                pts[name] = None
+        annotators[who.lower()] = pts
+    if not annotators:
+        raise CaseError(image.stem, f"{image}: no Senior/Junior Orthodontists annotation {image.stem}.json")
+    if spacing:
+        s = spacing
+    elif image.stem in spacings:  # type: ignore[operator]
+        s = spacings[image.stem]  # type: ignore[index]
+    else:
+        raise CaseError(image.stem, f"{image}: no pixel size for {image.stem} in cephalogram_machine_mappings.csv")
+    return ImportCase(image.stem, image, s, annotators,
+                      source={"image": str(image.relative_to(src)), "split": split.name})
 
 
 def parse_label_map(text: str | None, set_name: str) -> dict[str, str]:
@@ -271,9 +309,7 @@ def parse_label_map(text: str | None, set_name: str) -> dict[str, str]:
 
 
 def labelme_cases(src: Path, annotators: dict[str, Path], set_name: str, spacing: float, label_map: dict[str, str],
-                  coordinates: str) -> list[ImportCase]:
-    from pacs_landmarks.landmark_sets import find_landmark
-
+                  coordinates: str, skipped: list[str] | None = None) -> list[ImportCase]:
     images: dict[str, Path] = {}
     for p in sorted(src.rglob("*")):
         if p.suffix.lower() in IMAGE_SUFFIXES:
@@ -284,38 +320,27 @@ def labelme_cases(src: Path, annotators: dict[str, Path], set_name: str, spacing
     d = _shift(coordinates)
     by_stem: dict[str, ImportCase] = {}
     unknown: dict[str, Path] = {}
+    bad: set[str] = set()
     for who, folder in folders.items():
         files = sorted(folder.rglob("*.json"))
         if not files:
             raise ImportError_(f"{folder}: no LabelMe .json files")
         for path in files:
             try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-                shapes = doc["shapes"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ImportError_(f"{path}: not a LabelMe file ({exc})") from None
-            pts: dict[str, tuple[float, float] | None] = {}
-            for shape in shapes:
-                if shape.get("shape_type", "point") != "point":
-                    continue
-                label = str(shape.get("label", ""))
-                name = label_map.get(label)
-                if name is None:
-                    try:
-                        name = find_landmark(label, set_name)
-                    except KeyError:
-                        unknown.setdefault(label, path)
-                        continue
-                (x, y), = shape["points"][:1]
-                if name in pts:
-                    raise ImportError_(f"{path}: two points for {name}")
-                pts[name] = (float(x) + d, float(y) + d)
+                doc, pts = _labelme_points(path, label_map, set_name, d, unknown)
+            except CaseError as exc:
+                _per_case(skipped, exc)
+                bad.add(path.stem)  # every annotator's file of a bad case goes
+                continue
             case = by_stem.get(path.stem)
             if case is None:
                 image = images.get(path.stem)
                 embedded = doc.get("imageData") if image is None else None
                 if image is None and not embedded:
-                    raise ImportError_(f"{path}: no image with the stem {path.stem!r} under {src} and no imageData")
+                    _per_case(skipped, CaseError(path.stem, f"{path}: no image with the stem {path.stem!r} under "
+                                                            f"{src} and no imageData"))
+                    bad.add(path.stem)
+                    continue
                 case = ImportCase(path.stem, image, spacing, {}, embedded=embedded,
                                   source={"image": str(image.relative_to(src)) if image else "imageData"})
                 by_stem[path.stem] = case
@@ -323,7 +348,36 @@ def labelme_cases(src: Path, annotators: dict[str, Path], set_name: str, spacing
     if unknown:
         listed = ", ".join(f"{lab!r} ({p.name})" for lab, p in sorted(unknown.items()))
         raise ImportError_(f"labels not in set {set_name}: {listed}; name them with --label-map LABEL=LANDMARK")
-    return [by_stem[k] for k in sorted(by_stem)]
+    return [by_stem[k] for k in sorted(by_stem) if k not in bad]
+
+
+def _labelme_points(path: Path, label_map: dict[str, str], set_name: str, d: float,
+                    unknown: dict[str, Path]) -> tuple[dict, dict[str, tuple[float, float] | None]]:
+    """(the LabelMe document, {landmark: (x, y)}) of one file; labels outside the set go into ``unknown``."""
+    from pacs_landmarks.landmark_sets import find_landmark
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        shapes = doc["shapes"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CaseError(path.stem, f"{path}: not a LabelMe file ({exc})") from None
+    pts: dict[str, tuple[float, float] | None] = {}
+    for shape in shapes:
+        if shape.get("shape_type", "point") != "point":
+            continue
+        label = str(shape.get("label", ""))
+        name = label_map.get(label)
+        if name is None:
+            try:
+                name = find_landmark(label, set_name)
+            except KeyError:
+                unknown.setdefault(label, path)
+                continue
+        (x, y), = shape["points"][:1]
+        if name in pts:
+            raise CaseError(path.stem, f"{path}: two points for {name}")
+        pts[name] = (float(x) + d, float(y) + d)
+    return doc, pts
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -334,7 +388,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "write one case folder per image, named after the image's file stem: image.dcm (DX, the "
                     "pixel size as Imager Pixel Spacing) and landmarks.json (SCOORD pixels, every annotator, "
                     "their mean as the truth). All annotation files are read before anything is written; the "
-                    "first bad input stops the import with the file and the reason.")
+                    "first bad input stops the import with the file and the reason, unless --skip-bad.")
     p.add_argument("format", choices=("isbi2015", "aariz", "labelme"), help="dataset layout")
     p.add_argument("src", type=Path, metavar="SRC", help="the dataset's folder")
     p.add_argument("out", type=Path, metavar="OUT", help="output folder (one sub-folder per image)")
@@ -356,6 +410,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "default auto: from each case's points (face landmarks in front of Sella, Porion, "
                         "Articulare), right where they cannot tell")
     p.add_argument("--overwrite", action="store_true", help="replace case folders that exist already")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out a case whose annotation or image is bad (a label twice, a point outside the "
+                        "image, an unreadable file), list each with the reason, and import the rest")
     p.set_defaults(func=_cmd_import)
 
 
@@ -378,11 +435,12 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if fmt != "labelme" and (args.label_map or args.annotator):
         raise CommandError("--label-map and --annotator are for labelme only")
     coordinates = args.coordinates or ("corner" if fmt == "labelme" else "index")
+    skipped: list[str] | None = [] if args.skip_bad else None
     try:
         if fmt == "isbi2015":
-            cases = isbi2015_cases(args.src, args.pixel_spacing or 0.1, coordinates)
+            cases = isbi2015_cases(args.src, args.pixel_spacing or 0.1, coordinates, skipped)
         elif fmt == "aariz":
-            cases = aariz_cases(args.src, set_name, args.pixel_spacing, coordinates)
+            cases = aariz_cases(args.src, set_name, args.pixel_spacing, coordinates, skipped)
         else:
             if args.pixel_spacing is None:
                 raise CommandError("labelme: give the pixel size with --pixel-spacing MM")
@@ -393,14 +451,26 @@ def _cmd_import(args: argparse.Namespace) -> int:
                     raise CommandError(f"--annotator {item!r}: give NAME=DIR with an existing folder")
                 folders[name] = Path(folder)
             cases = labelme_cases(args.src, folders, set_name, args.pixel_spacing,
-                                  parse_label_map(args.label_map, set_name), coordinates)
+                                  parse_label_map(args.label_map, set_name), coordinates, skipped)
         existing = [c.stem for c in cases if (args.out / c.stem).exists()]
         if existing and not args.overwrite:
             raise CommandError(f"{len(existing)} case folder(s) exist already in {args.out} (e.g. {existing[0]}); "
                                "use --overwrite to replace them")
+        written = 0
         for case in cases:
-            write_case(case, args.out, set_name, fmt, facing=args.facing, truth=args.truth)
+            try:
+                write_case(case, args.out, set_name, fmt, facing=args.facing, truth=args.truth)
+                written += 1
+            except CaseError as exc:
+                _per_case(skipped, exc)
+    except CaseError as exc:
+        raise CommandError(f"{exc} (--skip-bad leaves such cases out and imports the rest)") from None
     except ImportError_ as exc:
         raise CommandError(str(exc)) from None
-    print(f"imported {len(cases)} image(s) from {args.src} ({fmt}, set {set_name}) into {args.out}")
+    for reason in skipped or ():
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(f"imported {written} image(s) from {args.src} ({fmt}, set {set_name}) into {args.out}"
+          + (f"; {len(skipped)} left out (listed above)" if skipped else ""))
+    if not written:
+        raise CommandError("no case imported")
     return 0
