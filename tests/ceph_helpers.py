@@ -62,13 +62,20 @@ def ceph(tmp_path_factory) -> Path:
 
 
 def report_all_model(path: Path, seed: int = 0) -> Path:
-    """An untrained ceph19 model file whose calibrated threshold is 0: it reports every landmark it sees
-    inside the image as found (random points). For end-to-end tests where only the flow matters: result
-    objects are made and delivered; the points mean nothing."""
+    """An untrained ceph19 model file whose calibrated threshold is 0 and whose presence output says "in the
+    image" for every landmark: it reports every landmark as found (random points inside the image). For
+    end-to-end tests where only the flow matters: result objects are made and delivered; the points mean
+    nothing."""
+    import torch
+
     from pacs_landmarks.inference.model import LandmarkModel, make_untrained, save_model_file
 
     make_untrained(path, seed=seed, landmark_set="ceph19")
     model = LandmarkModel.load(path, device="cpu")
+    with torch.no_grad():  # presence logit +10 whatever the image (the whole-image rule counts every landmark)
+        for name, value in model.cascade.named_parameters():
+            if "presence" in name:
+                value.fill_(10.0 if name.endswith("bias") else 0.0)
     meta = dict(model.metadata, calibration={"low_confidence": 0.0}, name="ceph19-report-all")
     return save_model_file(path, model.cascade, meta)
 
