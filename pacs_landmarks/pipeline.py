@@ -17,10 +17,10 @@ landmark SR and a measurements SR that say so, and no SEG or GSPS).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence

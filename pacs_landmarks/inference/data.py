@@ -31,9 +31,9 @@ cases are not cached.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import dataclasses
 import logging
 import os
 import tempfile

@@ -195,6 +195,7 @@ def isbi2015_cases(src: Path, spacing: float, coordinates: str,
 
 
 def _isbi2015_annotators(image: Path, ann_dirs: dict[str, Path], names: list[str], d: float) -> dict:
+    """{annotator: {landmark: (x, y)}} of one ISBI image from its text files; ``CaseError`` when bad."""
     annotators = {}
     for who, folder in ann_dirs.items():
         txt = folder / f"{image.stem}.txt"
@@ -253,6 +254,7 @@ def aariz_cases(src: Path, set_name: str, spacing: float | None, coordinates: st
 
 def _aariz_case(src: Path, image: Path, set_name: str, spacing: float | None, spacings: dict | None,
                 d: float) -> ImportCase:
+    """One Aariz image with its Senior/Junior annotations and pixel size; ``CaseError`` when bad."""
     from pacs_landmarks.landmark_sets import find_landmark
 
     split = image.parent.parent
