@@ -332,16 +332,17 @@ def labelme_cases(src: Path, annotators: dict[str, Path], set_name: str, spacing
                 doc, pts = _labelme_points(path, label_map, set_name, d, unknown)
             except CaseError as exc:
                 _per_case(skipped, exc)
-                bad.add(path.stem)  # every annotator's file of a bad case goes
+                bad.add(exc.stem)  # every annotator's file of a bad case goes
                 continue
             case = by_stem.get(path.stem)
             if case is None:
                 image = images.get(path.stem)
                 embedded = doc.get("imageData") if image is None else None
                 if image is None and not embedded:
-                    _per_case(skipped, CaseError(path.stem, f"{path}: no image with the stem {path.stem!r} under "
-                                                            f"{src} and no imageData"))
-                    bad.add(path.stem)
+                    exc = CaseError(path.stem, f"{path}: no image with the stem {path.stem!r} under {src} and no "
+                                               "imageData")
+                    _per_case(skipped, exc)
+                    bad.add(exc.stem)
                     continue
                 case = ImportCase(path.stem, image, spacing, {}, embedded=embedded,
                                   source={"image": str(image.relative_to(src)) if image else "imageData"})
